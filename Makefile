@@ -18,10 +18,8 @@ install: .venv/.installed
 	$(PY) -m pip install -q -e .
 	touch $@
 
-models: install models/tiny/tiny_models.json
-
-models/tiny/tiny_models.json:
-	$(PY) -m common.tiny_models --out models/tiny
+models: install
+	$(PY) -m common.tiny_models --out models/tiny --missing
 
 demo: install models
 	$(PY) -m curation.demo

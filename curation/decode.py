@@ -1,0 +1,100 @@
+"""Decode downloaded bytes into an RGB image, or a precise reason why not.
+
+Used by every stage that reads images (score, caption, features, eval) so they all agree on
+orientation, colour handling and what counts as broken. Never raises for bad bytes.
+"""
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+DEFAULT_MAX_PIXELS = 178_956_970  # Pillow's error threshold: 2 x Image.MAX_IMAGE_PIXELS
+
+
+def _sniff(data: bytes) -> str | None:
+    head = data[:512].lstrip().lower()
+    if head.startswith((b"<!doctype html", b"<html", b"<head", b"<body")) or b"<html" in head:
+        return "not an image: HTML page"
+    if head.startswith((b"{", b"[")):
+        return "not an image: JSON"
+    return None
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """Convert any mode to 8-bit RGB: alpha on white, 16-bit scaled, CMYK via Pillow's transform."""
+    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(im, dtype=np.float64)
+        hi = 65535.0 if im.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+        arr = np.clip(arr / hi * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, "L").convert("RGB")
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = im.convert("RGBA")
+        canvas = Image.new("RGB", rgba.size, (255, 255, 255))
+        canvas.paste(rgba, mask=rgba.getchannel("A"))
+        return canvas
+    return im.convert("RGB") if im.mode != "RGB" else im
+
+
+def probe_image(data: bytes | None, max_pixels: int = DEFAULT_MAX_PIXELS):
+    """Open without decoding pixels: (PIL image | None, info). Checks the bomb limit before load."""
+    info = {"width": None, "height": None, "mode_in": None, "format": None, "exif_transposed": False, "error": None}
+    if data is None or len(data) == 0:
+        info["error"] = "empty file (0 bytes)"
+        return None, info
+    sniffed = _sniff(data)
+    if sniffed:
+        info["error"] = sniffed
+        return None, info
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as e:
+        info["error"] = f"decompression bomb: {e}"
+        return None, info
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        info["error"] = f"cannot identify image: {str(e)[:200]}"
+        return None, info
+    info["mode_in"], info["format"] = im.mode, im.format
+    w, h = im.size
+    if w * h > max_pixels:
+        info["error"] = f"decompression bomb: {w}x{h} = {w * h} pixels exceeds the limit of {max_pixels}"
+        return None, info
+    return im, info
+
+
+def decode_image(data: bytes | None, max_pixels: int = DEFAULT_MAX_PIXELS, draft: tuple[int, int] | None = None):
+    """(RGB PIL image | None, info). width/height are recorded AFTER EXIF orientation.
+
+    `draft` lets JPEG decode at a reduced scale when only a small version is needed (scoring);
+    width/height always describe the full-size image.
+    """
+    im, info = probe_image(data, max_pixels)
+    if im is None:
+        return None, info
+    try:
+        orientation = im.getexif().get(0x0112, 1) if hasattr(im, "getexif") else 1
+        w, h = im.size
+        if orientation in (5, 6, 7, 8):  # 90/270 degree rotations swap the axes
+            w, h = h, w
+        info["width"], info["height"] = w, h
+        if draft and im.format == "JPEG" and im.mode in ("RGB", "L", "CMYK"):
+            im.draft(im.mode, draft)  # decode at 1/2, 1/4 or 1/8 scale: much faster for big JPEGs
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            im.load()
+        im = ImageOps.exif_transpose(im)
+        info["exif_transposed"] = orientation not in (1, None)
+        rgb = _to_rgb(im)
+    except Image.DecompressionBombError as e:
+        info["error"] = f"decompression bomb: {e}"
+        return None, info
+    except (OSError, ValueError, SyntaxError, MemoryError) as e:
+        info["error"] = f"decode failed: {str(e)[:200]}"
+        return None, info
+    return rgb, info

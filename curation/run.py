@@ -1,0 +1,146 @@
+"""Main job: `python -m curation.run --config pipelines.yaml --pipeline NAME [--stages a,b] [--set k=v]`.
+
+Runs the pipeline's stages in order on Ray Data: an embedded local Ray when run directly, the
+cluster when RAY_ADDRESS is set or under `ray job submit`. Every stage is resumable per part, so
+a killed job rerun with the same command finishes the work without redoing finished parts.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+for _k, _v in {"NO_ALBUMENTATIONS_UPDATE": "1", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+               "RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false"}.items():
+    os.environ.setdefault(_k, _v)
+
+from common.config import ConfigError, save_resolved  # noqa: E402
+from curation.config import STAGES, PipelineConfig, load_pipeline  # noqa: E402
+
+
+def _stage_fn(name: str):
+    """The entry point of each stage: fn(cfg, out, progress) -> summary dict."""
+    if name == "download":
+        from curation.download import run_download as fn
+    elif name == "score":
+        from curation.score import run_score as fn
+    elif name == "dedup":
+        from curation.dedup import run_dedup as fn
+    elif name == "select":
+        from curation.select import run_select as fn
+    elif name == "caption":
+        from captioning.stage import run_caption as fn
+    elif name == "features":
+        from features.stage import run_features as fn
+    elif name == "stats":
+        from curation.stats import run_stats as fn
+    else:  # config validation makes this unreachable
+        raise ConfigError(f"unknown stage {name!r}")
+    return fn
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m curation.run", description=__doc__.splitlines()[0])
+    ap.add_argument("--config", default="pipelines.yaml")
+    ap.add_argument("--pipeline", required=True)
+    ap.add_argument("--input", help="URL list (parquet/csv/jsonl/txt); overrides input.path")
+    ap.add_argument("--output", help="output folder; overrides output")
+    ap.add_argument("--stages", help="comma-separated subset of the pipeline's stages, e.g. select,stats")
+    ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config key")
+    ap.add_argument("--no-progress", action="store_true")
+    return ap.parse_args(argv)
+
+
+def resolve(args) -> tuple[PipelineConfig, list[str]]:
+    overrides = list(args.set)
+    if args.input:
+        overrides.append(f"input.path={args.input}")
+    if args.output:
+        overrides.append(f"output={args.output}")
+    cfg = load_pipeline(args.config, args.pipeline, overrides)
+    stages = list(cfg.stages)
+    if args.stages:
+        wanted = [s.strip() for s in args.stages.split(",") if s.strip()]
+        bad = [s for s in wanted if s not in STAGES]
+        if bad:
+            raise ConfigError(f"--stages: unknown stage {bad[0]!r}; allowed: {', '.join(STAGES)}")
+        stages = [s for s in STAGES if s in wanted]
+    return cfg, stages
+
+
+def summarize(cfg: PipelineConfig, out: Path, timings: list[dict]) -> dict:
+    import pyarrow.compute as pc
+
+    from common import manifest
+
+    t = manifest.read_manifest(out, ["status", "selected"])
+    status = {}
+    if t.num_rows and "status" in t.column_names:
+        status = {r["values"]: r["counts"] for r in pc.value_counts(t.column("status")).to_pylist()}
+    selected = sum(bool(x) for x in t.column("selected").to_pylist()) if "selected" in t.column_names else None
+    return {"pipeline": cfg.name, "output": str(out), "rows": t.num_rows, "status": status, "selected": selected,
+            "stages": timings, "manifest": manifest.manifest_glob(out),
+            "shards": str(out / "shards"), "report": str(out / "report")}
+
+
+def print_summary(s: dict) -> None:
+    print("\n=== curation.run summary ===")
+    print(f"pipeline {s['pipeline']}: {s['rows']} rows, selected {s['selected']}")
+    print("rows per status: " + ", ".join(f"{k}={v}" for k, v in sorted(s["status"].items())))
+    print(f"{'stage':<10}{'seconds':>10}{'rows/s':>10}  details")
+    for st in s["stages"]:
+        print(f"{st['stage']:<10}{st['seconds']:>10.1f}{st['rows_per_s']:>10.1f}  {json.dumps(st['result'], default=str)[:160]}")
+    print(f"manifest: {s['manifest']}\nshards:   {s['shards']}\nreport:   {s['report']}")
+
+
+def run(cfg: PipelineConfig, stages: list[str], progress: bool = True) -> dict:
+    from common.manifest import check_invariants
+    from common.raystage import init_ray
+    from curation.inputs import prepare_inputs
+
+    out = cfg.out
+    out.mkdir(parents=True, exist_ok=True)
+    save_resolved(cfg, out, extra={"stages_run": stages})
+    info = prepare_inputs(cfg.input, out)
+    from common.manifest import list_parts
+
+    if "download" not in stages and not list_parts(out):
+        raise ConfigError(f"{out} has no manifest yet: run the download stage first")
+    init_ray(cfg.ray)
+    timings = []
+    for name in stages:
+        fn = _stage_fn(name)
+        print(f"--- stage {name}", flush=True)
+        t0 = time.time()
+        result = fn(cfg, out, progress) or {}
+        dt = time.time() - t0
+        timings.append({"stage": name, "seconds": round(dt, 2), "rows_per_s": round(info["rows"] / max(dt, 1e-9), 1),
+                        "result": result})
+        if name != "stats":
+            check_invariants(out, info["rows"])
+    summary = summarize(cfg, out, timings)
+    report = out / "report"
+    report.mkdir(parents=True, exist_ok=True)
+    tmp = report / ".summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2, default=str))
+    os.replace(tmp, report / "summary.json")
+    return summary
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg, stages = resolve(args)
+        summary = run(cfg, stages, progress=not args.no_progress)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print_summary(summary)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,195 @@
+"""Score stage: CLIP image embeddings + the LAION improved aesthetic predictor (v2).
+
+`Scorer` is a model-backed stage (loads once per Ray actor, runs per batch). It only adds
+columns: width, height (after EXIF orientation), aspect_ratio (h/w), aesthetic (~1-10), the
+embedding (kept for dedup and eval), and a per-row decode error. Thresholds live in select.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+from torch import nn
+
+from common.config import fingerprint
+from curation.decode import decode_image
+
+
+class AestheticMLP(nn.Module):
+    """LAION improved aesthetic predictor layout: state keys layers.{0,2,4,6,7}.{weight,bias}.
+
+    Input: L2-normalised CLIP image embedding (B, dim) fp32 -> (B, 1) score. No activations
+    between the linears (that is the published model), dropouts are inactive at eval.
+    """
+
+    def __init__(self, dim: int = 768):
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Linear(dim, 1024), nn.Dropout(0.2),
+            nn.Linear(1024, 128), nn.Dropout(0.2),
+            nn.Linear(128, 64), nn.Dropout(0.1),
+            nn.Linear(64, 16),
+            nn.Linear(16, 1),
+        )
+
+    def forward(self, emb: torch.Tensor) -> torch.Tensor:
+        return self.layers(emb)
+
+
+def load_aesthetic(path: str, dim: int) -> AestheticMLP:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = state.get("state_dict", state)
+    mlp = AestheticMLP(dim)
+    mlp.load_state_dict(state)
+    return mlp.eval()
+
+
+def load_clip(model_name: str, pretrained: str | None, device: str = "cpu", precision: str = "fp32"):
+    """open_clip model + eval transform. `model_name` may be a local model-config json (tiny models)."""
+    import open_clip
+
+    if model_name.endswith(".json"):
+        open_clip.add_model_config(Path(model_name))
+        model_name = Path(model_name).stem
+    model, _, preprocess = open_clip.create_model_and_transforms(
+        model_name, pretrained=pretrained or None, device=device, precision=precision
+    )
+    return model.eval(), preprocess, open_clip.get_tokenizer(model_name)
+
+
+def pick_device_precision(precision: str, num_gpus: float) -> tuple[str, str]:
+    device = "cuda" if num_gpus and torch.cuda.is_available() else "cpu"
+    if precision == "auto":
+        precision = "fp16" if device == "cuda" else "fp32"
+    return device, precision
+
+
+class Scorer:
+    """Ray actor stage: batch {key, image(bytes)} -> adds width, height, aspect_ratio, aesthetic, embedding."""
+
+    def __init__(self, clip_model: str, clip_pretrained: str, aesthetic_weights: str,
+                 max_pixels: int, precision: str = "auto", num_gpus: float = 0.0):
+        torch.set_grad_enabled(False)
+        self.device, prec = pick_device_precision(precision, num_gpus)
+        self.model, self.preprocess, _ = load_clip(clip_model, clip_pretrained, self.device, prec)
+        self.dtype = next(self.model.parameters()).dtype
+        dim = self.model.visual.output_dim
+        self.mlp = load_aesthetic(aesthetic_weights, dim).to(self.device)
+        self.max_pixels = max_pixels
+        size = getattr(self.model.visual, "image_size", 224)
+        side = size[0] if isinstance(size, (tuple, list)) else size
+        self.draft = (side * 2, side * 2)
+
+    @torch.inference_mode()  # Ray calls from another thread: grad mode must be set here
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        keys = batch.column("key").to_pylist()
+        images = batch.column("image").to_pylist()
+        n = len(keys)
+        width, height, mode_in, rotated, error = [None] * n, [None] * n, [None] * n, [False] * n, [None] * n
+        tensors, ok_idx = [], []
+        for i, data in enumerate(images):
+            img, info = decode_image(data, self.max_pixels, draft=self.draft)
+            width[i], height[i], mode_in[i] = info["width"], info["height"], info["mode_in"]
+            rotated[i], error[i] = info["exif_transposed"], info["error"]
+            if img is None:
+                continue
+            try:
+                tensors.append(self.preprocess(img))
+                ok_idx.append(i)
+            except Exception as e:  # a transform failure must not cost the batch
+                error[i] = f"preprocess failed: {e}"[:200]
+        aesthetic = [None] * n
+        dim = self.model.visual.output_dim
+        emb_rows: list = [None] * n
+        if tensors:
+            x = torch.stack(tensors).to(self.device, self.dtype)  # (b, 3, S, S)
+            emb = self.model.encode_image(x).float()  # (b, dim)
+            emb = emb / emb.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+            scores = self.mlp(emb).squeeze(-1).cpu().numpy()  # (b,)
+            emb_np = emb.cpu().numpy().astype(np.float32)
+            for j, i in enumerate(ok_idx):
+                aesthetic[i] = float(scores[j])
+                emb_rows[i] = emb_np[j]
+        aspect = [h / w if (h and w) else None for w, h in zip(width, height)]
+        emb_arr = pa.array([None if e is None else e.tolist() for e in emb_rows], pa.list_(pa.float32(), dim))
+        out = {
+            "_part": batch.column("_part"), "key": batch.column("key"),
+            "width": pa.array(width, pa.int64()), "height": pa.array(height, pa.int64()),
+            "aspect_ratio": pa.array(aspect, pa.float64()), "aesthetic": pa.array(aesthetic, pa.float64()),
+            "mode_in": pa.array(mode_in, pa.string()), "exif_transposed": pa.array(rotated, pa.bool_()),
+            "score_error": pa.array(error, pa.string()), "embedding": emb_arr,
+        }
+        return pa.table(out)
+
+
+def score_fingerprint(cfg) -> str:
+    s = cfg.score
+    return fingerprint({"clip": s.clip_model, "pretrained": s.clip_pretrained, "aes": s.aesthetic_weights,
+                        "max_pixels": s.max_pixels, "precision": s.precision})
+
+
+def finish_part(out: Path, part: int, scored: pa.Table, fp: str) -> None:
+    """Commit one part: embeddings file first, then the manifest columns (the 'done' marker)."""
+    from common import manifest
+
+    has_emb = pc.is_valid(scored.column("embedding"))
+    with_emb = scored.filter(has_emb)
+    emb = np.asarray(with_emb.column("embedding").to_pylist(), dtype=np.float32)
+    manifest.write_embeddings(out, part, with_emb.column("key").to_pylist(), emb)
+    base = manifest.read_part(out, part)
+    merged = manifest.merge_columns(base, scored.drop_columns(["embedding"]))
+    # Overall status: a download that succeeded but does not decode becomes failed_decode.
+    status, error = merged.column("status").to_pylist(), merged.column("error").to_pylist()
+    dstat, serr = merged.column("download_status").to_pylist(), merged.column("score_error").to_pylist()
+    for i, (ds, se) in enumerate(zip(dstat, serr)):
+        if ds == "success":
+            status[i], error[i] = ("failed_decode", se) if se else ("ok", None)
+    merged = merged.set_column(merged.column_names.index("status"), "status", pa.array(status, pa.string()))
+    merged = merged.set_column(merged.column_names.index("error"), "error", pa.array(error, pa.string()))
+    manifest.write_part(out, part, merged, "score", fp)
+
+
+def _read_images(task: dict) -> list[dict]:
+    from curation.download import iter_images
+
+    return [{"_part": task["part"], "key": k, "image": b} for k, b in iter_images(task["out"], task["part"])]
+
+
+def run_score(cfg, out: Path, progress: bool = True) -> dict:
+    import ray
+
+    from common import manifest
+    from common.raystage import collect_by_part, map_stage
+
+    out, fp = Path(out), score_fingerprint(cfg)
+    expected = {}
+    for p in manifest.list_parts(out):
+        if manifest.stage_done(out, p, "score", fp):
+            continue
+        t = manifest.read_part(out, p, ["download_status"])
+        expected[p] = sum(1 for s in t.column("download_status").to_pylist() if s == "success")
+    empty = [p for p, n in expected.items() if n == 0]
+    for p in empty:
+        finish_part(out, p, _empty_scored(), fp)
+    busy = {p: n for p, n in expected.items() if n > 0}
+    if busy:
+        s = cfg.score
+        ds = ray.data.from_items([{"out": str(out), "part": p} for p in sorted(busy)])
+        ds = ds.flat_map(_read_images)
+        ds = map_stage(ds, Scorer, s.resources, constructor_kwargs=dict(
+            clip_model=s.clip_model, clip_pretrained=s.clip_pretrained, aesthetic_weights=s.aesthetic_weights,
+            max_pixels=s.max_pixels, precision=s.precision, num_gpus=s.resources.num_gpus))
+        collect_by_part(ds, busy, lambda p, t: finish_part(out, p, t, fp), desc="score", progress=progress)
+    return {"parts_scored": len(expected), "images_scored": sum(busy.values())}
+
+
+def _empty_scored() -> pa.Table:
+    return pa.table({
+        "key": pa.array([], pa.string()), "width": pa.array([], pa.int64()), "height": pa.array([], pa.int64()),
+        "aspect_ratio": pa.array([], pa.float64()), "aesthetic": pa.array([], pa.float64()),
+        "mode_in": pa.array([], pa.string()), "exif_transposed": pa.array([], pa.bool_()),
+        "score_error": pa.array([], pa.string()), "embedding": pa.array([], pa.list_(pa.float32(), 1)),
+    })

@@ -1,0 +1,144 @@
+"""The main job end to end on the local server: statuses of every bad input, invariants, resume."""
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from common import manifest
+from curation import demo_data as dd
+from curation import run as run_mod
+
+REPO = Path(__file__).resolve().parents[2]
+STAGES = "download,score,dedup,select"
+
+
+def _args(tiny, urls, out, stages=STAGES):
+    return ["--config", str(REPO / "pipelines.yaml"), "--pipeline", "demo", "--input", str(urls), "--output", str(out),
+            "--stages", stages, "--no-progress",
+            "--set", f"score.clip_model={tiny}/clip/model_config.json",
+            "--set", f"score.clip_pretrained={tiny}/clip/open_clip_model.safetensors",
+            "--set", f"score.aesthetic_weights={tiny}/aesthetic.pth"]
+
+
+@pytest.fixture(scope="module")
+def finished_run(demo_server, tiny_models, tmp_path_factory, ray_local):
+    d = tmp_path_factory.mktemp("run")
+    expect = dd.write_url_list(demo_server, demo_server.items, d / "urls.parquet")
+    assert run_mod.main(_args(tiny_models, d / "urls.parquet", d / "out")) == 0
+    return d / "out", expect, demo_server.items
+
+
+def test_every_input_row_has_its_status(finished_run):
+    out, expect, items = finished_run
+    t = manifest.read_manifest(out).to_pylist()
+    assert len(t) == len(expect)  # exactly one manifest row per input row
+    assert len({r["key"] for r in t}) == len(t) and all("." not in r["key"] for r in t)
+    assert [r["status"] for r in t] == expect
+    assert all(r["error"] for r in t if r["status"] != "ok")
+    by_url = {}
+    for r in t:
+        by_url.setdefault((r["url"] or "").rsplit("/", 1)[-1], r)
+    assert "decompression bomb" in by_url["bomb.png"]["error"]
+    assert "404" in by_url["missing.jpg"]["error"]
+    assert "timed out" in by_url["slow.jpg"]["error"]
+    assert "refused" in by_url["refused.jpg"]["error"].lower()
+    assert "HTML" in by_url["html.jpg"]["error"] and "0 bytes" in by_url["empty.jpg"]["error"]
+    assert "truncated" in by_url["truncated.jpg"]["error"]
+    rot = by_url["exif_rotated.jpg"]
+    assert (rot["width"], rot["height"]) == (400, 300)  # orientation applied before recording
+    assert "too_small" in by_url["tiny1x1.png"]["reject_reason"]
+    assert "aspect_ratio" in by_url["banner.jpg"]["reject_reason"]
+    for name in ("cmyk.jpg", "gray16.png", "palette.png"):
+        assert by_url[name]["status"] == "ok" and by_url[name]["aesthetic"] is not None
+
+
+def test_same_url_twice_and_same_bytes_are_exact_duplicates(finished_run):
+    out, _, items = finished_run
+    t = manifest.read_manifest(out).to_pylist()
+    first = items[0].name
+    copies = [r for r in t if r["url"] and r["url"].endswith(first)]
+    assert len(copies) == 3  # original, same URL again, same bytes at another URL
+    kept = [r for r in copies if r["duplicate_of"] is None]
+    assert len(kept) == 1
+    for r in copies:
+        if r["duplicate_of"] is not None:
+            assert r["duplicate_of"] == kept[0]["key"] and r["dup_kind"] == "exact" and not r["selected"]
+
+
+def test_outputs_config_summary_and_duckdb(finished_run):
+    out, expect, _ = finished_run
+    assert (out / "config.resolved.yaml").exists()
+    summary = json.loads((out / "report" / "summary.json").read_text())
+    assert summary["rows"] == len(expect) and sum(summary["status"].values()) == len(expect)
+    q = f"select status, count(*) from read_parquet('{manifest.manifest_glob(out)}', union_by_name=true) group by 1"
+    assert dict(duckdb.sql(q).fetchall()) == summary["status"]
+    keys, emb = manifest.read_embeddings(out)
+    assert len(keys) == expect.count("ok") and emb.shape[1] == 64
+
+
+def test_changing_a_threshold_reruns_select_only(finished_run, tiny_models):
+    out, _, _ = finished_run
+    emb_mtimes = {p: p.stat().st_mtime_ns for p in (out / "embeddings").iterdir()}
+    before = manifest.read_manifest(out).to_pylist()
+    args = _args(tiny_models, out / ".." / "urls.parquet", out, stages="score,select") + ["--set", "select.min_side=1"]
+    assert run_mod.main(args) == 0
+    after = manifest.read_manifest(out).to_pylist()
+    assert {p: p.stat().st_mtime_ns for p in (out / "embeddings").iterdir()} == emb_mtimes  # nothing rescored
+    assert [r["aesthetic"] for r in after] == [r["aesthetic"] for r in before]
+    tiny = next(r for r in after if r["url"] and r["url"].endswith("tiny1x1.png"))
+    assert "too_small" not in (tiny["reject_reason"] or "")
+
+
+@pytest.mark.parametrize("content, needle", [
+    ("", "empty"), ("url,caption\n", "empty"), ("caption\nhello\n", "'url' is not a column"),
+])
+def test_bad_url_lists_are_clear_errors(tmp_path, capsys, tiny_models, content, needle):
+    p = tmp_path / "urls.csv"
+    p.write_text(content)
+    rc = run_mod.main(_args(tiny_models, p, tmp_path / "out"))
+    assert rc == 2 and needle in capsys.readouterr().err
+
+
+def _run_cli(args, kill_at=None):
+    env = dict(os.environ, SIGMA_QUIET="1")
+    env.pop("SIGMA_KILL_AT", None)
+    if kill_at:
+        env["SIGMA_KILL_AT"] = kill_at
+    return subprocess.run([sys.executable, "-m", "curation.run", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_sigkill_in_every_stage_then_rerun_resumes(demo_server, tiny_models, tmp_path):
+    """SIGKILL right after the first committed part of each stage, rerun the same command each time."""
+    expect = dd.write_url_list(demo_server, demo_server.items, tmp_path / "urls.parquet")
+    args = _args(tiny_models, tmp_path / "urls.parquet", tmp_path / "out")
+    out = tmp_path / "out"
+    committed = {}
+    for stage in ("download", "score", "dedup", "select"):
+        r = _run_cli(args, kill_at=f"{stage}:1")
+        assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+        parts = manifest.list_parts(out)
+        t = manifest.read_manifest(out, ["key"])
+        assert len(set(t.column("key").to_pylist())) == t.num_rows  # never a duplicate, even mid-run
+        assert not list((out / "manifest").glob(".*tmp*"))
+        done = [p for p in parts if stage in manifest.part_fingerprints(out, p)]
+        assert done, f"nothing committed before the kill in {stage}"
+        if stage == "download":
+            committed["tar"] = {p: (out / "download" / f"{p:05d}.tar").stat().st_mtime_ns for p in done}
+        if stage == "score":
+            committed["emb"] = {p: manifest.embeddings_path(out, p).stat().st_mtime_ns for p in done}
+    r = _run_cli(args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    manifest.check_invariants(out, len(expect))
+    assert [x["status"] for x in manifest.read_manifest(out).to_pylist()] == expect
+    # finished shards were not redone
+    for p, m in committed["tar"].items():
+        assert (out / "download" / f"{p:05d}.tar").stat().st_mtime_ns == m
+    for p, m in committed["emb"].items():
+        assert manifest.embeddings_path(out, p).stat().st_mtime_ns == m
