@@ -183,8 +183,12 @@ class PipelineConfig:
         return Path(self.output)
 
 
-def load_pipeline(config_path: str, name: str, overrides=(), check=True) -> PipelineConfig:
-    """Parse one named pipeline of pipelines.yaml (with --set overrides) and check model paths."""
+def load_pipeline(config_path: str, name: str, overrides=(), check: bool | tuple | list = True) -> PipelineConfig:
+    """Parse one named pipeline of pipelines.yaml (with --set overrides) and check model paths.
+
+    `check`: True checks the model paths of every section, a list only those sections (the stages
+    about to run), False none.
+    """
     data = load_yaml(config_path)
     pipelines = data.get("pipelines")
     if not isinstance(pipelines, dict) or not pipelines:
@@ -194,6 +198,9 @@ def load_pipeline(config_path: str, name: str, overrides=(), check=True) -> Pipe
     section = apply_overrides(dict(pipelines[name] or {}), overrides)
     section.setdefault("name", name)
     cfg = parse(PipelineConfig, section, f"pipelines.{name}")
-    if check:
+    if check is True:
         check_paths(cfg, f"pipelines.{name}")
+    elif check:
+        for section in check:
+            check_paths(getattr(cfg, section), f"pipelines.{name}.{section}")
     return cfg

@@ -60,7 +60,7 @@ def resolve(args) -> tuple[PipelineConfig, list[str]]:
         overrides.append(f"input.path={args.input}")
     if args.output:
         overrides.append(f"output={args.output}")
-    cfg = load_pipeline(args.config, args.pipeline, overrides)
+    cfg = load_pipeline(args.config, args.pipeline, overrides, check=False)
     stages = list(cfg.stages)
     if args.stages:
         wanted = [s.strip() for s in args.stages.split(",") if s.strip()]
@@ -68,6 +68,7 @@ def resolve(args) -> tuple[PipelineConfig, list[str]]:
         if bad:
             raise ConfigError(f"--stages: unknown stage {bad[0]!r}; allowed: {', '.join(STAGES)}")
         stages = [s for s in STAGES if s in wanted]
+    load_pipeline(args.config, args.pipeline, overrides, check=stages)  # model paths of these stages
     return cfg, stages
 
 
