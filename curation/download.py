@@ -53,7 +53,7 @@ def img2dataset_kwargs(cfg, out: Path) -> dict:
         # and every decode problem are handled per row by the score stage.
         disable_all_reencoding=keep_original,
         image_size=d.max_side or 256,
-        resize_mode="keep_ratio" if d.max_side else "no",
+        resize_mode="keep_ratio_largest" if d.max_side else "no",  # caps the LONG side
         resize_only_if_bigger=True,
         encode_format=d.encode_format,
         encode_quality=d.encode_quality,

@@ -1,7 +1,65 @@
-"""Config of the features stage (light module: no torch import)."""
-from dataclasses import dataclass
+"""Config of the features stage (light module: no torch import).
+
+`vae_resources` / `t5_resources` reuse `curation.config.Resources`, but curation/config.py imports
+this module at its top (for PipelineConfig.features). To keep one Resources class without a
+circular import, this module binds the *module* `curation.config` at its end (after FeaturesConfig
+exists) and only touches `Resources` lazily: in string annotations (resolved by
+`typing.get_type_hints` at parse time) and in default factories (run when a FeaturesConfig is built,
+by which time curation.config has defined Resources: it is defined before PipelineConfig).
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+
+from common.config import ConfigError
+
+SUPPORTED_RESOLUTIONS = (256, 512, 1024, 2048, 2880)  # the bucket tables of features/buckets.py
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+
+
+def _resources(**kw):
+    # Via sys.modules: when this module is imported first, curation.config builds a FeaturesConfig
+    # while the import at the bottom of this file is still running (the name is not bound yet).
+    return sys.modules["curation.config"].Resources(**kw)
 
 
 @dataclass(frozen=True)
 class FeaturesConfig:
     resolutions: tuple[int, ...] = (256,)
+    # diffusers AutoencoderKL: hub name or local folder (SDXL VAE as in PixArt-Sigma).
+    vae: str = field(default="stabilityai/sdxl-vae", metadata={"path": True})
+    # transformers T5EncoderModel + tokenizer: hub name or local folder (T5-v1.1-XXL, d_model 4096).
+    t5: str = field(default="DeepFloyd/t5-v1_1-xxl", metadata={"path": True})
+    t5_max_length: int = 300  # PixArt-Sigma raised 120 -> 300 tokens
+    scale_factor: float = 0.13025  # SDXL VAE; recorded in index.json, applied by the training loop
+    shard_max_samples: int = 1000  # a shard closes at this many samples ...
+    shard_max_bytes: int = 1_000_000_000  # ... or at this (estimated) size; 0 = no byte limit
+    exclude_keys: str | None = None  # eval hold-out: text file (one key a line) or parquet with `key`
+    precision: str = "auto"  # auto: bf16 on GPU, fp32 on CPU (fp16 T5/SDXL-VAE overflow; bf16 does not)
+    # T5: rows per Ray batch; captions (2 per row) are length-sorted and run in chunks of batch_size.
+    t5_resources: "_curation_config.Resources" = field(default_factory=lambda: _resources(batch_size=32))
+    # VAE: images per Ray batch (one batch may hold several buckets: each bucket is one forward).
+    vae_resources: "_curation_config.Resources" = field(default_factory=lambda: _resources(batch_size=8))
+
+    def __post_init__(self):
+        if not self.resolutions:
+            raise ConfigError("resolutions: at least one resolution is required")
+        bad = [r for r in self.resolutions if r not in SUPPORTED_RESOLUTIONS]
+        if bad:
+            raise ConfigError(f"resolutions: got {bad[0]}, allowed: {', '.join(map(str, SUPPORTED_RESOLUTIONS))}")
+        if len(set(self.resolutions)) != len(self.resolutions):
+            raise ConfigError("resolutions: duplicate resolution")
+        if not 1 <= self.t5_max_length <= 4096:
+            raise ConfigError(f"t5_max_length: got {self.t5_max_length}, allowed: 1..4096")
+        if self.scale_factor <= 0:
+            raise ConfigError(f"scale_factor: got {self.scale_factor}, allowed: > 0")
+        if self.shard_max_samples < 1 or self.shard_max_bytes < 0:
+            raise ConfigError("shard_max_samples must be >= 1 and shard_max_bytes >= 0 (0 = no byte limit)")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision: got {self.precision!r}, allowed: {' | '.join(PRECISIONS)}")
+
+
+# Bound last on purpose (see the module docstring): a plain module import tolerates a partially
+# initialised curation.config, a `from curation.config import Resources` would not.
+import curation.config as _curation_config  # noqa: E402

@@ -1,0 +1,107 @@
+"""T5 caption embeddings: transformers T5EncoderModel + tokenizer, valid tokens only.
+
+PixArt-Sigma feeds the DiT T5 outputs padded to 300 tokens plus a mask; padded positions never
+reach the DiT (cross-attention masks them). So we store only the n valid tokens (n counts the EOS
+token, exactly the mask's ones) as fp16 (n, D); the loader re-pads with the mask (lossless, proven
+by tests/features/test_t5.py). Captions of a batch are sorted by token length and encoded in
+chunks padded only to the chunk's longest caption; the official tool runs one caption at a time
+padded to 300 (see benchmarks/features_bench.py for the speed ratio).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from features.shards import npy_bytes
+
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def pick_device_dtype(precision: str, num_gpus: float) -> tuple[str, torch.dtype]:
+    """auto: bf16 on GPU (fp16 overflows in T5-XXL and the SDXL VAE), fp32 on CPU."""
+    device = "cuda" if num_gpus and torch.cuda.is_available() else "cpu"
+    if precision == "auto":
+        return device, (torch.bfloat16 if device == "cuda" else torch.float32)
+    return device, _DTYPES[precision]
+
+
+def load_t5(name: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    from transformers import AutoTokenizer, T5EncoderModel
+
+    tok = AutoTokenizer.from_pretrained(name)
+    model = T5EncoderModel.from_pretrained(name, dtype=dtype).to(device).eval()
+    return tok, model
+
+
+class T5Embedder:
+    """Model-backed stage: rows with text_long / text_short -> adds t5_long, t5_short (npy bytes of
+    fp16 (n, D); null when the text is null), n_long, n_short (int32), t5_error."""
+
+    def __init__(self, t5: str, max_length: int = 300, precision: str = "auto", num_gpus: float = 0.0,
+                 chunk: int = 32):
+        torch.set_grad_enabled(False)
+        self.device, self.dtype = pick_device_dtype(precision, num_gpus)
+        self.tok, self.model = load_t5(t5, self.device, self.dtype)
+        self.max_length, self.chunk = max_length, max(1, chunk)
+        self.dim = int(self.model.config.d_model)
+
+    def token_counts(self, texts: list[str]) -> list[int]:
+        """Valid tokens per text (EOS included, truncated at max_length) = the mask's ones."""
+        enc = self.tok(texts, max_length=self.max_length, truncation=True)
+        return [len(ids) for ids in enc["input_ids"]]
+
+    @torch.inference_mode()
+    def encode(self, texts: list[str]) -> list[np.ndarray]:
+        """texts -> [fp16 (n_i, D)] in input order; length-sorted chunks, each padded to its max."""
+        lengths = self.token_counts(texts)
+        order = sorted(range(len(texts)), key=lambda i: (lengths[i], i))
+        out: list[np.ndarray | None] = [None] * len(texts)
+        for s in range(0, len(order), self.chunk):
+            idx = order[s:s + self.chunk]
+            enc = self.tok([texts[i] for i in idx], max_length=self.max_length, truncation=True,
+                           padding="longest", return_tensors="pt")
+            ids, mask = enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
+            hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state  # (b, L, D)
+            hidden = hidden.float().cpu().numpy()
+            for j, i in enumerate(idx):
+                n = int(mask[j].sum())
+                out[i] = hidden[j, :n].astype(np.float16)  # (n, D) valid tokens only
+        return out  # type: ignore[return-value]
+
+    @torch.inference_mode()
+    def encode_padded(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """The official layout: one caption at a time, padded to max_length -> (N, L, D) fp16, (N, L) int16."""
+        embs, masks = [], []
+        for t in texts:
+            enc = self.tok([t], max_length=self.max_length, truncation=True, padding="max_length",
+                           return_tensors="pt")
+            ids, mask = enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
+            hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
+            embs.append(hidden.float().cpu().numpy()[0].astype(np.float16))
+            masks.append(mask.cpu().numpy()[0].astype(np.int16))
+        return np.stack(embs), np.stack(masks)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        n = batch.num_rows
+        longs, shorts = batch.column("text_long").to_pylist(), batch.column("text_short").to_pylist()
+        texts, slots = [], []  # slots: (row, "long"/"short")
+        for i in range(n):
+            for kind, t in (("long", longs[i]), ("short", shorts[i])):
+                if t is not None:
+                    texts.append(t)
+                    slots.append((i, kind))
+        res = {"long": [None] * n, "short": [None] * n}
+        cnt = {"long": [0] * n, "short": [0] * n}
+        errors: list = [None] * n
+        try:
+            embs = self.encode(texts) if texts else []
+            for (i, kind), e in zip(slots, embs):
+                res[kind][i], cnt[kind][i] = npy_bytes(e), int(e.shape[0])
+        except Exception as e:  # one bad batch must not kill the job: every row gets the reason
+            errors = [f"t5 failed: {e}"[:300]] * n
+        for col, vals in (("t5_long", res["long"]), ("t5_short", res["short"])):
+            batch = batch.append_column(col, pa.array(vals, pa.binary()))
+        batch = batch.append_column("n_long", pa.array(cnt["long"], pa.int32()))
+        batch = batch.append_column("n_short", pa.array(cnt["short"], pa.int32()))
+        return batch.append_column("t5_error", pa.array(errors, pa.string()))
