@@ -58,21 +58,25 @@ def main(argv=None) -> int:
              ["curation.run", *cfg, "--stages", "download,score,dedup,select,caption"], timings)
     step("eval: build the held-out benchmark (its keys never enter training shards)",
          ["eval.build_benchmark", *cfg], timings)
-    step("features: VAE latents + T5 embeddings into bucketed shards; caption statistics",
-         ["curation.run", *cfg, "--stages", "features,stats"], timings)
-    step("training: weak-to-strong demo stage 1 (256 px)", ["training.launch", "--config", args.config, "--stage", "demo-256"], timings)
-    step("training: demo stage 2 (512 px, PE interpolation + KV compression)",
-         ["training.launch", "--config", args.config, "--stage", "demo-512-kv"], timings)
-    step("sampling: one image from the demo checkpoint",
-         ["training.sample", "--config", args.config, "--stage", "demo-256", "--prompt", "a red circle on a blue background",
-          "--out", str(out / "report" / "samples")], timings)
-    step("eval: generate the benchmark prompts and score FID / CLIP-Score",
+    step("features: VAE latents + T5 embeddings into bucketed shards (benchmark keys excluded)",
+         ["curation.run", *cfg, "--stages", "features"], timings)
+    tr = ["training.launch", "--config", args.config, "--stage"]
+    step("training: weak-to-strong stage 1 (256 px, Ray Train)", [*tr, "demo-256"], timings)
+    step("training: stage 2 (512 px, PE interpolation from the 256 px weights)", [*tr, "demo-512"], timings)
+    step("training: stage 3 (512 px + KV compression, Conv Avg Init)", [*tr, "demo-512-kv"], timings)
+    step("sampling: images from the last checkpoint (DPM-Solver, CFG 4.5)",
+         ["training.sample", "--checkpoint", "runs/demo/train/demo-512-kv", "--t5", "models/tiny/t5",
+          "--vae", "models/tiny/vae", "--prompt", "a red circle on a blue background", "--height", "512",
+          "--width", "512", "--steps", "10", "--device", "cpu", "--out", str(out / "report" / "samples")], timings)
+    step("eval: generate the benchmark prompts with the 256 px checkpoint",
          ["eval.generate", *cfg, "--stage", "demo-256"], timings)
-    step("eval: score", ["eval.score", *cfg, "--stage", "demo-256"], timings)
+    step("eval: FID / CLIP-Score against the benchmark", ["eval.score", *cfg, "--stage", "demo-256"], timings)
+    step("caption statistics (PixArt-Sigma Table 1 layout, with the paper's rows)",
+         ["curation.stats", *cfg, "--paper", "--no-progress"], timings)
     print("\n=== demo finished in %.0f s" % (time.time() - t_start))
     for title, dt in timings:
         print(f"  {dt:7.1f} s  {title}")
-    print(f"outputs: {out}  (manifest/, shards/, report/, eval/, training under runs/train/)")
+    print(f"outputs: {out}  (manifest/, shards/, report/, eval/, train/)")
     return 0
 
 

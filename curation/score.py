@@ -72,7 +72,6 @@ class Scorer:
 
     def __init__(self, clip_model: str, clip_pretrained: str, aesthetic_weights: str,
                  max_pixels: int, precision: str = "auto", num_gpus: float = 0.0):
-        torch.set_grad_enabled(False)
         self.device, prec = pick_device_precision(precision, num_gpus)
         self.model, self.preprocess, _ = load_clip(clip_model, clip_pretrained, self.device, prec)
         self.dtype = next(self.model.parameters()).dtype

@@ -35,7 +35,8 @@ class FeaturesConfig:
     scale_factor: float = 0.13025  # SDXL VAE; recorded in index.json, applied by the training loop
     shard_max_samples: int = 1000  # a shard closes at this many samples ...
     shard_max_bytes: int = 1_000_000_000  # ... or at this (estimated) size; 0 = no byte limit
-    exclude_keys: str | None = None  # eval hold-out: text file (one key a line) or parquet with `key`
+    exclude_keys: str | None = None  # eval hold-out: text file (one key a line) or parquet with `key`;
+    # None -> <output>/eval/benchmark_keys.txt when eval.build_benchmark has written it
     precision: str = "auto"  # auto: bf16 on GPU, fp32 on CPU (fp16 T5/SDXL-VAE overflow; bf16 does not)
     # T5: rows per Ray batch; captions (2 per row) are length-sorted and run in chunks of batch_size.
     t5_resources: "_curation_config.Resources" = field(default_factory=lambda: _resources(batch_size=32))

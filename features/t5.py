@@ -40,7 +40,6 @@ class T5Embedder:
 
     def __init__(self, t5: str, max_length: int = 300, precision: str = "auto", num_gpus: float = 0.0,
                  chunk: int = 32):
-        torch.set_grad_enabled(False)
         self.device, self.dtype = pick_device_dtype(precision, num_gpus)
         self.tok, self.model = load_t5(t5, self.device, self.dtype)
         self.max_length, self.chunk = max_length, max(1, chunk)

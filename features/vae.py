@@ -68,7 +68,6 @@ class VaeEncoder:
     """Model-backed stage: pixels -> latent (npy bytes of fp16 (8, h/8, w/8): mean then std)."""
 
     def __init__(self, vae: str, precision: str = "auto", num_gpus: float = 0.0):
-        torch.set_grad_enabled(False)
         self.device, self.dtype = pick_device_dtype(precision, num_gpus)
         self.vae = load_vae(vae, self.device, self.dtype)
         self.latent_channels = int(self.vae.config.latent_channels)

@@ -39,3 +39,16 @@ def ray_local():
 
     DataContext.get_current().enable_progress_bars = False
     yield ray
+
+
+@pytest.fixture(autouse=True)
+def _no_global_grad_switch():
+    """A stage run in-process must not leave autograd off for the tests after it (training tests
+    failed that way once): inference goes through `torch.inference_mode()` around the call."""
+    yield
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is not None and not torch.is_grad_enabled():
+        torch.set_grad_enabled(True)
+        pytest.fail("this test left torch grad mode disabled (use torch.inference_mode() locally)")

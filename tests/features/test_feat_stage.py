@@ -183,7 +183,7 @@ def test_killed_run_resumes_without_duplicates_or_gaps(run1, tmp_path, feature_m
         _same_samples(shards.shards_dir(out0, r), shards.shards_dir(out, r))  # = the uninterrupted run
 
 
-@pytest.mark.parametrize("fmt", ["txt", "parquet"])
+@pytest.mark.parametrize("fmt", ["txt", "parquet", "auto"])
 def test_excluded_keys_never_enter_a_shard(run1, tmp_path, feature_models, fmt):
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -192,13 +192,16 @@ def test_excluded_keys_never_enter_a_shard(run1, tmp_path, feature_models, fmt):
     out = _copy(out0, tmp_path / "run")
     drop = [facts["selected"][0], facts["selected"][5]]
     path = tmp_path / f"exclude.{fmt}"
-    if fmt == "txt":
+    if fmt == "auto":  # not configured: the benchmark keys eval.build_benchmark wrote are held out
+        path = out / "eval" / "benchmark_keys.txt"
+        path.parent.mkdir(parents=True)
+    if fmt in ("txt", "auto"):
         path.write_text("\n".join(drop) + "\n")
     else:
         pq.write_table(pa.table({"key": drop, "prompt": ["a", "b"]}), path)
-    s = run_features(features_cfg(out, feature_models, exclude_keys=str(path), resolutions=[256]), out,
-                     progress=False, executor="local")
-    assert s["excluded"] == 2
+    s = run_features(features_cfg(out, feature_models, exclude_keys=None if fmt == "auto" else str(path),
+                                  resolutions=[256]), out, progress=False, executor="local")
+    assert s["excluded"] == 2 and s["exclude_keys"] == str(path)
     index = shards.read_index(shards.shards_dir(out, 256))
     keys = [x["key"] for x in shards.iter_samples(shards.shards_dir(out, 256))]
     assert not set(drop) & set(keys) and index["samples"] == len(keys) == 8 and index["excluded"] == 2

@@ -1,0 +1,68 @@
+-- Views for the caption-statistics queries (curation.stats). Runs unchanged in the duckdb CLI and
+-- from Python; every query file in this folder reads only these views.
+--
+-- Set before running (the stats command writes them to <output>/report/stats_setup.sql):
+--   SET VARIABLE outs = ['runs/demo'];          -- one or more pipeline output folders
+--   SET VARIABLE pipelines = ['demo'];          -- optional display names, same order (default: folder)
+--   SET VARIABLE vn_min_count = 10;             -- optional, VN = nouns occurring MORE than this (default 10)
+--
+-- CLI:   duckdb -c "SET VARIABLE outs = ['runs/demo']" -c ".read curation/sql/views.sql" \
+--               -c ".read curation/sql/table1.sql"
+-- (add  -c ".read runs/demo/report/stats_slices.sql"  after views.sql for the configured slices)
+
+-- One row per pipeline output: src is the 1-based position in `outs`.
+CREATE OR REPLACE TEMP VIEW sources AS
+SELECT i::INTEGER AS src,
+       coalesce(getvariable('pipelines')[i], rtrim(getvariable('outs')[i], '/')) AS pipeline,
+       rtrim(getvariable('outs')[i], '/') AS out
+FROM (SELECT unnest(generate_series(1, len(getvariable('outs')))) AS i);
+
+-- The manifest of every output. The typed empty row set first makes the columns the queries use
+-- exist (as NULL) even when a stage has not run yet (no `selected`, no caption columns, ...).
+CREATE OR REPLACE TEMP VIEW manifest AS
+WITH typed AS (
+    SELECT NULL::VARCHAR AS key, NULL::VARCHAR AS url, NULL::VARCHAR AS caption, NULL::VARCHAR AS status,
+           NULL::VARCHAR AS error, NULL::BIGINT AS width, NULL::BIGINT AS height, NULL::DOUBLE AS aspect_ratio,
+           NULL::DOUBLE AS aesthetic, NULL::VARCHAR AS duplicate_of, NULL::BOOLEAN AS selected,
+           NULL::VARCHAR AS reject_reason, NULL::VARCHAR AS caption_long, NULL::VARCHAR AS caption_status,
+           NULL::VARCHAR AS caption_short, NULL::BOOLEAN AS caption_short_derived, NULL::VARCHAR AS filename
+    WHERE false
+), files AS (
+    SELECT * FROM typed
+    UNION ALL BY NAME
+    SELECT * FROM read_parquet(
+        list_transform(getvariable('outs'), lambda o: rtrim(o, '/') || '/manifest/part-*.parquet'),
+        union_by_name = true, filename = true)
+)
+SELECT list_position(list_transform(getvariable('outs'), lambda o: rtrim(o, '/')),
+                     parse_dirpath(parse_dirpath(filename)))::INTEGER AS src,
+       * EXCLUDE (filename)
+FROM files;
+
+-- Output of the stats stage: one row per (key, caption kind) with words, n_nouns, nouns (lemmas).
+CREATE OR REPLACE TEMP VIEW caption_nouns AS
+SELECT list_position(list_transform(getvariable('outs'), lambda o: rtrim(o, '/')),
+                     parse_dirpath(parse_dirpath(filename)))::INTEGER AS src,
+       * EXCLUDE (filename)
+FROM read_parquet(
+    list_transform(getvariable('outs'), lambda o: rtrim(o, '/') || '/stats/caption_nouns.parquet'),
+    filename = true);
+
+-- Configured slices (StatsConfig.slices): empty here; <output>/report/stats_slices.sql replaces it.
+CREATE OR REPLACE TEMP VIEW extra_slices AS
+SELECT NULL::VARCHAR AS dataset, NULL::INTEGER AS ord, NULL::INTEGER AS src, NULL::VARCHAR AS key
+WHERE false;
+
+-- Named slices ("Dataset" column of Table 1): built-in ones, then the configured ones.
+--   all       every manifest row
+--   selected  rows the select stage kept
+--   4k        width * height >= 3840 * 2160 pixels (UHD pixel count, so portrait, landscape and square
+--             images are treated alike; a min-side rule would drop e.g. 5000x2000 panoramas)
+CREATE OR REPLACE TEMP VIEW dataset_rows AS
+SELECT 'all' AS dataset, 1 AS ord, src, key FROM manifest
+UNION ALL
+SELECT 'selected', 2, src, key FROM manifest WHERE selected
+UNION ALL
+SELECT '4k', 3, src, key FROM manifest WHERE width * height >= 3840 * 2160
+UNION ALL
+SELECT dataset, 100 + ord, src, key FROM extra_slices;

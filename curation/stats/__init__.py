@@ -1,0 +1,85 @@
+"""Stats stage: caption statistics of a pipeline output, as in PixArt-Sigma Table 1 and Figure 6.
+
+Entry points:
+- `run_stats(cfg, out, progress=True) -> dict`: the last stage of `curation.run`.
+- `python -m curation.stats --config pipelines.yaml --pipeline NAME [--pipeline OTHER ...]
+  [--output DIR] [--set k=v] [--paper]`: the same, plus the table printed (and the paper's rows).
+
+What it writes:
+- `<output>/stats/caption_nouns.parquet`: one row per (key, caption kind) with words, n_nouns, nouns
+  (lowercase lemmas), error; resumable per manifest part (see extract.py).
+- `<output>/report/table1.csv` (exact numbers) and `table1.md` (the paper's layout),
+  `caption_length_hist.png` (Figure 6), `aesthetic_hist.png`, `status_breakdown.png`,
+  `stats_setup.sql` + `stats_slices.sql` (to rerun the same SQL in the duckdb CLI).
+
+Definitions (nouns.py and curation/sql/table1.sql give the details):
+- caption kinds: raw (alt text), long (captioner), derived_short (short caption derived from the long
+  one); nouns: spaCy NOUN + PROPN tokens as lowercase lemmas; words: whitespace-separated tokens.
+- Volume = images of the slice with that caption kind; VN = distinct nouns occurring more than 10
+  times (11 counts, 10 does not); DN = distinct nouns; Total Noun = all noun occurrences;
+  ACL = mean words per caption; Average = Total Noun / Volume.
+- slices ("Dataset"): all, selected, 4k (width*height >= 3840*2160), plus `stats.slices`
+  (name -> SQL WHERE clause over the manifest); several pipelines also give their union.
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from curation.stats import report, table1
+from curation.stats.extract import extract_nouns, nouns_path
+
+__all__ = ["run_stats", "build_report", "extract_nouns", "nouns_path"]
+
+
+def _write_text(target: Path, text: str) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, target)
+
+
+def build_report(outs: list[Path], names: list[str], scfg, report_dir: Path, aesthetic_min: float | None = None,
+                 paper: bool = False) -> dict:
+    """Run the SQL over the outputs' manifests and caption nouns; write tables and figures."""
+    report_dir = Path(report_dir)
+    outs = [Path(o).resolve() for o in outs]
+    con = table1.connect(outs, names, scfg.slices, scfg.vn_min_count)
+    try:
+        t1 = table1.query(con, "table1")
+        lengths = table1.query(con, "caption_lengths")
+        aes = table1.query(con, "aesthetic_hist")
+        status = table1.query(con, "status_breakdown")
+    finally:
+        con.close()
+    rows = table1.display_rows(t1, paper=paper)
+    _write_text(report_dir / "table1.csv", table1.to_csv(t1))
+    _write_text(report_dir / "table1.md", "# Caption statistics (PixArt-Sigma Table 1 layout)\n\n"
+                + table1.to_markdown(table1.display_rows(t1, paper=True)) + "\n" + table1.cli_help(report_dir))
+    _write_text(report_dir / "stats_setup.sql", table1.setup_sql(outs, names, scfg.vn_min_count))
+    _write_text(report_dir / "stats_slices.sql", table1.slices_sql(scfg.slices))
+    figures = [report.caption_length_hist(lengths, report_dir / "caption_length_hist.png"),
+               report.aesthetic_hist(aes, report_dir / "aesthetic_hist.png", aesthetic_min),
+               report.status_breakdown(status, report_dir / "status_breakdown.png")]
+    return {"table": t1, "rows": rows, "text": table1.to_text(rows),
+            "files": [str(report_dir / n) for n in ("table1.csv", "table1.md")] + [str(f) for f in figures]}
+
+
+def run_stats(cfg, out: Path, progress: bool = True) -> dict:
+    """The stats stage: nouns of every caption (resumable), then Table 1 + figures into <out>/report."""
+    from common import manifest
+
+    out = Path(out)
+    if not manifest.list_parts(out):
+        return {"skipped": "no manifest parts yet"}
+    t0 = time.time()
+    ext = extract_nouns(cfg, out, progress)
+    t1 = time.time()
+    rep = build_report([out], [cfg.name], cfg.stats, out / "report", cfg.select.aesthetic_min)
+    table = rep["table"].to_pylist()
+    return {**{k: v for k, v in ext.items() if k != "path"}, "extract_s": round(t1 - t0, 2),
+            "report_s": round(time.time() - t1, 2), "table1_rows": len(table),
+            "all": {r["caption"]: {"volume": r["volume"], "vn": r["vn"], "dn": r["dn"], "acl": round(r["acl"], 1)}
+                    for r in table if r["dataset"] == "all"},
+            "report": str(out / "report")}

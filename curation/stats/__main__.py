@@ -1,0 +1,71 @@
+"""`python -m curation.stats --config pipelines.yaml --pipeline NAME [--pipeline OTHER ...] [--output DIR]
+[--set section.key=value] [--paper] [--no-progress]`
+
+Extracts caption nouns for each named pipeline's output (resumable, same folders as curation.run),
+then prints Table 1 over all of them and writes the report into the FIRST pipeline's
+`<output>/report/`. `--output` and `--set` apply to the first pipeline only, and so do its
+`stats.slices` / `stats.vn_min_count` (the same slices are cut from every output). With several
+pipelines, Table 1 also has rows for their union (pipeline `a+b`).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+for _k, _v in {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}.items():
+    os.environ.setdefault(_k, _v)
+
+from common.config import ConfigError, save_resolved  # noqa: E402
+from curation.config import load_pipeline  # noqa: E402
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m curation.stats",
+                                 description="Caption statistics (PixArt-Sigma Table 1, Figure 6) of pipeline outputs.")
+    ap.add_argument("--config", default="pipelines.yaml")
+    ap.add_argument("--pipeline", action="append", required=True,
+                    help="pipeline name; repeat to compare outputs (the report goes to the first one)")
+    ap.add_argument("--output", help="output folder of the first pipeline; overrides its `output`")
+    ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="config override for the first pipeline, e.g. stats.workers=1")
+    ap.add_argument("--paper", action="store_true", help="print the paper's Table 1 rows beside ours")
+    ap.add_argument("--no-progress", action="store_true")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    from common import manifest
+    from curation.stats import build_report, extract_nouns
+
+    args = parse_args(argv)
+    try:
+        cfgs = []
+        for i, name in enumerate(args.pipeline):
+            overrides = list(args.set) if i == 0 else []
+            if i == 0 and args.output:
+                overrides.append(f"output={args.output}")
+            cfgs.append(load_pipeline(args.config, name, overrides, check=False))  # stats needs no model files
+        for cfg in cfgs:
+            if not manifest.list_parts(cfg.out):
+                raise ConfigError(f"{cfg.out} has no manifest: run `python -m curation.run --pipeline {cfg.name}` first")
+        primary = cfgs[0]
+        save_resolved(primary, primary.out, extra={"entry_point": "curation.stats",
+                                                   "compared_with": [c.name for c in cfgs[1:]]})
+        for cfg in cfgs:
+            print(f"--- caption nouns: {cfg.name} ({cfg.out})", flush=True)
+            print(json.dumps(extract_nouns(cfg, cfg.out, progress=not args.no_progress)), flush=True)
+        rep = build_report([c.out for c in cfgs], [c.name for c in cfgs], primary.stats, primary.out / "report",
+                           primary.select.aesthetic_min, paper=args.paper)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print("\n=== Table 1 (caption statistics) ===")
+    print(rep["text"])
+    print("written:\n  " + "\n  ".join(rep["files"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,264 @@
+"""`python -m eval.generate --config pipelines.yaml --pipeline NAME --checkpoint CKPT [--name RUN]`:
+one image per benchmark prompt from a training checkpoint.
+
+Protocol (paper / Sana): DPM-Solver++ 20 steps, cfg 4.5, one image per prompt, fixed seeds. Each
+prompt is generated at its aspect bucket of `eval.resolution` (or square with eval.aspect: square).
+Seeds: rows are ordered by (bucket, key) and row j gets seed gen_seed + j; training.sample gives
+sample i of a call the noise of seed + i, so a batch of consecutive rows of one bucket is one call
+and every image depends only on its own seed, never on the batch size or the worker.
+
+Resumable: outputs are <output>/eval/generations/<run>/<key>.png written atomically (temp file +
+os.replace); existing ones are skipped, so a killed run rerun with the same command fills only the
+gaps. A run folder records its protocol in generation.json; generating into it with a different
+protocol or checkpoint is refused (no mixed sets).
+
+Spread over Ray: a Ray Data actor pool (`Generator` loads the DiT, T5 and VAE once per actor) with
+eval.resources (actors, batch_size, num_gpus); actors write the PNGs themselves (shared storage on a
+cluster) and return one status row per prompt; a failing batch marks its rows failed with the reason.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from eval.build_benchmark import EVAL_DIR, read_benchmark
+
+FORMAT = "sigma-eval-generations/1"
+META = "generation.json"
+
+
+def run_dir(out: Path, name: str) -> Path:
+    return Path(out) / EVAL_DIR / "generations" / name
+
+
+def image_path(d: Path, key: str) -> Path:
+    return Path(d) / f"{key}.png"
+
+
+def resolve_checkpoint(checkpoint: str) -> Path:
+    """A stage output folder means its newest complete checkpoint: record that exact folder."""
+    p = Path(checkpoint).resolve()
+    if p.is_dir():
+        try:
+            from training.checkpoint import resolve
+        except ImportError:
+            return p
+        return resolve(p) or p
+    return p
+
+
+def default_name(checkpoint: str, stage: str | None = None) -> str:
+    """`<stage>-step-NNNNNNNN` for a training stage, else the checkpoint folder/file name."""
+    c = resolve_checkpoint(checkpoint)
+    return f"{stage}-{c.name}" if stage else c.stem
+
+
+def protocol(cfg, checkpoint: str) -> dict:
+    """Everything that determines the generated pixels (stored in generation.json, checked on resume)."""
+    e, f = cfg.eval, cfg.features
+    return {"checkpoint": str(resolve_checkpoint(checkpoint)), "sampler": e.sampler, "steps": e.steps,
+            "cfg_scale": e.cfg_scale, "gen_seed": e.gen_seed, "resolution": e.resolution, "aspect": e.aspect,
+            "t5": e.t5 or f.t5, "vae": e.vae or f.vae, "max_length": e.max_length or f.t5_max_length,
+            "scale_factor": e.scale_factor or f.scale_factor, "precision": e.precision}
+
+
+def plan(rows: list[dict], ecfg) -> list[dict]:
+    """Rows with seed, height, width, in generation order (bucket, key)."""
+    from features.buckets import table
+
+    sizes = table(ecfg.resolution)
+    side = ecfg.resolution
+    ordered = sorted(rows, key=lambda r: (float(r["bucket"]), r["key"]))
+    out = []
+    for j, r in enumerate(ordered):
+        h, w = sizes[r["bucket"]] if ecfg.aspect == "bucket" else (side, side)
+        out.append({"key": r["key"], "prompt": r["prompt"], "seed": ecfg.gen_seed + j, "height": h, "width": w})
+    return out
+
+
+def runs(rows: list[dict]) -> list[list[dict]]:
+    """Split rows into maximal runs of one size with consecutive seeds (one sampler call each)."""
+    groups: list[list[dict]] = []
+    for r in sorted(rows, key=lambda r: r["seed"]):
+        g = groups[-1] if groups else None
+        if g and g[-1]["seed"] + 1 == r["seed"] and (g[-1]["height"], g[-1]["width"]) == (r["height"], r["width"]):
+            g.append(r)
+        else:
+            groups.append([r])
+    return groups
+
+
+def save_png(img: np.ndarray, path: Path) -> None:
+    """uint8 (H, W, 3) -> PNG, atomically (a reader never sees a half-written file)."""
+    from PIL import Image
+
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
+    Image.fromarray(img).save(tmp)
+    os.replace(tmp, path)
+
+
+class Generator:
+    """Ray actor stage: batch {key, prompt, seed, height, width} -> {key, status, error, seconds}."""
+
+    def __init__(self, checkpoint: str, t5: str, vae: str, out_dir: str, sampler: str, steps: int,
+                 cfg_scale: float, max_length: int, scale_factor: float, precision: str = "auto",
+                 num_gpus: float = 0.0):
+        import torch
+
+        from features.t5 import load_t5, pick_device_dtype
+        from features.vae import load_vae
+        from training.sample import load_dit
+
+        self.device, self.dtype = pick_device_dtype(precision, num_gpus)
+        self.model = load_dit(checkpoint, device=self.device).to(self.dtype)
+        self.tok, self.t5 = load_t5(t5, self.device, self.dtype)
+        self.vae = load_vae(vae, self.device, self.dtype)
+        self.out_dir = Path(out_dir)
+        self.sampler, self.steps, self.cfg_scale = sampler, steps, cfg_scale
+        self.max_length, self.scale_factor = max_length, scale_factor
+
+    def generate(self, group: list[dict]) -> np.ndarray:
+        """One run of consecutive seeds and one size -> uint8 (B, H, W, 3)."""
+        import torch
+
+        from training.sample import decode_latents, encode_prompts, sample_latents
+
+        # Local inference mode, not a global switch: the stage also runs in-process (tests, --no-ray).
+        with torch.inference_mode():
+            y, mask = encode_prompts(self.tok, self.t5, [r["prompt"] for r in group], self.max_length)
+            lat = sample_latents(self.model, y, mask, None, group[0]["height"], group[0]["width"],
+                                 steps=self.steps, cfg=self.cfg_scale, sampler=self.sampler, seed=int(group[0]["seed"]))
+            return decode_latents(self.vae, lat, self.scale_factor)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.to_pylist()
+        status = {r["key"]: ("skipped", None, 0.0) for r in rows}
+        todo = [r for r in rows if not image_path(self.out_dir, r["key"]).exists()]
+        for group in runs(todo):
+            t0 = time.time()
+            try:
+                imgs = self.generate(group)
+                dt = (time.time() - t0) / len(group)
+                for r, img in zip(group, imgs):
+                    save_png(img, image_path(self.out_dir, r["key"]))
+                    status[r["key"]] = ("ok", None, dt)
+            except Exception as e:  # noqa: BLE001 - a failing batch is recorded per row, never fatal
+                for r in group:
+                    status[r["key"]] = ("failed", f"{type(e).__name__}: {str(e)[:300]}", 0.0)
+        keys = [r["key"] for r in rows]
+        return pa.table({"key": keys, "status": [status[k][0] for k in keys],
+                         "error": pa.array([status[k][1] for k in keys], pa.string()),
+                         "seconds": [float(status[k][2]) for k in keys]})
+
+
+def _check_meta(d: Path, meta: dict) -> None:
+    p = d / META
+    if p.exists():
+        old = json.loads(p.read_text())
+        diff = {k: (old.get("protocol", {}).get(k), v) for k, v in meta["protocol"].items()
+                if old.get("protocol", {}).get(k) != v}
+        if old.get("benchmark_checksum") != meta["benchmark_checksum"]:
+            diff["benchmark_checksum"] = (old.get("benchmark_checksum"), meta["benchmark_checksum"])
+        if diff:
+            raise RuntimeError(f"{d} holds images of another protocol ({diff}); use another --name")
+    d.mkdir(parents=True, exist_ok=True)
+    tmp = d / f".{META}.tmp{os.getpid()}"
+    tmp.write_text(json.dumps(meta, indent=2, sort_keys=True))
+    os.replace(tmp, p)
+
+
+def generate(cfg, checkpoint: str, name: str | None = None, use_ray: bool = True, limit: int | None = None,
+             progress: bool = True) -> dict:
+    """Generate the missing images of run `name` (default: the checkpoint folder's name)."""
+    from tqdm import tqdm
+
+    out, ecfg = Path(cfg.output), cfg.eval
+    rows, info = read_benchmark(out, ecfg.version)
+    name = name or default_name(checkpoint)
+    d = run_dir(out, name)
+    proto = protocol(cfg, checkpoint)
+    checkpoint = proto["checkpoint"]  # the exact folder, even if training writes a newer one meanwhile
+    _check_meta(d, {"format": FORMAT, "run": name, "benchmark_version": info["version"],
+                    "benchmark_checksum": info["checksum"], "n": info["n"], "protocol": proto})
+    full = plan(rows, ecfg)
+    planned = full[:limit] if limit else full
+    todo = [r for r in planned if not image_path(d, r["key"]).exists()]
+    summary = {"run": name, "dir": str(d), "planned": len(planned), "existing": len(planned) - len(todo),
+               "ok": 0, "failed": 0, "failures": [], "seconds": 0.0}
+    t0 = time.time()
+    kwargs = dict(checkpoint=checkpoint, t5=proto["t5"], vae=proto["vae"], out_dir=str(d), sampler=ecfg.sampler,
+                  steps=ecfg.steps, cfg_scale=ecfg.cfg_scale, max_length=proto["max_length"],
+                  scale_factor=proto["scale_factor"], precision=ecfg.precision, num_gpus=ecfg.resources.num_gpus)
+    if todo:
+        bar = tqdm(total=len(todo), desc=f"generate {name}", unit="img", disable=not progress, mininterval=1.0)
+        if use_ray:
+            from common.raystage import init_ray, map_stage
+            import ray
+
+            init_ray(cfg.ray)
+            # One block per batch keeps each batch a run of consecutive seeds (one sampler call).
+            ds = ray.data.from_arrow(pa.Table.from_pylist(todo)).repartition(
+                max(1, -(-len(todo) // ecfg.resources.batch_size)))
+            results = map_stage(ds, Generator, ecfg.resources, constructor_kwargs=kwargs).iter_batches(
+                batch_format="pyarrow", batch_size=None)
+        else:
+            gen = Generator(**kwargs)
+            bs = ecfg.resources.batch_size
+            results = (gen(pa.Table.from_pylist(todo[i:i + bs])) for i in range(0, len(todo), bs))
+        for res in results:
+            for r in res.to_pylist():
+                if r["status"] == "failed":
+                    summary["failed"] += 1
+                    summary["failures"].append({"key": r["key"], "error": r["error"]})
+                elif r["status"] == "ok":
+                    summary["ok"] += 1
+            bar.update(res.num_rows)
+        bar.close()
+    summary["seconds"] = round(time.time() - t0, 2)
+    summary["complete"] = all(image_path(d, r["key"]).exists() for r in full)  # the whole benchmark
+    tmp = d / f".generate_summary.json.tmp{os.getpid()}"
+    tmp.write_text(json.dumps(summary, indent=2))
+    os.replace(tmp, d / "generate_summary.json")
+    return summary
+
+
+def main(argv=None) -> dict:
+    from common.config import save_resolved
+    from curation.config import load_pipeline
+
+    ap = argparse.ArgumentParser(description="Generate one image per benchmark prompt from a checkpoint.")
+    ap.add_argument("--config", default="pipelines.yaml")
+    ap.add_argument("--pipeline", required=True)
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="checkpoint folder, stage output (its latest), diffusers folder or .pth")
+    src.add_argument("--stage", help="a training stage of the config: its latest checkpoint")
+    ap.add_argument("--name", default=None,
+                    help="run name (default: <stage>-<step folder> with --stage, else the checkpoint's name)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], help="section.key=value")
+    ap.add_argument("--no-ray", action="store_true", help="generate in this process (debugging)")
+    ap.add_argument("--limit", type=int, default=None, help="only the first N prompts of the plan")
+    args = ap.parse_args(argv)
+    cfg = load_pipeline(args.config, args.pipeline, args.overrides, check=False)
+    save_resolved(cfg, cfg.output)
+    checkpoint, name = args.checkpoint, args.name
+    if args.stage:
+        from training.config import load_stage
+
+        checkpoint = str(load_stage(args.config, args.stage).output_dir)
+        name = name or default_name(checkpoint, args.stage)
+    s = generate(cfg, checkpoint, name, use_ray=not args.no_ray, limit=args.limit)
+    print(f"[eval.generate] {s['run']}: {s['ok']} written, {s['existing']} existing, {s['failed']} failed "
+          f"of {s['planned']} ({s['seconds']} s) -> {s['dir']}", flush=True)
+    for f in s["failures"][:5]:
+        print(f"  failed {f['key']}: {f['error']}", flush=True)
+    return s
+
+
+if __name__ == "__main__":
+    main()

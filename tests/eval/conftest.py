@@ -1,0 +1,11 @@
+"""Fixtures of the eval tests (helpers live in evalfakes.py)."""
+import pytest
+
+from evalfakes import make_output
+
+
+@pytest.fixture()
+def fake_out(tmp_path):
+    out = tmp_path / "run"
+    facts = make_output(out)
+    return out, facts

@@ -1,0 +1,186 @@
+"""Config of one training stage (`training.<stage>` in pipelines.yaml). Light module: no torch.
+
+A stage is one step of the weak-to-strong schedule (paper Table 4): a resolution, the shards it
+reads, the model preset (+ KV compression), what it starts from, and the optimiser settings.
+`load_stage()` resolves everything that depends on other parts of the file (the data folder of a
+pipeline, the output folder of the stage named in `init_from`) into absolute paths, so the resolved
+config that is saved beside the outputs and sent to every worker is self-contained.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from common.config import ConfigError, apply_overrides, load_yaml, parse
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    # Exactly one of: `shards` (a folder holding index.json + shard-*.tar) or `pipeline` (a name in
+    # `pipelines:`; the folder is then <pipeline output>/shards/<stage resolution>).
+    shards: str | None = field(default=None, metadata={"path": True})
+    pipeline: str | None = None
+    # Pad T5 tokens to the longest caption of the batch ("batch") or always to max_length ("max").
+    pad_tokens: Literal["batch", "max"] = "batch"
+    max_length: int = 300
+    prefetch: int = 2  # batches loaded ahead in a background thread (0 = none)
+
+    def __post_init__(self):
+        if (self.shards is None) == (self.pipeline is None):
+            raise ConfigError("data: give exactly one of 'shards' (a folder) or 'pipeline' (a name)")
+        if self.max_length < 1:
+            raise ConfigError(f"data.max_length: got {self.max_length}, allowed: >= 1")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    preset: str = "PixArt-XL/2"
+    # KV token compression (paper 2.3): R x R windows of keys/values merged by a depthwise conv;
+    # layers [] = the deep half (14..27 for 28 blocks, the paper's choice).
+    kv_compress_ratio: int = 1
+    kv_compress_layers: tuple[int, ...] = ()
+    # Position-embedding settings; null = derived from the stage resolution (see TrainStageConfig).
+    base_size: int | None = None
+    pe_interpolation: float | None = None
+    # Any other keyword of training.model.build_model (e.g. depth for experiments).
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.kv_compress_ratio < 1:
+            raise ConfigError(f"model.kv_compress_ratio: got {self.kv_compress_ratio}, allowed: >= 1")
+        if self.kv_compress_layers and self.kv_compress_ratio == 1:
+            raise ConfigError("model.kv_compress_layers: set kv_compress_ratio > 1 to compress layers")
+
+
+@dataclass(frozen=True)
+class TrainStageConfig:
+    resolution: int
+    data: DataSpec
+    steps: int
+    batch_size: int  # per worker
+    name: str = ""  # filled from the mapping key by load_stage
+    model: ModelSpec = ModelSpec()
+    # Previous stage name | path to an official PixArt-alpha/Sigma .pth | a checkpoint folder | null.
+    init_from: str | None = None
+    lr: float = 2e-5
+    warmup_steps: int = 0
+    grad_clip: float = 0.01  # the official value; maintainers say 0.1-1 also works
+    weight_decay: float = 0.0
+    # The official code silently multiplies lr by sqrt(global_batch/256); here it is explicit.
+    lr_scaling: Literal["none", "sqrt", "linear"] = "none"
+    # Probability of the LONG caption (the official `real_prompt_ratio` is the short one).
+    long_ratio: float = 0.6
+    caption_dropout: float = 0.1
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    ema: float | None = None  # EMA decay, null = no EMA (Sigma trains without one)
+    seed: int = 0
+    num_workers: int = 1  # Ray Train workers (processes); torchrun decides its own world size
+    use_gpu: bool = False
+    grad_checkpointing: bool = False
+    checkpoint_every: int = 1000
+    keep_last: int = 2
+    log_every: int = 10
+    output: str | None = None  # default runs/train/<name>
+
+    def __post_init__(self):
+        if self.resolution % 64:
+            raise ConfigError(f"resolution: got {self.resolution}, allowed: a multiple of 64")
+        for k in ("steps", "batch_size", "num_workers", "checkpoint_every", "keep_last", "log_every"):
+            if getattr(self, k) < 1:
+                raise ConfigError(f"{k}: got {getattr(self, k)}, allowed: >= 1")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"warmup_steps: got {self.warmup_steps}, allowed: >= 0")
+        for k in ("long_ratio", "caption_dropout"):
+            if not 0.0 <= getattr(self, k) <= 1.0:
+                raise ConfigError(f"{k}: got {getattr(self, k)}, allowed: 0..1")
+        if self.lr <= 0 or self.grad_clip <= 0 or self.weight_decay < 0:
+            raise ConfigError("lr and grad_clip must be > 0, weight_decay >= 0")
+        if self.ema is not None and not 0.0 < self.ema < 1.0:
+            raise ConfigError(f"ema: got {self.ema}, allowed: null or a decay in (0, 1)")
+
+    # --- derived values -------------------------------------------------------------------
+    @property
+    def base_size(self) -> int:
+        """Tokens per side of the 1:1 grid at this resolution: latent side / patch (2)."""
+        return self.model.base_size or self.resolution // 8 // 2
+
+    @property
+    def pe_interpolation(self) -> float:
+        return self.model.pe_interpolation or self.resolution / 512
+
+    def model_kwargs(self) -> dict:
+        """Keyword arguments of training.model.build_model(preset, **kwargs)."""
+        kw = dict(self.model.overrides)
+        kw.update(base_size=self.base_size, pe_interpolation=self.pe_interpolation)
+        if self.model.kv_compress_ratio > 1:
+            kw["kv_compress_ratio"] = self.model.kv_compress_ratio
+            if self.model.kv_compress_layers:  # empty = the model's default (the deep half)
+                kw["kv_compress_layers"] = list(self.model.kv_compress_layers)
+        return kw
+
+    def scaled_lr(self, world_size: int) -> float:
+        global_batch = self.batch_size * world_size
+        if self.lr_scaling == "sqrt":
+            return self.lr * math.sqrt(global_batch / 256)
+        if self.lr_scaling == "linear":
+            return self.lr * global_batch / 256
+        return self.lr
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.output or f"runs/train/{self.name}")
+
+    @property
+    def shards_dir(self) -> Path:
+        assert self.data.shards is not None, "call load_stage() to resolve data.pipeline"
+        return Path(self.data.shards)
+
+
+def _abs(p: str | os.PathLike) -> str:
+    return str(Path(os.path.expanduser(str(p))).absolute())
+
+
+def stage_from_dict(data: dict, name: str = "") -> TrainStageConfig:
+    """Parse an already-resolved stage dict (e.g. the one sent to a Ray worker)."""
+    return parse(TrainStageConfig, data, f"training.{name}" if name else "training")
+
+
+def load_stage(config_path: str | os.PathLike, name: str, overrides=()) -> TrainStageConfig:
+    """Read `training.<name>` of pipelines.yaml, apply `k=v` overrides (keys relative to the stage,
+    a leading `training.<name>.` is accepted too) and resolve paths to absolute ones."""
+    doc = load_yaml(config_path)
+    stages = doc.get("training") or {}
+    if name not in stages:
+        raise ConfigError(f"training.{name}: no such stage; stages: {', '.join(stages) or 'none'}")
+    prefix = f"training.{name}."
+    rel = [o[len(prefix):] if o.startswith(prefix) else o for o in overrides or ()]
+    raw = apply_overrides(dict(stages[name] or {}), rel, where=prefix)
+    raw["name"] = name
+    cfg = stage_from_dict(raw, name)
+
+    # data: a pipeline name resolves to <its output>/shards/<resolution>
+    data = cfg.data
+    if data.pipeline is not None:
+        pipes = doc.get("pipelines") or {}
+        if data.pipeline not in pipes:
+            raise ConfigError(f"training.{name}.data.pipeline: no pipeline {data.pipeline!r}")
+        out = (pipes[data.pipeline] or {}).get("output") or f"runs/{data.pipeline}"
+        data = dataclasses.replace(data, shards=_abs(Path(out) / "shards" / str(cfg.resolution)), pipeline=None)
+    else:
+        data = dataclasses.replace(data, shards=_abs(data.shards))
+
+    # init_from: a stage name resolves to that stage's output folder (its latest checkpoint)
+    init = cfg.init_from
+    if init is not None:
+        if init == name:
+            raise ConfigError(f"training.{name}.init_from: a stage cannot start from itself")
+        if init in stages:
+            prev = load_stage(config_path, init)
+            init = str(prev.output_dir)
+        else:
+            init = _abs(init)
+    return dataclasses.replace(cfg, data=data, init_from=init, output=_abs(cfg.output_dir))

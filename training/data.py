@@ -1,0 +1,263 @@
+"""Training batches from the feature shards (`<output>/shards/<res>/shard-*.tar` + index.json).
+
+Design (why it is not a plain WebDataset pipeline):
+- Bucket-pure batches: every batch holds one aspect bucket, so latents stack to (B, 4, h, w).
+- Deterministic and resumable: the order of an epoch is a pure function of (seed, rank, epoch), and
+  the position is (epoch, cursor = index of the next batch in that epoch's order). A checkpoint
+  stores it and resume continues with exactly the next batch (the official loader restarts the
+  epoch). All per-sample randomness (long/short caption, caption dropout, latent sampling noise) is
+  also derived from the position, so a resumed run sees bit-identical batches.
+- Random access: each rank scans the tar headers of its shards once (tarfile, no data read except
+  the small json members) and keeps (offset, size) of every member; a batch reads only its members.
+- Each rank reads disjoint shards (shards[rank::world_size]). With fewer shards than ranks it falls
+  back to disjoint samples (every world_size-th sample), with a warning.
+"""
+from __future__ import annotations
+
+import json
+import tarfile
+import warnings
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from features.shards import load_npy, read_index, repad  # the format's own decoders
+
+__all__ = ["ShardBatches", "Prefetch", "make_batches", "SampleRef", "scan_shard", "read_index", "apply_caption_dropout"]
+
+
+@dataclass(frozen=True)
+class SampleRef:
+    shard: str  # tar file name
+    key: str
+    bucket: str
+    members: dict  # suffix ("latent.npy", "t5_long.npy", ...) -> (offset, size)
+
+
+def scan_shard(path: Path) -> list[SampleRef]:
+    """(offset, size) of every member of one tar, grouped by key; bucket from the json member."""
+    groups: dict[str, dict] = {}
+    order: list[str] = []
+    with open(path, "rb") as fh, tarfile.open(fileobj=fh, mode="r:") as tf:
+        for m in tf:
+            if not m.isfile():
+                continue
+            base = m.name.rsplit("/", 1)[-1]
+            key, _, suffix = base.partition(".")
+            if key not in groups:
+                groups[key] = {}
+                order.append(key)
+            groups[key][suffix] = (m.offset_data, m.size)
+        refs = []
+        for key in order:
+            mem = groups[key]
+            if "json" not in mem or "latent.npy" not in mem or not ({"t5_long.npy", "t5_short.npy"} & set(mem)):
+                continue  # incomplete sample: the writer never produces one; skip, don't crash
+            off, size = mem["json"]
+            fh.seek(off)
+            meta = json.loads(fh.read(size))
+            refs.append(SampleRef(path.name, key, str(meta["bucket"]), mem))
+    return refs
+
+
+def _key_seed(key: str) -> int:
+    return zlib.crc32(key.encode())
+
+
+class ShardBatches:
+    """Iterator of bucket-pure training batches for one rank, with a resumable position.
+
+    A batch is a dict: x (B, 4, h, w) float32 scaled latents, y (B, L, D) float32 T5 tokens,
+    mask (B, L) int64 (1 = valid token), drop (B,) bool (caption dropped -> use the null embedding),
+    long (B,) bool, keys list[str], bucket str.
+    """
+
+    def __init__(self, shards_dir, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 long_ratio: float = 0.6, caption_dropout: float = 0.1, pad_tokens: str = "batch",
+                 max_length: int = 300):
+        self.dir = Path(shards_dir)
+        self.index = read_index(self.dir)
+        self.scale = float(self.index["vae"]["scale_factor"])
+        self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
+        self.long_ratio, self.caption_dropout = long_ratio, caption_dropout
+        self.pad_tokens, self.max_length = pad_tokens, max_length
+        names = sorted(s["name"] for s in self.index["shards"] if s.get("samples", 1) > 0)
+        if not names:
+            raise ValueError(f"{self.dir}: the index lists no non-empty shard")
+        if len(names) >= world_size:
+            self.shard_names = names[rank::world_size]
+            self.samples = [r for n in self.shard_names for r in scan_shard(self.dir / n)]
+        else:
+            warnings.warn(f"{len(names)} shard(s) for {world_size} ranks: splitting samples instead")
+            self.shard_names = names
+            allrefs = [r for n in names for r in scan_shard(self.dir / n)]
+            self.samples = allrefs[rank::world_size]
+        if not self.samples:
+            raise ValueError(f"rank {rank}: no samples in {self.shard_names}")
+        self.epoch, self.cursor = 0, 0
+        self._order_epoch, self._order = -1, []
+        self._files: dict[str, object] = {}
+
+    # --- position ------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "cursor": self.cursor, "rank": self.rank,
+                "world_size": self.world_size, "shards": list(self.shard_names)}
+
+    def load_state_dict(self, st: dict) -> None:
+        if st.get("shards") is not None and list(st["shards"]) != list(self.shard_names):
+            warnings.warn("resuming with a different shard set: the data position is only approximate")
+        self.epoch, self.cursor = int(st["epoch"]), int(st["cursor"])
+
+    def epoch_order(self, epoch: int) -> list[list[int]]:
+        """Batches (lists of sample indices) of one epoch: shuffle within each bucket, cut into
+        batches (the last one of a bucket may be smaller: nothing is dropped), shuffle batches."""
+        if self._order_epoch != epoch:
+            rng = np.random.default_rng([self.seed, self.rank, epoch, 7])
+            by_bucket: dict[str, list[int]] = {}
+            for i, r in enumerate(self.samples):
+                by_bucket.setdefault(r.bucket, []).append(i)
+            batches = []
+            for b in sorted(by_bucket):
+                idx = np.array(by_bucket[b])[rng.permutation(len(by_bucket[b]))]
+                batches += [idx[i:i + self.batch_size].tolist() for i in range(0, len(idx), self.batch_size)]
+            self._order = [batches[i] for i in rng.permutation(len(batches))]
+            self._order_epoch = epoch
+        return self._order
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        order = self.epoch_order(self.epoch)
+        if self.cursor >= len(order):
+            self.epoch, self.cursor = self.epoch + 1, 0
+            order = self.epoch_order(self.epoch)
+        batch = self.load_batch([self.samples[i] for i in order[self.cursor]], self.epoch, self.cursor)
+        self.cursor += 1
+        batch["position"] = (self.epoch, self.cursor)  # the position AFTER this batch
+        return batch
+
+    # --- reading -------------------------------------------------------------------------
+    def _read(self, ref: SampleRef, suffix: str) -> np.ndarray:
+        fh = self._files.get(ref.shard)
+        if fh is None:
+            fh = self._files[ref.shard] = open(self.dir / ref.shard, "rb")
+        off, size = ref.members[suffix]
+        fh.seek(off)
+        return load_npy(fh.read(size))
+
+    def load_batch(self, refs: list[SampleRef], epoch: int, cursor: int) -> dict:
+        lat, toks, longs, drops = [], [], [], []
+        for r in refs:
+            u = np.random.default_rng([self.seed, epoch, _key_seed(r.key)]).random(2)
+            use_long = bool(u[0] < self.long_ratio) and "t5_long.npy" in r.members
+            if "t5_short.npy" not in r.members:
+                use_long = True
+            lat.append(self._read(r, "latent.npy"))  # (8, h, w) fp16: mean then std
+            toks.append(self._read(r, "t5_long.npy" if use_long else "t5_short.npy"))  # (n, D)
+            longs.append(use_long)
+            drops.append(bool(u[1] < self.caption_dropout))
+        moments = torch.from_numpy(np.stack(lat)).float()  # (B, 8, h, w)
+        mean, std = moments.chunk(2, dim=1)
+        g = torch.Generator().manual_seed(int(np.random.default_rng([self.seed, self.rank, epoch, cursor]).integers(2**62)))
+        eps = torch.randn(mean.shape, generator=g)
+        x = (mean + std * eps) * self.scale  # (B, 4, h, w): a posterior sample, scaled
+        toks = [t[: self.max_length].astype(np.float32) for t in toks]  # (n_i, D) valid tokens
+        y, mask = repad(toks, self.max_length if self.pad_tokens == "max" else None)
+        y, mask = torch.from_numpy(y), torch.from_numpy(mask)  # (B, L, D) float32, (B, L) int64
+        return {"x": x, "y": y, "mask": mask, "drop": torch.tensor(drops), "long": torch.tensor(longs),
+                "keys": [r.key for r in refs], "bucket": refs[0].bucket}
+
+    def close(self) -> None:
+        for fh in self._files.values():
+            fh.close()
+        self._files.clear()
+
+
+class Prefetch:
+    """Loads the next `depth` batches of a ShardBatches in a background thread (file reads and
+    numpy decoding overlap the training step). The saved position is the one of the last batch
+    CONSUMED, so checkpoints and resume are unaffected by how far the thread ran ahead."""
+
+    def __init__(self, source: ShardBatches, depth: int = 2):
+        import queue
+        import threading
+
+        self.source, self.depth = source, depth
+        self.epoch, self.cursor = source.epoch, source.cursor
+        self._q: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        try:
+            while not self._stop.is_set():
+                item = next(self.source)
+                while not self._stop.is_set():
+                    try:
+                        self._q.put(item, timeout=0.2)
+                        break
+                    except Exception:  # queue.Full: re-check the stop flag
+                        continue
+        except BaseException as e:  # surfaced in the training loop, not lost in the thread
+            self._q.put(e)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        item = self._q.get()
+        if isinstance(item, BaseException):
+            raise item
+        self.epoch, self.cursor = item["position"]
+        return item
+
+    @property
+    def shard_names(self):
+        return self.source.shard_names
+
+    @property
+    def samples(self):
+        return self.source.samples
+
+    def state_dict(self) -> dict:
+        return dict(self.source.state_dict(), epoch=self.epoch, cursor=self.cursor)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        self.source.close()
+
+
+def make_batches(shards_dir, batch_size: int, rank: int, world_size: int, seed: int, long_ratio: float,
+                 caption_dropout: float, pad_tokens: str, max_length: int, prefetch: int,
+                 position: dict | None = None):
+    """A ShardBatches positioned at `position` (from a checkpoint), wrapped in Prefetch if asked."""
+    src = ShardBatches(shards_dir, batch_size, rank, world_size, seed, long_ratio, caption_dropout,
+                       pad_tokens, max_length)
+    if position is not None:
+        src.load_state_dict(position)
+    return Prefetch(src, prefetch) if prefetch > 0 else src
+
+
+def apply_caption_dropout(y: torch.Tensor, mask: torch.Tensor, drop: torch.Tensor, null: torch.Tensor):
+    """Replace dropped captions by the null embedding `null` (Ln, D); pads y/mask to >= Ln.
+
+    y (B, L, D), mask (B, L), drop (B,) -> y (B, L', D), mask (B, L') with L' = max(L, Ln)."""
+    if not bool(drop.any()):
+        return y, mask
+    Ln = null.shape[0]
+    if y.shape[1] < Ln:
+        y = torch.cat([y, y.new_zeros(y.shape[0], Ln - y.shape[1], y.shape[2])], 1)
+        mask = torch.cat([mask, mask.new_zeros(mask.shape[0], Ln - mask.shape[1])], 1)
+    y = y.clone()
+    mask = mask.clone()
+    y[drop] = 0
+    y[drop, :Ln] = null.to(y.dtype)
+    mask[drop] = 0
+    mask[drop, :Ln] = 1
+    return y, mask

@@ -1,0 +1,129 @@
+"""`python -m training.launch --config pipelines.yaml --stage NAME [--set k=v ...]`
+
+Runs one training stage:
+- on Ray Train (default): `TorchTrainer` with `ScalingConfig(num_workers, use_gpu)` from the stage
+  config, gloo backend on CPU (nccl on GPU), RunConfig storage under <stage output>/ray. Each worker
+  calls training.train.train(cfg, rank, world_size) in the process group Ray set up.
+- under torchrun: `torchrun --nproc-per-node N -m training.launch --torchrun --config ... --stage ...`
+  (also picked automatically when WORLD_SIZE/RANK are in the environment).
+- `--local`: one plain process, no Ray (handy for debugging).
+Overrides are relative to the stage (`--set steps=10 --set model.kv_compress_ratio=2`).
+The resolved config is saved as <stage output>/config.resolved.yaml before any work starts.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from common.config import ConfigError, check_paths, save_resolved, to_dict
+from training.config import TrainStageConfig, load_stage, stage_from_dict
+
+
+def _check(cfg: TrainStageConfig) -> None:
+    """Fail before starting Ray when the inputs of the stage are missing."""
+    from training.checkpoint import latest, resolve
+
+    if not (Path(cfg.data.shards) / "index.json").exists():
+        raise ConfigError(f"training.{cfg.name}.data: {cfg.data.shards}/index.json does not exist "
+                          "(run the features stage for this resolution first)")
+    check_paths(cfg)
+    if cfg.init_from and latest(cfg.output_dir) is None:  # (a resumed stage does not need it)
+        src = Path(cfg.init_from)
+        if not src.is_file() and resolve(src) is None:
+            raise ConfigError(f"training.{cfg.name}.init_from: no checkpoint in {src} "
+                              "(run the previous stage first, or give an official .pth)")
+
+
+def _ray_worker(config: dict) -> None:
+    """Body of every Ray Train worker (the process group is already initialised by Ray)."""
+    import ray.train
+
+    from training.train import train
+
+    ctx = ray.train.get_context()
+    cfg = stage_from_dict(config["stage"], config["stage"]["name"])
+    train(cfg, ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank())
+
+
+def run_ray(cfg: TrainStageConfig):
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    if not ray.is_initialized():
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init()
+        else:
+            ray.init(include_dashboard=False, configure_logging=False)
+    out = Path(cfg.output_dir)
+    trainer = TorchTrainer(
+        _ray_worker,
+        train_loop_config={"stage": to_dict(cfg)},
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu),
+        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
+        run_config=RunConfig(name=f"train-{cfg.name}", storage_path=str(out / "ray")),
+    )
+    return trainer.fit()
+
+
+def run_torchrun(cfg: TrainStageConfig) -> dict:
+    import torch.distributed as dist
+
+    from training.train import train
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if cfg.use_gpu else "gloo")
+    try:
+        return train(cfg, rank, world, local)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description="Run one training stage (Ray Train, torchrun or local).")
+    ap.add_argument("--config", default="pipelines.yaml")
+    ap.add_argument("--stage", required=True)
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--torchrun", action="store_true", help="run under torchrun (env WORLD_SIZE/RANK)")
+    mode.add_argument("--local", action="store_true", help="one process, no Ray")
+    args = ap.parse_args(argv)
+    try:
+        cfg = load_stage(args.config, args.stage, args.overrides)
+        _check(cfg)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    under_torchrun = args.torchrun or ("WORLD_SIZE" in os.environ and "RANK" in os.environ)
+    if not under_torchrun or int(os.environ.get("RANK", "0")) == 0:
+        derived = {"base_size": cfg.base_size, "pe_interpolation": cfg.pe_interpolation,
+                   "model_kwargs": cfg.model_kwargs(), "lr_scaled": cfg.scaled_lr(cfg.num_workers)}
+        save_resolved(cfg, cfg.output_dir, extra={"stage": cfg.name, "derived": derived,
+                                                  "config_file": str(Path(args.config).absolute())})
+    if under_torchrun:
+        run_torchrun(cfg)
+    elif args.local:
+        from training.train import train
+
+        train(cfg, 0, 1)
+    else:
+        result = run_ray(cfg)
+        if getattr(result, "error", None):
+            print(f"training failed: {result.error}", file=sys.stderr)
+            return 1
+    from training.checkpoint import latest
+
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"[launch] stage {cfg.name}: latest checkpoint {latest(cfg.output_dir)}; "
+              f"logs {Path(cfg.output_dir) / 'logs'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

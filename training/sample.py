@@ -1,0 +1,234 @@
+"""Sampling: DPM-Solver++ (diffusers scheduler, default 20 steps, cfg 4.5) and IDDPM (100 steps).
+
+Library (stable API for eval code):
+  sample_latents(model, y, mask, null_y, height, width, steps=None, cfg=4.5, sampler="dpm", seed=0)
+      -> (B, 4, height/8, width/8) float32 latents (UNscaled: as the DiT sees them)
+  decode_latents(vae, latents, scale_factor=0.13025) -> (B, H, W, 3) uint8 numpy
+  encode_prompts(tokenizer, t5, prompts, max_length=300) -> (y (B, L, D), mask (B, L))
+  load_dit(path, preset=...) -> model (a training checkpoint folder, a stage output, a diffusers
+      PixArtTransformer2DModel folder, or an official/plain .pth / .safetensors state dict)
+
+CLI:
+  python -m training.sample --checkpoint CKPT_OR_DIR (--prompts FILE | --prompt TEXT) --t5 PATH
+      --vae PATH --out DIR [--height 1024 --width 1024 --steps --cfg 4.5 --seed 0 --sampler dpm|iddpm]
+
+Image i of a run uses initial noise from seed + i, so results do not depend on the batch size
+(DPM-Solver++ is deterministic given the noise). The unconditional branch uses the model's own
+null caption (`y_embedder.y_embedding`, what caption dropout trained) unless --negative-prompt is
+given, which is then encoded with T5 (valid tokens only).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from training.diffusion import GaussianDiffusion
+
+VAE_DOWNSAMPLE = 8
+DEFAULT_STEPS = {"dpm": 20, "iddpm": 100}
+
+
+def dpm_scheduler(num_train_timesteps: int = 1000):
+    """diffusers DPM-Solver++ (2M) on PixArt's 1000-step linear 1e-4..0.02 schedule, eps output
+    (the learned-variance channels are dropped before the step). Matches the PixArt-Sigma release."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    return DPMSolverMultistepScheduler(
+        num_train_timesteps=num_train_timesteps, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
+        algorithm_type="dpmsolver++", solver_order=2, solver_type="midpoint", prediction_type="epsilon",
+        lower_order_final=True, timestep_spacing="linspace", steps_offset=0, use_karras_sigmas=False,
+        thresholding=False)
+
+
+def _noise(shape, seed: int) -> torch.Tensor:
+    """(B, C, h, w): sample j from its own CPU generator seeded seed + j (batch-size independent)."""
+    return torch.stack([torch.randn(shape[1:], generator=torch.Generator().manual_seed(seed + j))
+                        for j in range(shape[0])])
+
+
+@torch.no_grad()
+def sample_latents(model, y: torch.Tensor, mask: torch.Tensor | None, null_y: torch.Tensor | None,
+                   height: int, width: int, steps: int | None = None, cfg: float = 4.5, sampler: str = "dpm",
+                   seed: int = 0, null_mask: torch.Tensor | None = None, progress: bool = False) -> torch.Tensor:
+    """Generate latents for captions y (B, L, D) / mask (B, L) at an image size height x width
+    (pixels; a multiple of 8 * patch). null_y (Ln, D) or (B, Ln, D), None = the model's null
+    caption; null_mask defaults to all valid. cfg <= 1 disables guidance."""
+    if sampler not in DEFAULT_STEPS:
+        raise ValueError(f"sampler must be one of {list(DEFAULT_STEPS)}, got {sampler!r}")
+    steps = steps or DEFAULT_STEPS[sampler]
+    p = model.config.patch_size
+    if height % (VAE_DOWNSAMPLE * p) or width % (VAE_DOWNSAMPLE * p):
+        raise ValueError(f"height/width must be multiples of {VAE_DOWNSAMPLE * p}, got {height}x{width}")
+    param = next(model.parameters())
+    dev, dtype = param.device, param.dtype
+    b = y.shape[0]
+    y = y.to(dev, dtype)
+    mask = torch.ones(y.shape[:2], dtype=torch.bool, device=dev) if mask is None else mask.to(dev).bool()
+    if null_y is None:
+        null_y, null_mask = model.null_caption(1)
+    null_y = null_y.to(dev, dtype)
+    if null_y.dim() == 2:
+        null_y = null_y[None]
+    if null_mask is not None:
+        null_mask = null_mask.to(dev).bool().reshape(null_y.shape[0], -1)
+    cin = model.config.in_channels
+
+    def eps_fn(x, t):
+        """x (B, C, h, w) float32, t (B,) -> guided output (B, Cout, h, w) float32."""
+        xin = x.to(dtype)
+        if cfg > 1.0:
+            out = model.forward_with_cfg(xin, t, y, mask, null_y, cfg, null_mask=null_mask)
+        else:
+            out = model(xin, t, y, mask)
+        return out.float()
+
+    was_training = model.training
+    model.eval()
+    try:
+        shape = (b, cin, height // VAE_DOWNSAMPLE, width // VAE_DOWNSAMPLE)
+        x = _noise(shape, seed).to(dev)
+        if sampler == "dpm":
+            sched = dpm_scheduler()
+            sched.set_timesteps(steps, device=dev)
+            x = x * sched.init_noise_sigma
+            it = sched.timesteps
+            if progress:
+                from tqdm.auto import tqdm
+                it = tqdm(it, desc="dpm++")
+            for t in it:
+                eps = eps_fn(x, t.expand(b).to(dev))[:, :cin]  # drop learned-variance channels
+                x = sched.step(eps, t, x).prev_sample
+        else:
+            diff = GaussianDiffusion(learn_sigma=model.config.learn_sigma).respaced(steps)
+            gen = torch.Generator().manual_seed(seed)
+            x = diff.p_sample_loop(lambda xx, tt: eps_fn(xx, tt), shape, noise=x, generator=gen, progress=progress)
+    finally:
+        model.train(was_training)
+    return x.float()
+
+
+@torch.no_grad()
+def decode_latents(vae, latents: torch.Tensor, scale_factor: float = 0.13025, chunk: int = 4) -> np.ndarray:
+    """VAE-decode (B, 4, h, w) latents (divided by scale_factor first) -> (B, 8h, 8w, 3) uint8."""
+    param = next(vae.parameters())
+    out = []
+    for i in range(0, latents.shape[0], chunk):
+        z = latents[i:i + chunk].to(param.device, param.dtype) / scale_factor
+        img = vae.decode(z).sample.float().clamp(-1, 1)  # (b, 3, H, W) in [-1, 1]
+        out.append(((img + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())
+    return np.concatenate(out)
+
+
+@torch.no_grad()
+def encode_prompts(tokenizer, t5, prompts: list[str], max_length: int = 300):
+    """T5 encoder features of prompts -> (y (B, L, D) float32, mask (B, L) bool), padded to the
+    longest prompt of the batch (padding is masked, so this equals padding to max_length)."""
+    tok = tokenizer(list(prompts), max_length=max_length, padding="longest", truncation=True,
+                    add_special_tokens=True, return_tensors="pt")
+    dev = next(t5.parameters()).device
+    ids, am = tok.input_ids.to(dev), tok.attention_mask.to(dev)
+    y = t5(input_ids=ids, attention_mask=am).last_hidden_state
+    return y.float(), am.bool()
+
+
+def load_dit(path, preset: str = "PixArt-XL/2", device="cpu", **overrides):
+    """A training checkpoint folder (or stage output), a diffusers folder, or a state-dict file."""
+    from training import convert
+
+    p = Path(path)
+    if p.is_dir():
+        if (p / "config.json").exists() and not (p / "meta.json").exists():
+            model = convert.from_diffusers(p)
+        else:
+            from training.checkpoint import load_model
+            model = load_model(p, device="cpu")
+        if overrides:
+            import dataclasses
+            sd = model.state_dict()
+            model = type(model)(dataclasses.replace(model.config, **overrides))
+            convert.load_into(model, sd)
+    else:
+        model = convert.load_official(p, preset, **overrides)
+    return model.to(device).eval()
+
+
+def _slug(text: str, n: int = 40) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_")[:n] or "empty"
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description="Generate images with a PixArt-Sigma DiT.")
+    ap.add_argument("--checkpoint", required=True, help="checkpoint folder / stage output / diffusers dir / .pth")
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompts", help="text file, one prompt per line")
+    src.add_argument("--prompt", help="a single prompt")
+    ap.add_argument("--t5", required=True, help="T5 encoder folder (model + tokenizer)")
+    ap.add_argument("--vae", required=True, help="AutoencoderKL folder")
+    ap.add_argument("--out", required=True, help="output folder for PNGs")
+    ap.add_argument("--preset", default="PixArt-XL/2", help="model preset for plain state-dict files")
+    ap.add_argument("--height", type=int, default=1024)
+    ap.add_argument("--width", type=int, default=1024)
+    ap.add_argument("--steps", type=int, default=None, help="default 20 (dpm) / 100 (iddpm)")
+    ap.add_argument("--cfg", type=float, default=4.5)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--sampler", choices=list(DEFAULT_STEPS), default="dpm")
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--max-length", type=int, default=300)
+    ap.add_argument("--negative-prompt", default=None, help="use T5(text) as the null caption")
+    ap.add_argument("--scale-factor", type=float, default=None, help="VAE scale (default: the VAE config)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args(argv)
+
+    from diffusers import AutoencoderKL
+    from tqdm import tqdm
+    from transformers import AutoTokenizer, T5EncoderModel
+    from PIL import Image
+
+    prompts = [args.prompt] if args.prompt is not None else \
+        [ln.strip() for ln in Path(args.prompts).read_text().splitlines() if ln.strip()]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    model = load_dit(args.checkpoint, args.preset, device=args.device)
+    tokenizer = AutoTokenizer.from_pretrained(args.t5)
+    t5 = T5EncoderModel.from_pretrained(args.t5).to(args.device).eval()
+    vae = AutoencoderKL.from_pretrained(args.vae).to(args.device).eval()
+    scale = args.scale_factor or getattr(vae.config, "scaling_factor", None) or 0.13025
+    null_y = null_mask = None
+    if args.negative_prompt is not None:
+        ny, nm = encode_prompts(tokenizer, t5, [args.negative_prompt], args.max_length)
+        null_y = ny[0][nm[0]]  # valid tokens only (n, D)
+    names = [f"{i:05d}_{_slug(p)}.png" for i, p in enumerate(prompts)]
+    todo = [i for i in range(len(prompts)) if not (out / names[i]).exists()]  # resume
+    done = 0
+    for s in tqdm(range(0, len(todo), args.batch_size), desc="sample", unit="batch"):
+        idx = todo[s:s + args.batch_size]
+        y, mask = encode_prompts(tokenizer, t5, [prompts[i] for i in idx], args.max_length)
+        # image i uses seed + i: run consecutive runs of indices together to keep that mapping
+        lat = torch.cat([sample_latents(model, y[j:j + 1], mask[j:j + 1], null_y, args.height, args.width,
+                                        args.steps, args.cfg, args.sampler, args.seed + i, null_mask)
+                         for j, i in enumerate(idx)]) if idx != list(range(idx[0], idx[0] + len(idx))) else \
+            sample_latents(model, y, mask, null_y, args.height, args.width, args.steps, args.cfg, args.sampler,
+                           args.seed + idx[0], null_mask)
+        imgs = decode_latents(vae, lat, scale)
+        for i, img in zip(idx, imgs):
+            tmp = out / (names[i] + ".tmp.png")
+            Image.fromarray(img).save(tmp)
+            os.replace(tmp, out / names[i])
+            done += 1
+    summary = {"prompts": len(prompts), "written": done, "skipped_existing": len(prompts) - len(todo),
+               "sampler": args.sampler, "steps": args.steps or DEFAULT_STEPS[args.sampler], "cfg": args.cfg,
+               "size": [args.height, args.width], "seconds": round(time.time() - t0, 1)}
+    (out / "sample_summary.json").write_text(json.dumps(summary, indent=2))
+    print(f"[sample] {json.dumps(summary)}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
