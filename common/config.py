@@ -22,6 +22,21 @@ class ConfigError(ValueError):
     """A problem in the user's configuration, reported before any work starts."""
 
 
+@dataclasses.dataclass(frozen=True)
+class Resources:
+    """Where a Ray Data step runs: set per stage in pipelines.yaml, used at the adapter's call site
+    (common.raystage.map_stage). Lives here so every package's config can use it without cycles."""
+
+    batch_size: int = 32
+    actors: int = 1  # actor-pool size for model-backed stages (ignored by plain functions)
+    num_gpus: float = 0.0  # per actor
+    num_cpus: float = 1.0  # per task / actor
+
+    def __post_init__(self):
+        if self.batch_size < 1 or self.actors < 1 or self.num_gpus < 0 or self.num_cpus <= 0:
+            raise ConfigError("resources: batch_size and actors must be >= 1, num_gpus >= 0, num_cpus > 0")
+
+
 def _type_name(tp: Any) -> str:
     origin = get_origin(tp)
     if origin is Literal:

@@ -42,7 +42,7 @@ def init_ray(ray_cfg=None, quiet: bool = True):
 
 def map_stage(ds, stage: Callable | type, res, constructor_kwargs: dict | None = None,
               batch_format: str = "pyarrow", runtime_env: dict | None = None):
-    """Turn a stage into a Ray Data step with the resources `res` (a curation.config.Resources)."""
+    """Turn a stage into a Ray Data step with the resources `res` (a common.config.Resources)."""
     from ray.data import ActorPoolStrategy
 
     common = dict(batch_size=res.batch_size, batch_format=batch_format, num_cpus=res.num_cpus,

@@ -5,26 +5,12 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common.config import ConfigError, apply_overrides, check_paths, load_yaml, parse
+from common.config import ConfigError, Resources, apply_overrides, check_paths, load_yaml, parse  # noqa: F401 (Resources re-exported)
 from captioning.config import CaptionConfig
 from eval.config import EvalConfig
 from features.config import FeaturesConfig
 
 STAGES = ("download", "score", "dedup", "select", "caption", "features", "stats")
-
-
-@dataclass(frozen=True)
-class Resources:
-    """Where a Ray Data step runs: set per stage, used at the adapter's call site."""
-
-    batch_size: int = 32
-    actors: int = 1  # actor-pool size for model-backed stages (ignored by plain functions)
-    num_gpus: float = 0.0  # per actor
-    num_cpus: float = 1.0  # per task / actor
-
-    def __post_init__(self):
-        if self.batch_size < 1 or self.actors < 1 or self.num_gpus < 0 or self.num_cpus <= 0:
-            raise ConfigError("batch_size and actors must be >= 1, num_gpus >= 0, num_cpus > 0")
 
 
 @dataclass(frozen=True)

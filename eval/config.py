@@ -10,24 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from common.config import ConfigError
+from common.config import ConfigError, Resources
 
 # Paper protocol (PixArt-Sigma / Sana): 30K prompts, DPM-Solver++ 20 steps, cfg 4.5, seed 0.
-
-
-@dataclass(frozen=True)
-class EvalResources:
-    """Ray Data actor pool of the generation step (same fields as curation.config.Resources; that
-    module imports this one, so the class cannot be shared without an import cycle)."""
-
-    batch_size: int = 8
-    actors: int = 1
-    num_gpus: float = 0.0
-    num_cpus: float = 1.0
-
-    def __post_init__(self):
-        if self.batch_size < 1 or self.actors < 1 or self.num_gpus < 0 or self.num_cpus <= 0:
-            raise ConfigError("resources: batch_size and actors must be >= 1, num_gpus >= 0, num_cpus > 0")
 
 
 @dataclass(frozen=True)
@@ -70,7 +55,7 @@ class EvalConfig:
     max_length: int | None = None  # T5 tokens; null = features.t5_max_length
     scale_factor: float | None = None  # VAE latent scale; null = features.scale_factor
     precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
-    resources: EvalResources = EvalResources()
+    resources: Resources = Resources(batch_size=8)
 
     def __post_init__(self):
         if self.n < 1:

@@ -1,27 +1,12 @@
-"""Config of the features stage (light module: no torch import).
-
-`vae_resources` / `t5_resources` reuse `curation.config.Resources`, but curation/config.py imports
-this module at its top (for PipelineConfig.features). To keep one Resources class without a
-circular import, this module binds the *module* `curation.config` at its end (after FeaturesConfig
-exists) and only touches `Resources` lazily: in string annotations (resolved by
-`typing.get_type_hints` at parse time) and in default factories (run when a FeaturesConfig is built,
-by which time curation.config has defined Resources: it is defined before PipelineConfig).
-"""
+"""Config of the features stage (light module: no torch import)."""
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 
-from common.config import ConfigError
+from common.config import ConfigError, Resources
 
 SUPPORTED_RESOLUTIONS = (256, 512, 1024, 2048, 2880)  # the bucket tables of features/buckets.py
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
-
-
-def _resources(**kw):
-    # Via sys.modules: when this module is imported first, curation.config builds a FeaturesConfig
-    # while the import at the bottom of this file is still running (the name is not bound yet).
-    return sys.modules["curation.config"].Resources(**kw)
 
 
 @dataclass(frozen=True)
@@ -39,9 +24,9 @@ class FeaturesConfig:
     # None -> <output>/eval/benchmark_keys.txt when eval.build_benchmark has written it
     precision: str = "auto"  # auto: bf16 on GPU, fp32 on CPU (fp16 T5/SDXL-VAE overflow; bf16 does not)
     # T5: rows per Ray batch; captions (2 per row) are length-sorted and run in chunks of batch_size.
-    t5_resources: "_curation_config.Resources" = field(default_factory=lambda: _resources(batch_size=32))
+    t5_resources: Resources = Resources(batch_size=32)
     # VAE: images per Ray batch (one batch may hold several buckets: each bucket is one forward).
-    vae_resources: "_curation_config.Resources" = field(default_factory=lambda: _resources(batch_size=8))
+    vae_resources: Resources = Resources(batch_size=8)
 
     def __post_init__(self):
         if not self.resolutions:
@@ -60,7 +45,3 @@ class FeaturesConfig:
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision: got {self.precision!r}, allowed: {' | '.join(PRECISIONS)}")
 
-
-# Bound last on purpose (see the module docstring): a plain module import tolerates a partially
-# initialised curation.config, a `from curation.config import Resources` would not.
-import curation.config as _curation_config  # noqa: E402

@@ -1,7 +1,7 @@
-"""Fixtures of the eval tests (helpers live in evalfakes.py)."""
+"""Fixtures of the eval tests (helpers live in evaldata.py)."""
 import pytest
 
-from evalfakes import make_output
+from evaldata import make_output
 
 
 @pytest.fixture()

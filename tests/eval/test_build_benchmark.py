@@ -10,7 +10,7 @@ import pytest
 from common import manifest
 from eval import build_benchmark as bb
 from eval import stratify
-from evalfakes import make_output, pipeline_cfg, write_shard
+from evaldata import make_output, pipeline_cfg, write_shard
 
 
 def test_building_twice_gives_the_same_checksum(tmp_path):

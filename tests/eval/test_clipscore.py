@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from eval.clipscore import ClipScorer, clip_token_counts, length_summary
-from evalfakes import random_image
+from evaldata import random_image
 
 
 def test_clip_score_is_100_cosine(tiny_models):

@@ -9,7 +9,7 @@ from PIL import Image, ImageFilter
 
 from eval import fid
 from eval.config import EvalConfig
-from evalfakes import random_image
+from evaldata import random_image
 
 CFG = EvalConfig(fid_extractor="tiny", fid_size=64)
 

@@ -9,7 +9,7 @@ from PIL import Image
 
 from eval import build_benchmark as bb
 from eval import generate as g
-from evalfakes import gen_cfg, make_output
+from evaldata import gen_cfg, make_output
 
 
 @pytest.fixture()

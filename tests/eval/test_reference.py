@@ -11,7 +11,7 @@ from PIL import Image
 
 from eval import build_benchmark as bb
 from eval import fid, reference
-from evalfakes import pipeline_cfg
+from evaldata import pipeline_cfg
 
 
 def test_reference_stats_are_cached_and_keyed(fake_out):

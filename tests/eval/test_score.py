@@ -11,7 +11,7 @@ from eval import build_benchmark as bb
 from eval import generate as g
 from eval import report, score
 from eval.reference import iter_reference_images
-from evalfakes import gen_cfg, make_output
+from evaldata import gen_cfg, make_output
 
 
 def _fake_run(out, cfg, name, transform, skip=()):

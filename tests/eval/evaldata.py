@@ -1,5 +1,5 @@
-"""Small fake pipeline outputs for the eval tests: a manifest in two parts, CLIP embeddings,
-img2dataset-style download tars (image + json carrying `sigma_key`) with random JPEGs."""
+"""Small synthetic pipeline outputs for the eval tests (written with the real manifest module): a
+manifest in two parts, CLIP embeddings, img2dataset-style download tars (image + json carrying `sigma_key`) with random JPEGs."""
 from __future__ import annotations
 
 import hashlib
@@ -127,13 +127,14 @@ def pipeline_cfg(out: Path, **eval_kw):
 def gen_cfg(out: Path, tiny: Path, **eval_kw):
     """Pipeline config for generation with the tiny T5 / VAE (the DiT comes from the CLI argument)."""
     from curation.config import PipelineConfig
-    from eval.config import EvalConfig, EvalResources
+    from common.config import Resources
+    from eval.config import EvalConfig
     from features.config import FeaturesConfig
 
     kw = dict(n=6, fid_extractor="tiny", fid_size=64, resolution=256, steps=2, aesthetic_quantile=0.0,
               clip_model=str(tiny / "clip" / "model_config.json"),
               clip_pretrained=str(tiny / "clip" / "open_clip_model.safetensors"),
-              resources=EvalResources(batch_size=3, actors=1))
+              resources=Resources(batch_size=3, actors=1))
     kw.update(eval_kw)
     return PipelineConfig(name="t", output=str(out), eval=EvalConfig(**kw),
                           features=FeaturesConfig(vae=str(tiny / "vae"), t5=str(tiny / "t5")))
