@@ -120,8 +120,11 @@ def main(argv=None) -> int:
     from training.checkpoint import latest
 
     if int(os.environ.get("RANK", "0")) == 0:
+        from training.report import write_report
+
+        rep = write_report(cfg.output_dir)
         print(f"[launch] stage {cfg.name}: latest checkpoint {latest(cfg.output_dir)}; "
-              f"logs {Path(cfg.output_dir) / 'logs'}")
+              f"logs {Path(cfg.output_dir) / 'logs'}; curves {rep.pop('curves')}\n[launch] {rep}")
     return 0
 
 

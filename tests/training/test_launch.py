@@ -44,6 +44,13 @@ def test_ray_train_two_cpu_workers(tmp_path, ray_local):
     resolved = yaml.safe_load((out / "config.resolved.yaml").read_text())
     assert resolved["resolved"]["seed"] == 4 and resolved["resolved"]["num_workers"] == 2
     assert (out / "ray").is_dir()
+    # the end-of-stage report: curves plotted, summary from rank 0's log
+    from training.report import read_logs, summary
+
+    assert (out / "training_curves.png").stat().st_size > 1000
+    s = summary(read_logs(out))
+    assert s["ranks"] == 2 and s["steps_logged"] == 3 and s["last_step"] == 3
+    assert s["loss_last"] == round(losses[0][-1], 5)  # log_every 1: the interval mean is the step loss
 
 
 def _stage_yaml(tmp_path, **stage):
