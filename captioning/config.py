@@ -12,6 +12,7 @@ from typing import Any
 from common.config import ConfigError
 
 ENGINES = ("hf", "vllm", "openai")
+HF_APIS = ("auto", "chat_template", "sharecaptioner")
 # Share-Captioner's instruction (its XComposer chat frame is applied by the model's chat template).
 SHARE_CAPTIONER_PROMPT = "Analyze the image in a comprehensive and detailed manner."
 
@@ -102,6 +103,9 @@ class CaptionConfig:
     model: str = field(default="Lin-Chen/ShareCaptioner", metadata={"path": True})  # local dir or hub name
     served_model_name: str | None = None  # openai engine: the server's model name (default: model)
     trust_remote_code: bool = False  # Share-Captioner needs True (and transformers 4.31 via runtime_env_pip)
+    # hf engine's model interface: chat_template (processor + chat template: llava-hf, Qwen2-VL, ...),
+    # sharecaptioner (InternLM-XComposer v1 remote code), auto (from the model's config.json)
+    hf_api: str = "auto"
     prompt: str = SHARE_CAPTIONER_PROMPT
     system_prompt: str | None = None
     generation: GenerationConfig = GenerationConfig()
@@ -121,6 +125,10 @@ class CaptionConfig:
             raise ConfigError(f"engine: got {self.engine!r}, allowed: {' | '.join(ENGINES)}")
         if not 0.0 <= self.long_ratio <= 1.0:
             raise ConfigError(f"long_ratio: got {self.long_ratio}, allowed: 0 <= long_ratio <= 1")
+        if self.hf_api not in HF_APIS:
+            raise ConfigError(f"hf_api: got {self.hf_api!r}, allowed: {' | '.join(HF_APIS)}")
+        if self.hf_api == "sharecaptioner" and not self.trust_remote_code:
+            raise ConfigError("hf_api: sharecaptioner loads the model's remote code: set trust_remote_code: true")
         if self.precision not in ("auto", "fp32", "fp16", "bf16"):
             raise ConfigError(f"precision: got {self.precision!r}, allowed: auto | fp32 | fp16 | bf16")
         if not self.prompt.strip():

@@ -25,7 +25,8 @@ def caption_fingerprint(c: CaptionConfig) -> str:
     """What changes the captions (not resources, concurrency or endpoints)."""
     from common.config import fingerprint
 
-    return fingerprint({"engine": c.engine, "model": c.model, "prompt": c.prompt, "system": c.system_prompt,
+    return fingerprint({"engine": c.engine, "hf_api": resolve_hf_api(c) if c.engine == "hf" else None,
+                        "model": c.model, "prompt": c.prompt, "system": c.system_prompt,
                         "generation": c.generation, "quality": c.quality, "t5": c.t5_tokenizer,
                         "image_max_side": c.image_max_side, "precision": c.precision})
 
@@ -53,8 +54,31 @@ def _read_images(task: dict) -> list[dict]:
             for k, alt in zip(task["keys"], task["alts"])]
 
 
-def engine_class(engine: str):
-    if engine == "hf":
+def resolve_hf_api(c: CaptionConfig) -> str:
+    """`hf_api: auto` -> sharecaptioner when the model's config.json names InternLM-XComposer (or the
+    model is called ShareCaptioner), else chat_template. Reads a local folder or the HF cache only."""
+    if c.hf_api != "auto":
+        return c.hf_api
+    import json
+
+    conf = Path(c.model) / "config.json"
+    if not conf.exists():
+        try:
+            from transformers.utils import cached_file
+
+            conf = Path(cached_file(c.model, "config.json"))
+        except Exception:  # noqa: BLE001 - not cached and offline: decide by name
+            conf = None
+    text = json.dumps(json.loads(conf.read_text())) if conf is not None and conf.exists() else ""
+    if "XComposer" in text or "sharecaptioner" in c.model.lower():
+        return "sharecaptioner"
+    return "chat_template"
+
+
+def engine_class(engine: str, hf_api: str = "chat_template"):
+    if engine == "hf" and hf_api == "sharecaptioner":
+        from captioning.sharecaptioner import ShareCaptioner as cls
+    elif engine == "hf":
         from captioning.hf import HFCaptioner as cls
     elif engine == "openai":
         from captioning.openai_engine import OpenAICaptioner as cls
@@ -154,7 +178,7 @@ def run_caption(cfg, out: Path, progress: bool = True) -> dict:
             ds = caption_dataset(ds, c)
         else:
             res = c.resources
-            ds = map_stage(ds, engine_class(c.engine), res,
+            ds = map_stage(ds, engine_class(c.engine, resolve_hf_api(c)), res,
                            constructor_kwargs={"cfg": c, "num_gpus": res.num_gpus},
                            runtime_env=runtime_env(c))
         collect_by_part(ds, expected, lambda p, t: finish_part(out, p, t, fp), desc="caption", progress=progress)

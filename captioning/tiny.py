@@ -99,7 +99,43 @@ def build(out_dir: Path, seed: int = 0) -> dict:
     lm.generation_config.eos_token_id = tokenizer.eos_token_id
     lm.save_pretrained(text_dir)
     tokenizer.save_pretrained(text_dir)
-    return {"captioner": str(target), "captioner_text": str(text_dir)}
+    xc_dir = build_xcomposer(Path(out_dir) / "captioner-xcomposer", text)
+    return {"captioner": str(target), "captioner_text": str(text_dir), "captioner_xcomposer": str(xc_dir)}
+
+
+def build_xcomposer(target: Path, text_config) -> Path:
+    """Tiny model with Share-Captioner's (InternLM-XComposer v1) interface, loaded as remote code.
+
+    captioning/xcomposer_tiny_modeling.py is copied into the folder and named in config.json's
+    auto_map, so `AutoModelForCausalLM.from_pretrained(target, trust_remote_code=True)` loads it the
+    way the real Share-Captioner is loaded. Tokenizer: ours plus XComposer's end-of-human /
+    end-of-answer markers (`<TOKENS_UNUSED_0>` / `<TOKENS_UNUSED_1>`)."""
+    import json
+    import shutil
+
+    from transformers import PreTrainedTokenizerFast
+
+    from captioning import xcomposer_tiny_modeling as xm
+
+    target.mkdir(parents=True, exist_ok=True)
+    tokenizer = _train_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<TOKENS_UNUSED_0>", "<TOKENS_UNUSED_1>"]})
+    text = text_config.to_dict()
+    text.update(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
+                bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id)
+    vision = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 1,
+              "image_size": 32, "patch_size": 8}
+    cfg = xm.XComposerTinyConfig(text_config=text, vision_config=vision, image_size=32)
+    model = xm.InternLMXComposerForCausalLM(cfg).eval()
+    model.save_pretrained(target)
+    tokenizer.save_pretrained(target)
+    shutil.copy(xm.__file__, target / "modeling_xcomposer_tiny.py")
+    conf = json.loads((target / "config.json").read_text())
+    conf["auto_map"] = {"AutoConfig": "modeling_xcomposer_tiny.XComposerTinyConfig",
+                        "AutoModelForCausalLM": "modeling_xcomposer_tiny.InternLMXComposerForCausalLM"}
+    (target / "config.json").write_text(json.dumps(conf, indent=2))
+    PreTrainedTokenizerFast.from_pretrained(target)  # fail here, not in a test, if the folder is incomplete
+    return target
 
 
 if __name__ == "__main__":

@@ -30,8 +30,19 @@ def _builders():
     ]
 
 
-def _complete(entry) -> bool:
-    return bool(entry) and all(Path(p).exists() for p in entry.values())
+def _source_hash(build) -> str:
+    """Hash of the builder's module file(s): a changed builder rebuilds its models under --missing."""
+    import hashlib
+    import inspect
+
+    mod = inspect.getmodule(build)
+    files = [Path(mod.__file__)] + sorted(Path(mod.__file__).parent.glob("*tiny_modeling.py"))
+    return hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()[:16]
+
+
+def _complete(entry, build) -> bool:
+    return (bool(entry) and entry.get("_source") == _source_hash(build)
+            and all(Path(p).exists() for k, p in entry.items() if k != "_source"))
 
 
 def build_all(out_dir: Path, only: list[str] | None = None, missing_only: bool = False) -> dict:
@@ -43,12 +54,13 @@ def build_all(out_dir: Path, only: list[str] | None = None, missing_only: bool =
     for name, build in _builders():
         if only and name not in only:
             continue
-        if missing_only and _complete(written.get(name)):
+        if missing_only and _complete(written.get(name), build):
             continue
         t0 = time.time()
         paths = build(out_dir)
         written[name] = {k: str(v) for k, v in (paths or {}).items()}
         print(f"[tiny_models] {name}: {', '.join(written[name]) or 'nothing'} ({time.time() - t0:.1f}s)", flush=True)
+        written[name]["_source"] = _source_hash(build)
     tmp = out_dir / (MARKER + ".tmp")
     tmp.write_text(json.dumps(written, indent=2))
     os.replace(tmp, marker)  # written last: a half-built folder is completed on the next call
