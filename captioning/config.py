@@ -1,32 +1,15 @@
-"""Config of the caption stage (light module: no torch import).
-
-Resources: curation/config.py imports this module, so importing its `Resources` here would be
-circular. `CaptionResources` has the same fields and validation (batch_size, actors, num_gpus,
-num_cpus) and `common.raystage.map_stage` only reads those attributes, so it is a drop-in.
-"""
+"""Config of the caption stage (light module: no torch import)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
 
-from common.config import ConfigError
+from common.config import ConfigError, Resources
 
 ENGINES = ("hf", "vllm", "openai")
 HF_APIS = ("auto", "chat_template", "sharecaptioner")
 # Share-Captioner's instruction (its XComposer chat frame is applied by the model's chat template).
 SHARE_CAPTIONER_PROMPT = "Analyze the image in a comprehensive and detailed manner."
-
-
-@dataclass(frozen=True)
-class CaptionResources:
-    batch_size: int = 8
-    actors: int = 1
-    num_gpus: float = 0.0
-    num_cpus: float = 1.0
-
-    def __post_init__(self):
-        if self.batch_size < 1 or self.actors < 1 or self.num_gpus < 0 or self.num_cpus <= 0:
-            raise ConfigError("batch_size and actors must be >= 1, num_gpus >= 0, num_cpus > 0")
 
 
 @dataclass(frozen=True)
@@ -118,7 +101,7 @@ class CaptionConfig:
     t5_tokenizer: str | None = field(default=None, metadata={"path": True})  # counts T5 tokens if set
     openai: OpenAIConfig = OpenAIConfig()
     vllm: VLLMConfig = VLLMConfig()
-    resources: CaptionResources = CaptionResources()
+    resources: Resources = Resources(batch_size=8)
 
     def __post_init__(self):
         if self.engine not in ENGINES:
