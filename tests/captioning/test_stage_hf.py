@@ -177,5 +177,15 @@ def test_hf_actors_in_own_runtime_env(small_output, tiny_models, ray_local):
 
     import transformers
 
-    assert idna.__version__ != "3.6"
-    assert ray_local.get(probe.remote()) == ("3.6", transformers.__version__)
+    try:
+        assert idna.__version__ != "3.6"
+        assert ray_local.get(probe.remote()) == ("3.6", transformers.__version__)
+    finally:
+        # Ray clones the whole driver venv (~7 GB with torch's CUDA libs) into the session folder
+        # and keeps it after shutdown: drop it so repeated test runs do not fill the disk.
+        import shutil
+
+        from ray._private.worker import global_worker
+
+        shutil.rmtree(Path(global_worker.node.get_session_dir_path()) / "runtime_resources" / "pip",
+                      ignore_errors=True)
