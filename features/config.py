@@ -7,6 +7,7 @@ from common.config import ConfigError, Resources
 
 SUPPORTED_RESOLUTIONS = (256, 512, 1024, 2048, 2880)  # the bucket tables of features/buckets.py
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+TEXT_DTYPES = ("fp16", "fp8")  # = features.shards.TEXT_DTYPES (kept here: this module imports no numpy)
 
 
 @dataclass(frozen=True)
@@ -22,9 +23,15 @@ class FeaturesConfig:
     shard_max_bytes: int = 1_000_000_000  # ... or at this (estimated) size; 0 = no byte limit
     exclude_keys: str | None = None  # eval hold-out: text file (one key a line) or parquet with `key`;
     # None -> <output>/eval/benchmark_keys.txt when eval.build_benchmark has written it
+    # Stored T5 tokens: fp16 (lossless w.r.t. the official fp16 files) or fp8 (e4m3 + per-token
+    # scale: half the text bytes, ~2-3 % RMS relative error; see benchmarks/RESULTS.md).
+    text_dtype: str = "fp16"
     precision: str = "auto"  # auto: bf16 on GPU, fp32 on CPU (fp16 T5/SDXL-VAE overflow; bf16 does not)
     # T5: rows per Ray batch; captions (2 per row) are length-sorted and run in chunks of batch_size.
     t5_resources: Resources = Resources(batch_size=32)
+    # ... and, when > 0, chunks of at most this many padded tokens (captions x longest in the chunk):
+    # small on CPU (compute-bound: padding is wasted work), 0 or large on GPU (fill the batch).
+    t5_batch_tokens: int = 0
     # VAE: images per Ray batch (one batch may hold several buckets: each bucket is one forward).
     vae_resources: Resources = Resources(batch_size=8)
 
@@ -36,12 +43,16 @@ class FeaturesConfig:
             raise ConfigError(f"resolutions: got {bad[0]}, allowed: {', '.join(map(str, SUPPORTED_RESOLUTIONS))}")
         if len(set(self.resolutions)) != len(self.resolutions):
             raise ConfigError("resolutions: duplicate resolution")
+        if self.t5_batch_tokens < 0:
+            raise ConfigError(f"t5_batch_tokens: got {self.t5_batch_tokens}, allowed: >= 0 (0 = no token budget)")
         if not 1 <= self.t5_max_length <= 4096:
             raise ConfigError(f"t5_max_length: got {self.t5_max_length}, allowed: 1..4096")
         if self.scale_factor <= 0:
             raise ConfigError(f"scale_factor: got {self.scale_factor}, allowed: > 0")
         if self.shard_max_samples < 1 or self.shard_max_bytes < 0:
             raise ConfigError("shard_max_samples must be >= 1 and shard_max_bytes >= 0 (0 = no byte limit)")
+        if self.text_dtype not in TEXT_DTYPES:
+            raise ConfigError(f"text_dtype: got {self.text_dtype!r}, allowed: {' | '.join(TEXT_DTYPES)}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision: got {self.precision!r}, allowed: {' | '.join(PRECISIONS)}")
 

@@ -2,8 +2,11 @@
 
 Layout (docs/ARCHITECTURE.md, "Training shards"):
   shard-NNNNNN.tar   WebDataset: per sample `<key>.json`, `<key>.latent.npy` (fp16 (8, h/8, w/8):
-                     posterior mean then std), `<key>.t5_long.npy` / `<key>.t5_short.npy` (fp16
-                     (n, D), valid tokens only; a member is absent when that caption is missing)
+                     posterior mean then std), `<key>.t5_long.npy` / `<key>.t5_short.npy` (valid
+                     tokens only; a member is absent when that caption is missing): text_dtype
+                     "fp16" -> fp16 (n, D); "fp8" -> a structured (n,) array of per-token fp32
+                     `scale` + `fp8` uint8 (D,) float8-e4m3 codes (lossy, half the bytes; decode
+                     with `decode_tokens`, which every reader here does)
   .shard-NNNNNN.json sidecar written just before the tar is renamed into place: what the shard
                      holds (keys hash, config fingerprint, counts, failures). A shard is done iff
                      its tar exists and its sidecar matches the plan: that is the resume rule.
@@ -25,6 +28,9 @@ import numpy as np
 FORMAT = "sigma-shards/1"
 INDEX = "index.json"
 MEMBERS = ("json", "latent.npy", "t5_long.npy", "t5_short.npy")  # order inside a sample
+TEXT_DTYPES = ("fp16", "fp8")
+TEXT_BYTES = {"fp16": 2, "fp8": 1}  # per element, for size estimates
+_FP8_MAX = 448.0  # largest finite float8-e4m3fn value
 
 
 def shards_dir(out: Path, resolution: int) -> Path:
@@ -47,6 +53,38 @@ def npy_bytes(arr: np.ndarray) -> bytes:
 
 def load_npy(data: bytes) -> np.ndarray:
     return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def encode_tokens(tokens: np.ndarray, text_dtype: str = "fp16") -> bytes:
+    """T5 valid tokens (n, D) -> npy bytes in the shard's text dtype.
+
+    fp8: each token row is scaled so its largest |value| maps to 448 (float8-e4m3fn's max), then
+    rounded to e4m3 (3 mantissa bits: <= 6.25 % relative error per element, ~2-3 % RMS). The
+    per-token fp32 scale keeps rows with different magnitudes (EOS vs words) at full relative
+    precision; T5's few large-magnitude channels only cost the small ones subnormal range."""
+    if text_dtype == "fp16":
+        return npy_bytes(np.asarray(tokens, np.float16))
+    if text_dtype != "fp8":
+        raise ValueError(f"text_dtype: got {text_dtype!r}, allowed: {' | '.join(TEXT_DTYPES)}")
+    import torch
+
+    t = torch.from_numpy(np.asarray(tokens, np.float32))  # (n, D)
+    scale = (t.abs().amax(dim=1, keepdim=True) / _FP8_MAX).clamp_min(1e-30)  # (n, 1)
+    codes = (t / scale).to(torch.float8_e4m3fn).view(torch.uint8).numpy()  # (n, D) uint8
+    out = np.empty(t.shape[0], np.dtype([("scale", "<f4"), ("fp8", "u1", (t.shape[1],))]))
+    out["scale"], out["fp8"] = scale[:, 0].numpy(), codes
+    return npy_bytes(out)
+
+
+def decode_tokens(arr: np.ndarray) -> np.ndarray:
+    """A stored T5 member (as np.load gives it) -> float (n, D): fp16 as stored, fp8 dequantised
+    to float32 (codes * scale)."""
+    if arr.dtype.names is None:
+        return arr
+    import torch
+
+    codes = torch.from_numpy(np.ascontiguousarray(arr["fp8"])).view(torch.float8_e4m3fn)  # (n, D)
+    return (codes.float() * torch.from_numpy(arr["scale"].astype(np.float32))[:, None]).numpy()
 
 
 def keys_hash(keys: list[str]) -> str:
@@ -157,7 +195,8 @@ def read_index(d: Path) -> dict:
 
 
 def iter_shard(path: Path) -> Iterator[dict]:
-    """Decoded samples of one tar, in order: key, meta, latent, t5_long, t5_short (arrays or None)."""
+    """Decoded samples of one tar, in order: key, meta, latent, t5_long, t5_short (arrays or None;
+    T5 members decoded by `decode_tokens`)."""
     cur: dict | None = None
     with tarfile.open(path, "r:") as tar:
         for m in tar:
@@ -171,6 +210,8 @@ def iter_shard(path: Path) -> Iterator[dict]:
             data = tar.extractfile(m).read()
             if suffix == "json":
                 cur["meta"] = json.loads(data)
+            elif suffix.startswith("t5_"):
+                cur[suffix[: -len(".npy")]] = decode_tokens(load_npy(data))
             else:
                 cur[suffix[: -len(".npy")]] = load_npy(data)
     if cur is not None:

@@ -82,19 +82,20 @@ def _content_hash(rows: list[dict]) -> str:
     return shards.keys_hash([json.dumps(b, default=str) for b in blob])
 
 
-def estimate_bytes(row: dict, resolution: int, dim: int, n_tokens: int) -> int:
-    """Tar bytes of one sample: latent (8, h/8, w/8) fp16 + T5 tokens fp16 + json + tar headers."""
+def estimate_bytes(row: dict, resolution: int, dim: int, n_tokens: int, text_dtype: str = "fp16") -> int:
+    """Tar bytes of one sample: latent (8, h/8, w/8) fp16 + T5 tokens (+ fp8 scales) + json + tar headers."""
     _, h, w = buckets.assign(row["orig_width"], row["orig_height"], resolution)
     texts = len(row["text_long"] or "") + len(row["text_short"] or "")
-    return 8 * (h // 8) * (w // 8) * 2 + n_tokens * dim * 2 + texts + 400 + 4 * (512 + 256) + 3 * 128
+    tok = n_tokens * (dim * shards.TEXT_BYTES[text_dtype] + (4 if text_dtype == "fp8" else 0))
+    return 8 * (h // 8) * (w // 8) * 2 + tok + texts + 400 + 4 * (512 + 256) + 3 * 128
 
 
 def plan_shards(rows: list[dict], resolution: int, max_samples: int, max_bytes: int, dim: int,
-                n_tokens: list[int]) -> list[list[int]]:
+                n_tokens: list[int], text_dtype: str = "fp16") -> list[list[int]]:
     """Cut the key-sorted rows into shards (lists of row indices); a pure function of its inputs."""
     plan, cur, size = [], [], 0
     for i, r in enumerate(rows):
-        est = estimate_bytes(r, resolution, dim, n_tokens[i])
+        est = estimate_bytes(r, resolution, dim, n_tokens[i], text_dtype)
         if cur and (len(cur) >= max_samples or (max_bytes and size + est > max_bytes)):
             plan.append(cur)
             cur, size = [], 0
@@ -180,13 +181,15 @@ def run_features(cfg, out: Path, progress: bool = True, executor: str = "ray") -
     n_tokens = _count_tokens(tok, rows, fc.t5_max_length)
     fp_base = {"version": shards.FORMAT + "+" + PIPELINE_VERSION, "vae": fc.vae, "t5": fc.t5,
                "max_length": fc.t5_max_length, "precision": fc.precision}
+    if fc.text_dtype != "fp16":  # only when set: fp16 shards written before the option stay valid
+        fp_base["text_dtype"] = fc.text_dtype
     # Plan every resolution; find what is already done.
     todo: dict[int, tuple[int, int, list[int], str, str]] = {}  # shard gid -> (res, shard idx, rows, hash, fp)
     plans: dict[int, list[tuple[str, str, str]]] = {}
     for res in fc.resolutions:
         d = shards.shards_dir(out, res)
         fp = fingerprint(dict(fp_base, resolution=res))
-        plan = plan_shards(rows, res, fc.shard_max_samples, fc.shard_max_bytes, dim, n_tokens)
+        plan = plan_shards(rows, res, fc.shard_max_samples, fc.shard_max_bytes, dim, n_tokens, fc.text_dtype)
         plans[res] = []
         for i, idx in enumerate(plan):
             name, h = shards.shard_name(i), _content_hash([rows[j] for j in idx])
@@ -214,7 +217,7 @@ def run_features(cfg, out: Path, progress: bool = True, executor: str = "ray") -
         index = shards.build_index(
             res, sides,
             vae={"name": fc.vae, "scale_factor": fc.scale_factor, "latent_channels": latent_channels},
-            t5={"name": fc.t5, "max_length": fc.t5_max_length, "dim": dim},
+            t5={"name": fc.t5, "max_length": fc.t5_max_length, "dim": dim, "dtype": fc.text_dtype},
             extra={"fingerprint": fingerprint(dict(fp_base, resolution=res)), "excluded": stats["excluded"],
                    "failed": failed})
         shards.write_index(d, index)
@@ -241,7 +244,7 @@ def _compute(cfg, out: Path, rows: list[dict], todo: dict, progress: bool, execu
     expected = {gid: len(t[2]) for gid, t in todo.items()}
     t5r, vr = fc.t5_resources, fc.vae_resources
     t5_kw = dict(t5=fc.t5, max_length=fc.t5_max_length, precision=fc.precision, num_gpus=t5r.num_gpus,
-                 chunk=t5r.batch_size)
+                 chunk=t5r.batch_size, text_dtype=fc.text_dtype, batch_tokens=fc.t5_batch_tokens)
     vae_kw = dict(vae=fc.vae, precision=fc.precision, num_gpus=vr.num_gpus)
     count = [0]
 

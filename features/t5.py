@@ -2,7 +2,7 @@
 
 PixArt-Sigma feeds the DiT T5 outputs padded to 300 tokens plus a mask; padded positions never
 reach the DiT (cross-attention masks them). So we store only the n valid tokens (n counts the EOS
-token, exactly the mask's ones) as fp16 (n, D); the loader re-pads with the mask (lossless, proven
+token, exactly the mask's ones) as fp16 (n, D) (or fp8 + per-token scale: `text_dtype`); the loader re-pads with the mask (lossless, proven
 by tests/features/test_t5.py). Captions of a batch are sorted by token length and encoded in
 chunks padded only to the chunk's longest caption; the official tool runs one caption at a time
 padded to 300 (see benchmarks/features_bench.py for the speed ratio).
@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from features.shards import npy_bytes
+from features.shards import encode_tokens
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -36,10 +36,12 @@ def load_t5(name: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
 
 class T5Embedder:
     """Model-backed stage: rows with text_long / text_short -> adds t5_long, t5_short (npy bytes of
-    fp16 (n, D); null when the text is null), n_long, n_short (int32), t5_error."""
+    (n, D) in `text_dtype`, see features.shards.encode_tokens; null when the text is null), n_long,
+    n_short (int32), t5_error."""
 
     def __init__(self, t5: str, max_length: int = 300, precision: str = "auto", num_gpus: float = 0.0,
-                 chunk: int = 32):
+                 chunk: int = 32, text_dtype: str = "fp16", batch_tokens: int = 0):
+        self.text_dtype, self.batch_tokens = text_dtype, batch_tokens
         self.device, self.dtype = pick_device_dtype(precision, num_gpus)
         self.tok, self.model = load_t5(t5, self.device, self.dtype)
         self.max_length, self.chunk = max_length, max(1, chunk)
@@ -50,14 +52,25 @@ class T5Embedder:
         enc = self.tok(texts, max_length=self.max_length, truncation=True)
         return [len(ids) for ids in enc["input_ids"]]
 
+    def chunks(self, lengths: list[int]) -> list[list[int]]:
+        """Indices sorted by token length, cut into forwards of at most `chunk` captions and, when
+        batch_tokens > 0, at most batch_tokens padded tokens (captions x the chunk's longest): long
+        captions go in small chunks, short ones in big ones. A compute-bound device (CPU) wants a
+        small budget (little padding); a GPU a large one (full batches)."""
+        out, cur = [], []
+        for i in sorted(range(len(lengths)), key=lambda i: (lengths[i], i)):
+            # ascending order: caption i is the longest of `cur + [i]`, so it sets the padded width
+            if cur and (len(cur) >= self.chunk or (self.batch_tokens and (len(cur) + 1) * lengths[i] > self.batch_tokens)):
+                out.append(cur)
+                cur = []
+            cur.append(i)
+        return out + [cur] if cur else out
+
     @torch.inference_mode()
     def encode(self, texts: list[str]) -> list[np.ndarray]:
         """texts -> [fp16 (n_i, D)] in input order; length-sorted chunks, each padded to its max."""
-        lengths = self.token_counts(texts)
-        order = sorted(range(len(texts)), key=lambda i: (lengths[i], i))
         out: list[np.ndarray | None] = [None] * len(texts)
-        for s in range(0, len(order), self.chunk):
-            idx = order[s:s + self.chunk]
+        for idx in self.chunks(self.token_counts(texts)):
             enc = self.tok([texts[i] for i in idx], max_length=self.max_length, truncation=True,
                            padding="longest", return_tensors="pt")
             ids, mask = enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
@@ -96,7 +109,7 @@ class T5Embedder:
         try:
             embs = self.encode(texts) if texts else []
             for (i, kind), e in zip(slots, embs):
-                res[kind][i], cnt[kind][i] = npy_bytes(e), int(e.shape[0])
+                res[kind][i], cnt[kind][i] = encode_tokens(e, self.text_dtype), int(e.shape[0])
         except Exception as e:  # one bad batch must not kill the job: every row gets the reason
             errors = [f"t5 failed: {e}"[:300]] * n
         for col, vals in (("t5_long", res["long"]), ("t5_short", res["short"])):

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from features.shards import load_npy, read_index, repad  # the format's own decoders
+from features.shards import decode_tokens, load_npy, read_index, repad  # the format's own decoders
 
 __all__ = ["ShardBatches", "Prefetch", "make_batches", "SampleRef", "scan_shard", "read_index", "apply_caption_dropout"]
 
@@ -157,7 +157,7 @@ class ShardBatches:
             if "t5_short.npy" not in r.members:
                 use_long = True
             lat.append(self._read(r, "latent.npy"))  # (8, h, w) fp16: mean then std
-            toks.append(self._read(r, "t5_long.npy" if use_long else "t5_short.npy"))  # (n, D)
+            toks.append(decode_tokens(self._read(r, "t5_long.npy" if use_long else "t5_short.npy")))  # (n, D)
             longs.append(use_long)
             drops.append(bool(u[1] < self.caption_dropout))
         moments = torch.from_numpy(np.stack(lat)).float()  # (B, 8, h, w)

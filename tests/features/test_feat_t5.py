@@ -89,3 +89,39 @@ def test_stage_call_adds_columns(embedder):
     assert a.dtype == np.float16 and a.shape == (out.column("n_long").to_pylist()[0], 32)
     assert out.column("n_short").to_pylist()[:2] == embedder.token_counts(["cat", "dog on grass"])
     assert out.column("t5_error").null_count == 3
+
+
+def test_chunks_respect_caption_and_token_budgets():
+    from types import SimpleNamespace
+
+    from features.t5 import T5Embedder
+
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(3, 301, size=200).tolist()
+    for chunk, budget in ((32, 0), (32, 1200), (4, 1200), (1000, 600), (8, 10)):
+        got = T5Embedder.chunks(SimpleNamespace(chunk=chunk, batch_tokens=budget), lengths)
+        flat = [i for c in got for i in c]
+        assert sorted(flat) == list(range(200))  # every caption exactly once
+        assert [lengths[i] for i in flat] == sorted(lengths)  # length-sorted
+        for c in got:
+            assert 1 <= len(c) <= chunk
+            if budget and len(c) > 1:  # a single caption longer than the budget still runs alone
+                assert len(c) * max(lengths[i] for i in c) <= budget
+        if budget:  # greedy: the next caption would have broken a limit
+            for c, nxt in zip(got, got[1:]):
+                assert len(c) == chunk or (len(c) + 1) * lengths[nxt[0]] > budget
+        else:
+            assert [len(c) for c in got] == [chunk] * (200 // chunk) + [200 % chunk] * bool(200 % chunk)
+
+
+def test_token_budget_gives_the_same_embeddings(embedder):
+    y300, m300 = _official(embedder, CAPTIONS)
+    embedder.batch_tokens = 3 * int(m300.sum(1).min()) + 1  # forces several chunk sizes
+    try:
+        got = embedder.encode(CAPTIONS)
+    finally:
+        embedder.batch_tokens = 0
+    for i, e in enumerate(got):
+        n = int(m300[i].sum())
+        assert e.shape == (n, 32)
+        np.testing.assert_allclose(e.astype(np.float32), y300[i, :n].astype(np.float32), rtol=0, atol=2e-3)
