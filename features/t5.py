@@ -66,9 +66,18 @@ class T5Embedder:
             cur.append(i)
         return out + [cur] if cur else out
 
-    @torch.inference_mode()
     def encode(self, texts: list[str]) -> list[np.ndarray]:
-        """texts -> [fp16 (n_i, D)] in input order; length-sorted chunks, each padded to its max."""
+        """texts -> [fp16 (n_i, D)] in input order. Identical texts (alt texts repeat: "image",
+        product names) are encoded once per call and share the result."""
+        uniq = list(dict.fromkeys(texts))
+        if len(uniq) == len(texts):
+            return self._encode(texts)
+        embs = dict(zip(uniq, self._encode(uniq)))
+        return [embs[t] for t in texts]
+
+    @torch.inference_mode()
+    def _encode(self, texts: list[str]) -> list[np.ndarray]:
+        """Distinct texts -> [fp16 (n_i, D)]; length-sorted chunks, each padded to its max."""
         out: list[np.ndarray | None] = [None] * len(texts)
         for idx in self.chunks(self.token_counts(texts)):
             enc = self.tok([texts[i] for i in idx], max_length=self.max_length, truncation=True,

@@ -125,3 +125,19 @@ def test_token_budget_gives_the_same_embeddings(embedder):
         n = int(m300[i].sum())
         assert e.shape == (n, 32)
         np.testing.assert_allclose(e.astype(np.float32), y300[i, :n].astype(np.float32), rtol=0, atol=2e-3)
+
+
+def test_identical_texts_are_encoded_once(embedder):
+    rows = []
+    hook = embedder.model.register_forward_pre_hook(lambda m, a, kw: rows.append(kw["input_ids"].shape[0]),
+                                                    with_kwargs=True)
+    try:
+        texts = [CAPTIONS[0], CAPTIONS[1], CAPTIONS[0], CAPTIONS[0], CAPTIONS[2]]
+        got = embedder.encode(texts)
+    finally:
+        hook.remove()
+    assert sum(rows) == 3  # three distinct texts reached the model
+    assert got[0] is got[2] and got[0] is got[3]
+    ref = embedder.encode(CAPTIONS[:3])
+    for g, r in zip([got[0], got[1], got[4]], ref):
+        np.testing.assert_array_equal(g, r)
