@@ -183,8 +183,7 @@ def main(argv=None) -> None:
               f"official {off_b:,.0f}, ratio {ours_b / off_b:.3f}; T5 relative RMS error vs fp16 "
               f"{(err2 / ref2) ** 0.5:.4f}")
         json_b = np.mean([len(str(s["meta"])) for s in samples]) + 4 * 512 + 4 * 256  # json + tar headers/padding
-        per_token = D * shards.TEXT_BYTES[text_dtype] + (4 if text_dtype == "fp8" else 0)
-        ours_real = lat_1024 * 2 + 128 + nl * per_token + 2 * 128 + json_b
+        ours_real = lat_1024 * 2 + 128 + shards.token_bytes(nl, D, text_dtype) + 2 * 128 + json_b
         print(f"    [{text_dtype}] real dims (D=4096, 1024 px, same token counts): ours {ours_real / 2**20:.2f} MiB, "
               f"official {off_real / 2**20:.2f} MiB, ratio {ours_real / off_real:.3f} (goal <= 0.25)")
     print(f"    floor of fp16 valid-token storage: ratio -> (n_long + n_short) / 600 = {nl / 600:.3f} as the latent "

@@ -7,7 +7,7 @@ from common.config import ConfigError, Resources
 
 SUPPORTED_RESOLUTIONS = (256, 512, 1024, 2048, 2880)  # the bucket tables of features/buckets.py
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
-TEXT_DTYPES = ("fp16", "fp8")  # = features.shards.TEXT_DTYPES (kept here: this module imports no numpy)
+TEXT_DTYPES = ("fp16", "fp8")  # stored T5 tokens: features.shards.encode_tokens
 
 
 @dataclass(frozen=True)

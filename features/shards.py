@@ -25,11 +25,11 @@ from typing import Iterator
 
 import numpy as np
 
+from features.config import TEXT_DTYPES
+
 FORMAT = "sigma-shards/1"
 INDEX = "index.json"
 MEMBERS = ("json", "latent.npy", "t5_long.npy", "t5_short.npy")  # order inside a sample
-TEXT_DTYPES = ("fp16", "fp8")
-TEXT_BYTES = {"fp16": 2, "fp8": 1}  # per element, for size estimates
 _FP8_MAX = 448.0  # largest finite float8-e4m3fn value
 
 
@@ -53,6 +53,12 @@ def npy_bytes(arr: np.ndarray) -> bytes:
 
 def load_npy(data: bytes) -> np.ndarray:
     return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def token_bytes(n_tokens: int, dim: int, text_dtype: str = "fp16") -> int:
+    """Payload bytes of n stored T5 tokens (npy header aside): fp16 2 per element; fp8 1 per
+    element + a 4-byte scale per token."""
+    return n_tokens * (dim * 2 if text_dtype == "fp16" else dim + 4)
 
 
 def encode_tokens(tokens: np.ndarray, text_dtype: str = "fp16") -> bytes:

@@ -86,8 +86,7 @@ def estimate_bytes(row: dict, resolution: int, dim: int, n_tokens: int, text_dty
     """Tar bytes of one sample: latent (8, h/8, w/8) fp16 + T5 tokens (+ fp8 scales) + json + tar headers."""
     _, h, w = buckets.assign(row["orig_width"], row["orig_height"], resolution)
     texts = len(row["text_long"] or "") + len(row["text_short"] or "")
-    tok = n_tokens * (dim * shards.TEXT_BYTES[text_dtype] + (4 if text_dtype == "fp8" else 0))
-    return 8 * (h // 8) * (w // 8) * 2 + tok + texts + 400 + 4 * (512 + 256) + 3 * 128
+    return 8 * (h // 8) * (w // 8) * 2 + shards.token_bytes(n_tokens, dim, text_dtype) + texts + 400 + 4 * (512 + 256) + 3 * 128
 
 
 def plan_shards(rows: list[dict], resolution: int, max_samples: int, max_bytes: int, dim: int,

@@ -2,8 +2,8 @@
 
 PixArt-Sigma feeds the DiT T5 outputs padded to 300 tokens plus a mask; padded positions never
 reach the DiT (cross-attention masks them). So we store only the n valid tokens (n counts the EOS
-token, exactly the mask's ones) as fp16 (n, D) (or fp8 + per-token scale: `text_dtype`); the loader re-pads with the mask (lossless, proven
-by tests/features/test_t5.py). Captions of a batch are sorted by token length and encoded in
+token, exactly the mask's ones) as fp16 (n, D) (or fp8 + per-token scale: `text_dtype`); the
+loader re-pads with the mask (lossless, proven by tests/features/test_feat_t5.py). Captions of a batch are sorted by token length and encoded in
 chunks padded only to the chunk's longest caption; the official tool runs one caption at a time
 padded to 300 (see benchmarks/features_bench.py for the speed ratio).
 """
