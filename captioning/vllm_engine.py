@@ -25,7 +25,7 @@ def sampling_params(c: CaptionConfig, seed: int) -> dict:
 
 def build_request(row: dict, c: CaptionConfig, seed: int) -> dict:
     """Manifest row (key, caption, image bytes) -> ray.data.llm request row (messages with a PIL image)."""
-    from curation.decode import decode_image
+    from common.images import decode_image
 
     im, info = decode_image(row["image"]) if row.get("image") is not None else (None, {})
     if im is None:
@@ -55,7 +55,7 @@ def parse_output(row: dict, c: CaptionConfig, seed: int) -> dict:
 
 
 def decode_ok(row: dict) -> bool:
-    from curation.decode import decode_image
+    from common.images import decode_image
 
     return row.get("image") is not None and decode_image(row["image"])[0] is not None
 

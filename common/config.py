@@ -237,15 +237,13 @@ def resolve_path(value: str, base: Path | None = None) -> Path:
     return p if p.is_absolute() or base is None else base / p
 
 
-def save_resolved(cfg: Any, output_dir: str | os.PathLike, name: str = "config.resolved.yaml", extra: dict | None = None) -> Path:
-    """Write the resolved config beside an output, atomically."""
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+def save_resolved(cfg: Any, output_dir: str | os.PathLike, name: str = "config.resolved.yaml", extra: dict | None = None) -> str:
+    """Write the resolved config beside an output (local folder or URI), atomically; returns its path."""
+    from common import fs
+
     doc = {"resolved": to_dict(cfg)}
     if extra:
         doc.update(extra)
-    target = out / name
-    tmp = target.with_suffix(target.suffix + f".tmp{os.getpid()}")
-    tmp.write_text(yaml.safe_dump(doc, sort_keys=False))
-    os.replace(tmp, target)
+    target = fs.join(fs.normalize(output_dir), name)
+    fs.write_text(target, yaml.safe_dump(doc, sort_keys=False))
     return target

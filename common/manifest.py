@@ -1,104 +1,140 @@
 """The manifest: one parquet file per part, exactly one row per input row. Only module that reads
-or writes `manifest/` and `embeddings/`.
+or writes `manifest/` and `embeddings/` (local folders or object-store prefixes, via common.fs).
 
 Stages add columns; each part's parquet metadata records a fingerprint per finished stage, so a
 rerun skips parts whose stage fingerprint matches (resume) and recomputes stale ones (config
-changed). Every write is temp file + os.replace, so a SIGKILL leaves either the old or the new
-part, never a torn one.
+changed), and a small per-part summary (rows, statuses, selected) so that the driver can report a
+whole run from the parquet footers alone, never reading row data. Parts are written by the Ray
+worker that computed them, each as one atomic commit (common.fs.write_parquet).
 """
 from __future__ import annotations
 
+import io
 import json
-import os
 import re
-from pathlib import Path
+from collections import Counter
 from typing import Iterable
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
+import pyarrow.compute as pc
+
+from common import fs
 
 MANIFEST = "manifest"
 EMBEDDINGS = "embeddings"
 _META_KEY = b"sigma.stages"
-_PART_RE = re.compile(r"part-(\d{5})\.parquet$")
+_SUMMARY_KEY = b"sigma.summary"
+_PART_RE = re.compile(r"^part-(\d{5,})\.parquet$")  # 5 digits, more from part 100000 on
 
 
 def part_name(part: int) -> str:
     return f"part-{part:05d}.parquet"
 
 
-def part_path(out: Path, part: int) -> Path:
-    return Path(out) / MANIFEST / part_name(part)
+def part_uri(out: str, part: int) -> str:
+    return fs.join(fs.normalize(out), MANIFEST, part_name(part))
 
 
-def manifest_glob(out: Path) -> str:
-    """The one glob DuckDB needs: read_parquet(glob, union_by_name=true)."""
-    return str(Path(out) / MANIFEST / "part-*.parquet")
+def manifest_glob(out: str) -> str:
+    """The glob DuckDB reads a local manifest with: read_parquet(glob, union_by_name=true)."""
+    return fs.join(fs.normalize(out), MANIFEST, "part-*.parquet")
 
 
-def list_parts(out: Path) -> list[int]:
-    d = Path(out) / MANIFEST
-    if not d.exists():
-        return []
-    return sorted(int(m.group(1)) for p in d.iterdir() if (m := _PART_RE.match(p.name)))
+def list_parts(out: str) -> list[int]:
+    names = fs.listdir(fs.join(fs.normalize(out), MANIFEST))
+    return sorted(int(m.group(1)) for n in names if (m := _PART_RE.match(n)))
 
 
-def _atomic_write_table(table: pa.Table, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
-    pq.write_table(table, tmp, compression="zstd")
-    os.replace(tmp, target)
+def part_files(out: str) -> list[str]:
+    return [part_uri(out, p) for p in list_parts(out)]
 
 
-def part_fingerprints(out: Path, part: int) -> dict[str, str]:
-    """{stage: fingerprint} of the stages finished on this part ({} if the part does not exist)."""
-    p = part_path(out, part)
-    if not p.exists():
+def manifest_dataset(out: str):
+    """The whole manifest as a lazy pyarrow dataset (local or object store) for DuckDB:
+    `con.register('manifest', manifest_dataset(out))`. Columns missing in some parts read as null."""
+    import pyarrow.dataset as pads
+
+    files = part_files(out)
+    if not files:
+        raise FileNotFoundError(f"{out}: no manifest parts yet")
+    schemas = [fs.read_parquet_schema(f).remove_metadata() for f in files]
+    schema = pa.unify_schemas(schemas, promote_options="permissive")
+    fsys, _ = fs.resolve(files[0])
+    return pads.dataset([fs.resolve(f)[1] for f in files], schema=schema, filesystem=fsys, format="parquet")
+
+
+def _meta(out: str, part: int) -> dict:
+    uri = part_uri(out, part)
+    try:
+        meta = fs.read_parquet_schema(uri).metadata or {}
+    except (FileNotFoundError, OSError):
         return {}
-    meta = pq.read_schema(p).metadata or {}
-    return json.loads(meta.get(_META_KEY, b"{}"))
+    return meta
 
 
-def stage_done(out: Path, part: int, stage: str, fp: str) -> bool:
+def part_fingerprints(out: str, part: int) -> dict[str, str]:
+    """{stage: fingerprint} of the stages finished on this part ({} if the part does not exist)."""
+    return json.loads(_meta(out, part).get(_META_KEY, b"{}"))
+
+
+def part_summary(out: str, part: int) -> dict:
+    """{rows, status: {status: n}, selected} recorded at the part's last commit ({} if absent)."""
+    return json.loads(_meta(out, part).get(_SUMMARY_KEY, b"{}"))
+
+
+def stage_done(out: str, part: int, stage: str, fp: str) -> bool:
     return part_fingerprints(out, part).get(stage) == fp
 
 
-def read_part(out: Path, part: int, columns: list[str] | None = None) -> pa.Table:
-    table = pq.read_table(part_path(out, part), columns=columns)
-    return table.replace_schema_metadata(None)
+def read_part(out: str, part: int, columns: list[str] | None = None) -> pa.Table:
+    """One part (optionally only `columns` that exist in it), without the footer metadata."""
+    uri = part_uri(out, part)
+    if columns is not None:
+        have = set(fs.read_parquet_schema(uri).names)
+        columns = [c for c in columns if c in have]
+    return fs.read_parquet(uri, columns=columns).replace_schema_metadata(None)
 
 
-def write_part(out: Path, part: int, table: pa.Table, stage: str, fp: str, keep: dict | None = None) -> None:
-    """Write a whole part, recording `stage` as done with fingerprint `fp`.
+def summarize_table(table: pa.Table) -> dict:
+    """The per-part summary stored in the footer: what the driver aggregates for a run's report."""
+    s: dict = {"rows": table.num_rows}
+    if "status" in table.column_names:
+        s["status"] = {k: v for k, v in Counter(table.column("status").to_pylist()).items() if k is not None}
+    if "selected" in table.column_names:
+        s["selected"] = int(pc.sum(pc.cast(table.column("selected"), pa.int64())).as_py() or 0)
+    return s
 
-    `keep` carries the fingerprints of earlier stages (by default those already on disk).
-    """
-    if table.num_rows and len(set(table.column("key").to_pylist())) != table.num_rows:
-        raise ValueError(f"manifest part {part}: duplicate keys")
+
+def check_part(table: pa.Table, part: int, expected_rows: int | None = None) -> None:
+    """Invariants of one part: unique keys, every row has a status, the input's row count."""
+    problems = []
+    keys = table.column("key")
+    if pc.count_distinct(keys).as_py() != table.num_rows:
+        problems.append("duplicate keys")
+    if expected_rows is not None and table.num_rows != expected_rows:
+        problems.append(f"{table.num_rows} rows for {expected_rows} input rows")
+    if "status" in table.column_names and table.column("status").null_count:
+        problems.append(f"{table.column('status').null_count} rows without a status")
+    if problems:
+        raise ValueError(f"manifest part {part}: " + "; ".join(problems))
+
+
+def write_part(out: str, part: int, table: pa.Table, stage: str, fp: str, keep: dict | None = None,
+               expected_rows: int | None = None) -> dict:
+    """Write a whole part atomically, recording `stage` as done with fingerprint `fp`.
+
+    `keep` carries the fingerprints of earlier stages (by default those already on disk). Returns
+    the part's summary (what the worker reports back to the driver)."""
+    if table.num_rows:
+        check_part(table, part, expected_rows)
     stages = dict(part_fingerprints(out, part) if keep is None else keep)
     stages[stage] = fp
-    table = table.replace_schema_metadata({_META_KEY: json.dumps(stages).encode()})
-    _atomic_write_table(table, part_path(out, part))
-    _maybe_kill(stage)
-
-
-_writes: dict[str, int] = {}
-
-
-def _maybe_kill(stage: str) -> None:
-    """Fault injection for the resume tests: SIGMA_KILL_AT=stage:n SIGKILLs this process right
-    after the n-th part commit of `stage` (a real SIGKILL, at a reproducible point)."""
-    spec = os.environ.get("SIGMA_KILL_AT")
-    if not spec:
-        return
-    name, _, n = spec.partition(":")
-    if name == stage:
-        _writes[stage] = _writes.get(stage, 0) + 1
-        if _writes[stage] >= int(n or 1):
-            import signal
-
-            os.kill(os.getpid(), signal.SIGKILL)
+    summary = summarize_table(table)
+    table = table.replace_schema_metadata({_META_KEY: json.dumps(stages).encode(),
+                                           _SUMMARY_KEY: json.dumps(summary).encode()})
+    fs.write_parquet(part_uri(out, part), table)
+    return summary
 
 
 def merge_columns(base: pa.Table, new: pa.Table) -> pa.Table:
@@ -110,80 +146,95 @@ def merge_columns(base: pa.Table, new: pa.Table) -> pa.Table:
     base = base.drop_columns([c for c in new_cols if c in base.column_names])
     if not new_cols:
         return base
-    index = {k: i for i, k in enumerate(new.column("key").to_pylist())}
-    take = pa.array([index.get(k) for k in base.column("key").to_pylist()], type=pa.int64())
+    take = pc.index_in(base.column("key"), value_set=new.column("key"))  # (n_base,) int32, null = no match
     picked = new.select(new_cols).take(take)  # null index -> null row
     for name in new_cols:
         base = base.append_column(picked.schema.field(name), picked.column(name))
     return base
 
 
-def update_part(out: Path, part: int, new: pa.Table, stage: str, fp: str) -> pa.Table:
+def update_part(out: str, part: int, new: pa.Table, stage: str, fp: str) -> pa.Table:
     """Add/replace a stage's columns on a part (joined by key) and mark the stage done."""
     merged = merge_columns(read_part(out, part), new)
     write_part(out, part, merged, stage, fp)
     return merged
 
 
-def read_manifest(out: Path, columns: list[str] | None = None) -> pa.Table:
-    """The whole manifest as one table (columns missing in some parts become nulls)."""
+def run_summary(out: str, parts: Iterable[int] | None = None) -> dict:
+    """Rows, statuses and selected counts over parts, from the footers only."""
+    rows, status, selected, have_sel = 0, Counter(), 0, False
+    for p in (list_parts(out) if parts is None else parts):
+        s = part_summary(out, p)
+        rows += s.get("rows", 0)
+        status.update(s.get("status", {}))
+        if "selected" in s:
+            have_sel, selected = True, selected + s["selected"]
+    return {"rows": rows, "status": dict(status), "selected": selected if have_sel else None}
+
+
+def read_manifest(out: str, columns: list[str] | None = None) -> pa.Table:
+    """The whole manifest as one table (columns missing in some parts become nulls).
+
+    For tests, reports over small runs and interactive use: stage code works part by part on
+    workers and never calls this."""
     parts = list_parts(out)
     if not parts:
         return pa.table({"key": pa.array([], pa.string())})
-    tables = []
-    for p in parts:
-        t = read_part(out, p)
-        if columns is not None:
-            t = t.select([c for c in columns if c in t.column_names])
-        tables.append(t)
+    tables = [read_part(out, p, columns) for p in parts]
     return pa.concat_tables(tables, promote_options="permissive")
 
 
-def check_invariants(out: Path, expected_rows: int | None = None) -> dict:
-    """Invariant: one row per input row, unique keys, every row has a status."""
-    t = read_manifest(out, ["key", "status"])
-    keys = t.column("key").to_pylist()
+def check_invariants(out: str, expected_rows: int | None = None) -> dict:
+    """One row per input row, unique keys, every row has a status (from the footers)."""
+    s = run_summary(out)
     problems = []
-    if len(set(keys)) != len(keys):
-        problems.append(f"{len(keys) - len(set(keys))} duplicate keys")
-    if expected_rows is not None and len(keys) != expected_rows:
-        problems.append(f"{len(keys)} manifest rows for {expected_rows} input rows")
-    if "status" in t.column_names and t.column("status").null_count:
-        problems.append(f"{t.column('status').null_count} rows without a status")
+    if expected_rows is not None and s["rows"] != expected_rows:
+        problems.append(f"{s['rows']} manifest rows for {expected_rows} input rows")
+    missing = s["rows"] - sum(s["status"].values())
+    if s["status"] and missing:
+        problems.append(f"{missing} rows without a status")
     if problems:
         raise AssertionError("manifest invariant broken: " + "; ".join(problems))
-    return {"rows": len(keys)}
+    return {"rows": s["rows"]}
 
 
 # --- CLIP image embeddings: embeddings/part-NNNNN.npz (keys: str, embeddings: float16 L2-normalised)
 
-def embeddings_path(out: Path, part: int) -> Path:
-    return Path(out) / EMBEDDINGS / f"part-{part:05d}.npz"
+def embeddings_uri(out: str, part: int) -> str:
+    return fs.join(fs.normalize(out), EMBEDDINGS, f"part-{part:05d}.npz")
 
 
-def write_embeddings(out: Path, part: int, keys: Iterable[str], emb: np.ndarray) -> None:
+def write_embeddings(out: str, part: int, keys: Iterable[str], emb: np.ndarray) -> None:
     keys = np.asarray(list(keys), dtype=str)
     emb = np.asarray(emb, dtype=np.float16).reshape(len(keys), -1) if len(keys) else np.zeros((0, 0), np.float16)
-    target = embeddings_path(out, part)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.stem}.tmp{os.getpid()}.npz")
-    np.savez(tmp, keys=keys, embeddings=emb)
-    os.replace(tmp, target)
+    buf = io.BytesIO()
+    np.savez(buf, keys=keys, embeddings=emb)
+    fs.write_bytes(embeddings_uri(out, part), buf.getvalue())
 
 
-def read_embeddings(out: Path, parts: Iterable[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(keys (N,) str, embeddings (N, D) float16) over the given parts (default: all)."""
-    d = Path(out) / EMBEDDINGS
-    if parts is None:
-        files = sorted(d.glob("part-*.npz")) if d.exists() else []
-    else:
-        files = [embeddings_path(out, p) for p in parts if embeddings_path(out, p).exists()]
+def read_part_embeddings(out: str, part: int) -> tuple[np.ndarray, np.ndarray]:
+    """(keys (n,) str, embeddings (n, D) float16) of one part; empty arrays when it has none."""
+    uri = embeddings_uri(out, part)
+    if not fs.exists(uri):
+        return np.zeros((0,), dtype=str), np.zeros((0, 0), dtype=np.float16)
+    with np.load(io.BytesIO(fs.read_bytes(uri)), allow_pickle=False) as z:
+        return z["keys"], z["embeddings"]
+
+
+def embedding_parts(out: str) -> list[int]:
+    names = fs.listdir(fs.join(fs.normalize(out), EMBEDDINGS))
+    return sorted(int(m.group(1)) for n in names if (m := re.match(r"^part-(\d{5,})\.npz$", n)))
+
+
+def read_embeddings(out: str, parts: Iterable[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(keys (N,) str, embeddings (N, D) float16) over the given parts (default: all). Tests and
+    small outputs only: stage code reads one part per worker (read_part_embeddings)."""
     keys, embs = [], []
-    for f in files:
-        with np.load(f) as z:
-            if len(z["keys"]):
-                keys.append(z["keys"])
-                embs.append(z["embeddings"])
+    for p in (embedding_parts(out) if parts is None else parts):
+        k, e = read_part_embeddings(out, p)
+        if len(k):
+            keys.append(k)
+            embs.append(e)
     if not keys:
         return np.zeros((0,), dtype=str), np.zeros((0, 0), dtype=np.float16)
     return np.concatenate(keys), np.concatenate(embs)

@@ -165,8 +165,11 @@ class PipelineConfig:
             raise ConfigError(f"stages: unknown stage {bad[0]!r}; allowed: {', '.join(STAGES)}")
 
     @property
-    def out(self) -> Path:
-        return Path(self.output)
+    def out(self) -> str:
+        """The output folder: a normalised local path or URI (common.fs)."""
+        from common import fs
+
+        return fs.normalize(self.output)
 
 
 def load_pipeline(config_path: str, name: str, overrides=(), check: bool | tuple | list = True) -> PipelineConfig:

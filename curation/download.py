@@ -1,44 +1,42 @@
 """Download stage: img2dataset as a library, then one manifest part per img2dataset shard.
 
-Only module that reads `<output>/download/` (img2dataset's webdataset tars + per-shard parquet).
-Input part i has at most part_size rows and img2dataset shards each input file separately with
-number_sample_per_shard = part_size, so shard i == part i; our key rides along as `sigma_key`.
-img2dataset's `_stats.json` is written last per shard: it is the "shard done" marker, and
-incremental mode skips such shards on rerun.
+Only module that reads img2dataset's per-shard parquet and stats under `<output>/download/`
+(the image tars are read through common.images). Input part i has at most part_size rows and
+img2dataset shards each input file separately with number_sample_per_shard = part_size, so shard
+i == part i; our key rides along as `sigma_key`. img2dataset writes straight to the output
+filesystem (fsspec: local or s3://); its `_stats.json` is written last per shard: it is the
+"shard done" marker, and incremental mode skips such shards on rerun. Manifest parts are then
+built by Ray tasks, one per part, each writing its own part.
 """
 from __future__ import annotations
 
 import contextlib
 import io
-import json
 import os
-import tarfile
-from pathlib import Path
-from typing import Iterator
 
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from common import manifest
+from common import fs, manifest
 from common.config import fingerprint
-from curation.inputs import KEY_COL, input_info, read_input_part
-
-DOWNLOAD = "download"
-IMAGE_EXTS = {"jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff"}
+from common.images import DOWNLOAD
+from curation.inputs import KEY_COL, input_info, input_rows, read_input_part
 
 
-def shard_done(out: Path, part: int) -> bool:
-    return (Path(out) / DOWNLOAD / f"{part:05d}_stats.json").exists()
+def download_dir(out: str) -> str:
+    return fs.join(fs.normalize(out), DOWNLOAD)
 
 
-def img2dataset_kwargs(cfg, out: Path) -> dict:
+def shard_done(out: str, part: int) -> bool:
+    return fs.exists(fs.join(download_dir(out), f"{part:05d}_stats.json"))
+
+
+def img2dataset_kwargs(cfg, out: str) -> dict:
     """The img2dataset.download() arguments for this pipeline (also used by the benchmark)."""
     d = cfg.download
     keep_original = d.max_side is None and not d.reencode
     return dict(
-        url_list=str(Path(out) / "input"),
-        output_folder=str(Path(out) / DOWNLOAD),
+        url_list=fs.fsspec_url(fs.join(fs.normalize(out), "input")),
+        output_folder=fs.fsspec_url(download_dir(out)),
         input_format="parquet",
         url_col="url",
         caption_col="caption",
@@ -69,7 +67,7 @@ def img2dataset_kwargs(cfg, out: Path) -> dict:
     )
 
 
-def run_img2dataset(cfg, out: Path) -> None:
+def run_img2dataset(cfg, out: str) -> None:
     import img2dataset
 
     with contextlib.redirect_stdout(io.StringIO()) if os.environ.get("SIGMA_QUIET") else contextlib.nullcontext():
@@ -84,11 +82,11 @@ def _url_problem(url: str | None) -> str | None:
     return None
 
 
-def build_manifest_part(out: Path, part: int) -> pa.Table:
+def build_manifest_part(out: str, part: int) -> pa.Table:
     """Input part (every row) left-joined with img2dataset's per-row status for that shard."""
     base = read_input_part(out, part)
-    shard = Path(out) / DOWNLOAD / f"{part:05d}.parquet"
-    got = pq.read_table(shard) if shard.exists() else pa.table({KEY_COL: pa.array([], pa.string())})
+    shard = fs.join(download_dir(out), f"{part:05d}.parquet")
+    got = fs.read_parquet(shard) if fs.exists(shard) else pa.table({KEY_COL: pa.array([], pa.string())})
     cols = {"key": got.column(KEY_COL)}
     for src, dst in (("status", "download_status"), ("error_message", "download_error"), ("sha256", "sha256")):
         cols[dst] = got.column(src) if src in got.column_names else pa.nulls(got.num_rows, pa.string())
@@ -110,53 +108,30 @@ def build_manifest_part(out: Path, part: int) -> pa.Table:
     return table.append_column("error", pa.array(error, pa.string()))
 
 
-def run_download(cfg, out: Path, progress: bool = True) -> dict:
-    out = Path(out)
+def commit_part(part: int, out: str, fp: str) -> dict:
+    """On a worker: build and write one manifest part. A fresh download invalidates every later
+    stage of the part, so its metadata starts anew."""
+    if not shard_done(out, part):
+        raise RuntimeError(f"img2dataset did not finish shard {part}; rerun the same command to resume")
+    return manifest.write_part(out, part, build_manifest_part(out, part), "download", fp, keep={},
+                               expected_rows=input_rows(out, part))
+
+
+def run_download(cfg, out: str, progress: bool = True) -> dict:
+    from common.partstage import nodes_of, pending_parts, run_tasks
+
+    out = fs.normalize(out)
     info = input_info(out)
     fp = fingerprint({"download": cfg.download, "input": info.get("hash"), "part_size": cfg.input.part_size})
-    parts = range(info["parts"])
-    todo = [p for p in parts if not manifest.stage_done(out, p, "download", fp)]
+    parts = list(range(info["parts"]))
+    # Parts not yet in the manifest are pending too (pending_parts only sees existing ones).
+    existing = set(manifest.list_parts(out))
+    todo = sorted(set(pending_parts(out, "download", fp, [p for p in parts if p in existing]))
+                  | {p for p in parts if p not in existing})
     if any(not shard_done(out, p) for p in todo):
         run_img2dataset(cfg, out)
-    written = 0
-    for p in todo:
-        if not shard_done(out, p):
-            raise RuntimeError(f"img2dataset did not finish shard {p}; rerun the same command to resume")
-        # A fresh download invalidates every later stage of the part: start its metadata anew.
-        manifest.write_part(out, p, build_manifest_part(out, p), "download", fp, keep={})
-        written += 1
-    t = manifest.read_manifest(out, ["status"])
-    counts = pc.value_counts(t.column("status")).to_pylist() if t.num_rows else []
-    return {"parts": len(parts), "parts_written": written, "rows": t.num_rows,
-            "status": {c["values"]: c["counts"] for c in counts}}
-
-
-def iter_images(out: Path, part: int) -> Iterator[tuple[str, bytes]]:
-    """(key, original image bytes) of every downloaded image in shard `part`, in tar order."""
-    path = Path(out) / DOWNLOAD / f"{part:05d}.tar"
-    if not path.exists():
-        return
-    pending: dict[str, dict] = {}
-    with tarfile.open(path, "r") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            base, _, ext = member.name.rpartition(".")
-            data = tar.extractfile(member).read()
-            entry = pending.setdefault(base, {})
-            if ext == "json":
-                entry["key"] = json.loads(data).get(KEY_COL)
-            elif ext.lower() in IMAGE_EXTS:
-                entry["image"] = data
-            if "key" in entry and "image" in entry:
-                yield entry["key"], entry["image"]
-                del pending[base]
-
-
-def read_image(out: Path, key: str) -> bytes | None:
-    """Bytes of one key's image (its part is the key's prefix)."""
-    part = int(key.split("_", 1)[0])
-    for k, data in iter_images(out, part):
-        if k == key:
-            return data
-    return None
+    done = run_tasks(commit_part, todo, kwargs={"out": out, "fp": fp}, desc="download manifest",
+                     progress=progress, stage="download")
+    s = manifest.run_summary(out)
+    return {"parts": len(parts), "parts_written": len(done), "rows": s["rows"], "status": s["status"],
+            "nodes": nodes_of(done)}

@@ -1,16 +1,17 @@
 """Read the user's URL list, validate it, assign stable keys and split it into parts.
 
-Only module that reads or writes `<output>/input/`. Part i holds rows [i*part_size, (i+1)*part_size)
-of the input in its original order, so keys `PPPPP_RRRRRR` are stable across reruns. The input's
-content hash is stored; rerunning into the same output with a different URL list is refused
-(resume would otherwise mix two datasets).
+Only module that reads or writes `<output>/input/`. The URL list is one file or a folder of files
+(local or object store; parquet, csv, jsonl or txt). Each file is read by its own Ray task, twice
+and streaming: a first pass counts and hashes its rows (and checks its columns), the driver turns
+the per-file counts into part numbers, a second pass writes the file's parts. Parts never span
+files: file f holds parts [base_f, base_f + ceil(rows_f / part_size)), part i its rows in
+original order, so keys `PPPPP_RRRRRR` (part, row in part) are stable across reruns. The driver
+sees counts and hashes only. The list's content hash is stored; rerunning into the same output
+with a different URL list is refused (resume would otherwise mix two datasets).
 """
 from __future__ import annotations
 
 import hashlib
-import json
-import os
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -18,11 +19,14 @@ import pyarrow.csv as pcsv
 import pyarrow.json as pjson
 import pyarrow.parquet as pq
 
+from common import fs
 from common.config import ConfigError
+from common.images import KEY_FIELD
 
 INPUT = "input"
-KEY_COL = "sigma_key"  # img2dataset overwrites a column named `key` with its own id
+KEY_COL = KEY_FIELD  # img2dataset overwrites a column named `key` with its own id
 _DONE = "_inputs.json"
+_FORMATS = ((".parquet", "parquet"), (".csv", "csv"), (".jsonl", "jsonl"), (".json", "jsonl"), (".txt", "txt"))
 
 
 class InputError(ConfigError):
@@ -33,114 +37,188 @@ def make_key(part: int, row: int) -> str:
     return f"{part:05d}_{row:06d}"
 
 
-def _detect_format(path: Path, fmt: str) -> str:
+def _detect_format(uri: str, fmt: str) -> str:
     if fmt != "auto":
         return fmt
-    suffixes = "".join(path.suffixes[-2:]).lower()
-    for ext, name in ((".parquet", "parquet"), (".csv", "csv"), (".jsonl", "jsonl"), (".json", "jsonl"), (".txt", "txt")):
-        if ext in suffixes:
-            return name
-    raise InputError(f"input.path {path}: cannot tell the format from the name; set input.format (parquet|csv|jsonl|txt)")
+    name = fs.basename(uri).lower()
+    for ext, fmt_name in _FORMATS:
+        if name.endswith(ext) or name.endswith(ext + ".gz"):
+            return fmt_name
+    raise InputError(f"input.path {uri}: cannot tell the format from the name; set input.format (parquet|csv|jsonl|txt)")
 
 
-def _read_one(path: Path, fmt: str) -> pa.Table:
+def _batches(uri: str, fmt: str, cfg):
+    """Stream a file as record batches with string columns url, caption and the extra columns."""
+    if fmt == "parquet":
+        f = pq.ParquetFile(fs.open_input(uri))
+        names = f.schema_arrow.names
+        _check_columns(uri, names, cfg)
+        cols = [cfg.url_col] + ([cfg.caption_col] if cfg.caption_col in names else []) + list(cfg.extra_cols)
+        it = f.iter_batches(batch_size=65536, columns=cols)
+    elif fmt == "csv":
+        types = {cfg.url_col: pa.string(), cfg.caption_col: pa.string()}
+        it = pcsv.open_csv(fs.open_stream(uri), convert_options=pcsv.ConvertOptions(column_types=types))
+        _check_columns(uri, it.schema.names, cfg)
+    elif fmt == "jsonl":
+        it = pjson.open_json(fs.open_stream(uri))
+        _check_columns(uri, it.schema.names, cfg)
+    else:
+        yield from _txt_batches(uri)
+        return
+    for b in it:
+        yield _normalise(b, cfg)
+
+
+def _txt_batches(uri: str):
+    buf = b""
+    with fs.open_stream(uri) as f:
+        while True:
+            chunk = f.read(8 << 20)
+            if chunk:
+                buf += chunk
+            lines = buf.split(b"\n")
+            buf = lines.pop() if chunk else b""
+            urls = [ln.decode(errors="replace").strip() for ln in lines]
+            urls = [u for u in urls if u]
+            if urls:
+                yield pa.record_batch({"url": pa.array(urls, pa.string()), "caption": pa.nulls(len(urls), pa.string())})
+            if not chunk:
+                return
+
+
+def _check_columns(uri: str, names: list[str], cfg) -> None:
+    if cfg.url_col not in names:
+        raise InputError(f"input.url_col {cfg.url_col!r} is not a column of {uri}; columns: {names}")
+    for c in cfg.extra_cols:
+        if c not in names:
+            raise InputError(f"input.extra_cols: {c!r} is not a column of {uri}; columns: {names}")
+
+
+def _normalise(b: pa.RecordBatch, cfg) -> pa.RecordBatch:
+    def as_str(a):
+        return pc.cast(a, pa.string()) if a.type != pa.string() else a
+
+    names = b.schema.names
+    cols = {"url": as_str(b.column(names.index(cfg.url_col)))}
+    cols["caption"] = (as_str(b.column(names.index(cfg.caption_col))) if cfg.caption_col in names
+                       else pa.nulls(b.num_rows, pa.string()))
+    for c in cfg.extra_cols:
+        cols[c] = b.column(names.index(c))
+    return pa.record_batch(cols)
+
+
+def _row_text(b: pa.RecordBatch) -> str:
+    """url \\x1f caption \\x1e per row: a hash over these is independent of batch boundaries."""
+    joined = pc.binary_join_element_wise(pc.fill_null(b.column(0), ""), pc.fill_null(b.column(1), ""), "\x1f")
+    return "".join(s + "\x1e" for s in joined.to_pylist())
+
+
+def scan_file(uri: str, fmt: str, cfg) -> dict:
+    """Pass 1 (a task per file): rows and content hash, or the reason the file cannot be used."""
     try:
-        if fmt == "parquet":
-            return pq.read_table(path)
-        if fmt == "csv":
-            return pcsv.read_csv(path)
-        if fmt == "jsonl":
-            return pjson.read_json(path)
-        lines = [ln.strip() for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
-        return pa.table({"url": pa.array(lines, pa.string())})
-    except (pa.ArrowInvalid, OSError, UnicodeDecodeError) as e:
-        raise InputError(f"input.path {path}: cannot read as {fmt}: {str(e).splitlines()[0]}") from None
+        if fs.size(uri) == 0:
+            return {"file": uri, "error": f"input.path {uri}: the URL list is empty (0 bytes)"}
+        h, rows = hashlib.sha256(), 0
+        for b in _batches(uri, fmt, cfg):
+            rows += b.num_rows
+            h.update(_row_text(b).encode())
+        return {"file": uri, "rows": rows, "hash": h.hexdigest()}
+    except InputError as e:
+        return {"file": uri, "error": str(e)}
+    except (pa.ArrowInvalid, OSError, UnicodeDecodeError, ValueError) as e:
+        return {"file": uri, "error": f"input.path {uri}: cannot read as {fmt}: {str(e).splitlines()[0]}"}
 
 
-def read_url_list(cfg) -> pa.Table:
-    """Load the URL list named by an InputConfig into a table with url, caption and extras (strings)."""
+def split_file(item: dict, out: str, cfg) -> dict:
+    """Pass 2 (a task per file): write the file's parts, starting at part item['base']."""
+    part, pending, n = item["base"], [], 0
+
+    def flush(rows: list[pa.RecordBatch]) -> None:
+        nonlocal part
+        t = pa.Table.from_batches(rows)
+        keys = pa.array([make_key(part, r) for r in range(t.num_rows)], pa.string())
+        fs.write_parquet(part_uri(out, part), t.add_column(0, KEY_COL, keys))
+        part += 1
+
+    for b in _batches(item["file"], item["format"], cfg):
+        while b.num_rows:
+            take = min(b.num_rows, cfg.part_size - n)
+            pending.append(b.slice(0, take))
+            b, n = b.slice(take), n + take
+            if n == cfg.part_size:
+                flush(pending)
+                pending, n = [], 0
+    if pending:
+        flush(pending)
+    return {"file": item["file"], "parts": part - item["base"]}
+
+
+def part_uri(out: str, part: int) -> str:
+    return fs.join(fs.normalize(out), INPUT, f"part-{part:05d}.parquet")
+
+
+def _files(cfg) -> list[str]:
     if not cfg.path:
         raise InputError("input.path is empty: give --input URL_LIST or set input.path")
-    path = Path(cfg.path)
-    if not path.exists():
+    path = fs.normalize(cfg.path)
+    if fs.isfile(path):
+        return [path]
+    if not fs.isdir(path):
         raise InputError(f"input.path {path}: no such file or folder")
-    files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith((".", "_"))) if path.is_dir() else [path]
+    files = [fs.join(path, n) for n, _ in fs.list_files(path) if not n.startswith((".", "_"))]
     if not files:
         raise InputError(f"input.path {path}: folder holds no files")
-    for f in files:
-        if f.stat().st_size == 0:
-            raise InputError(f"input.path {f}: the URL list is empty (0 bytes)")
-    tables = [_read_one(f, _detect_format(f, cfg.format)) for f in files]
-    table = pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
-    url_col = "url" if (cfg.format == "txt" or _detect_format(files[0], cfg.format) == "txt") else cfg.url_col
-    if url_col not in table.column_names:
-        raise InputError(f"input.url_col {url_col!r} is not a column of {path}; columns: {table.column_names}")
-    if table.num_rows == 0:
-        raise InputError(f"input.path {path}: the URL list is empty")
-    cols = {"url": _as_str(table.column(url_col))}
-    if cfg.caption_col in table.column_names:
-        cols["caption"] = _as_str(table.column(cfg.caption_col))
-    else:
-        cols["caption"] = pa.nulls(table.num_rows, pa.string())
-    for c in cfg.extra_cols:
-        if c not in table.column_names:
-            raise InputError(f"input.extra_cols: {c!r} is not a column of {path}; columns: {table.column_names}")
-        cols[c] = table.column(c)
-    return pa.table(cols)
+    return files
 
 
-def _as_str(col) -> pa.ChunkedArray:
-    return pc.cast(col, pa.string()) if col.type != pa.string() else col
-
-
-def input_hash(table: pa.Table) -> str:
-    h = hashlib.sha256()
-    for batch in table.select(["url", "caption"]).to_batches(max_chunksize=65536):
-        for arr in batch.columns:
-            h.update("\x1f".join("" if v is None else v for v in arr.to_pylist()).encode())
-            h.update(b"\x1e")
-    return h.hexdigest()[:16]
-
-
-def prepare_inputs(cfg, out: Path) -> dict:
+def prepare_inputs(cfg, out: str, progress: bool = False) -> dict:
     """Split the URL list into `input/part-NNNNN.parquet` (idempotent; refuses a different input)."""
-    out = Path(out)
-    d = out / INPUT
-    table = read_url_list(cfg)
-    digest = input_hash(table)
-    done = d / _DONE
-    if done.exists():
-        info = json.loads(done.read_text())
+    from common.partstage import run_tasks
+
+    out = fs.normalize(out)
+    files = _files(cfg)
+    fmts = [_detect_format(f, cfg.format) for f in files]
+    scans = run_tasks(lambda item, cfg: scan_file(item[0], item[1], cfg), list(zip(files, fmts)),
+                      kwargs={"cfg": cfg}, desc="input scan", progress=progress)
+    for s in scans:
+        if "error" in s:
+            raise InputError(s["error"])
+    total = sum(s["rows"] for s in scans)
+    if total == 0:
+        raise InputError(f"input.path {cfg.path}: the URL list is empty")
+    digest = hashlib.sha256("".join(s["hash"] for s in scans).encode()).hexdigest()[:16]
+    done = fs.join(out, INPUT, _DONE)
+    if fs.exists(done):
+        info = fs.read_json(done)
         if info["hash"] != digest or info["part_size"] != cfg.part_size:
             raise InputError(
                 f"{out} was prepared from a different URL list or part_size (hash {info['hash']}, "
                 f"part_size {info['part_size']}); use a new --output folder"
             )
         return info
-    d.mkdir(parents=True, exist_ok=True)
-    n, size = table.num_rows, cfg.part_size
-    nparts = (n + size - 1) // size
-    for part in range(nparts):
-        piece = table.slice(part * size, size)
-        keys = pa.array([make_key(part, r) for r in range(piece.num_rows)], pa.string())
-        piece = piece.add_column(0, KEY_COL, keys)
-        target = d / f"part-{part:05d}.parquet"
-        tmp = d / f".part-{part:05d}.tmp{os.getpid()}"
-        pq.write_table(piece, tmp)
-        os.replace(tmp, target)
-    info = {"hash": digest, "rows": n, "parts": nparts, "part_size": size, "source": str(cfg.path)}
-    tmp = d / f".{_DONE}.tmp"
-    tmp.write_text(json.dumps(info, indent=2))
-    os.replace(tmp, done)
+    items, base = [], 0
+    for f, fmt, s in zip(files, fmts, scans):
+        nparts = -(-s["rows"] // cfg.part_size)
+        items.append({"file": f, "format": fmt, "base": base, "rows": s["rows"]})
+        base += nparts
+    run_tasks(split_file, items, kwargs={"out": out, "cfg": cfg}, desc="input split", progress=progress)
+    info = {"hash": digest, "rows": total, "parts": base, "part_size": cfg.part_size, "source": str(cfg.path),
+            "files": [{"file": i["file"], "rows": i["rows"], "first_part": i["base"]} for i in items]}
+    fs.write_json(done, info)
     return info
 
 
-def read_input_part(out: Path, part: int) -> pa.Table:
+def read_input_part(out: str, part: int) -> pa.Table:
     """One input part with our key as `key`."""
-    t = pq.read_table(Path(out) / INPUT / f"part-{part:05d}.parquet")
+    t = fs.read_parquet(part_uri(out, part))
     return t.rename_columns(["key" if c == KEY_COL else c for c in t.column_names])
 
 
-def input_info(out: Path) -> dict:
-    p = Path(out) / INPUT / _DONE
-    return json.loads(p.read_text()) if p.exists() else {}
+def input_rows(out: str, part: int) -> int:
+    with fs.open_input(part_uri(out, part)) as f:
+        return pq.ParquetFile(f).metadata.num_rows
+
+
+def input_info(out: str) -> dict:
+    p = fs.join(fs.normalize(out), INPUT, _DONE)
+    return fs.read_json(p) if fs.exists(p) else {}

@@ -11,7 +11,6 @@ import json
 import os
 import sys
 import time
-from pathlib import Path
 
 for _k, _v in {"NO_ALBUMENTATIONS_UPDATE": "1", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
                "RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false"}.items():
@@ -72,19 +71,14 @@ def resolve(args) -> tuple[PipelineConfig, list[str]]:
     return cfg, stages
 
 
-def summarize(cfg: PipelineConfig, out: Path, timings: list[dict]) -> dict:
-    import pyarrow.compute as pc
+def summarize(cfg: PipelineConfig, out: str, timings: list[dict]) -> dict:
+    """The run's summary from the part footers (counts only) and each stage's own result."""
+    from common import fs, manifest
 
-    from common import manifest
-
-    t = manifest.read_manifest(out, ["status", "selected"])
-    status = {}
-    if t.num_rows and "status" in t.column_names:
-        status = {r["values"]: r["counts"] for r in pc.value_counts(t.column("status")).to_pylist()}
-    selected = sum(bool(x) for x in t.column("selected").to_pylist()) if "selected" in t.column_names else None
-    return {"pipeline": cfg.name, "output": str(out), "rows": t.num_rows, "status": status, "selected": selected,
+    s = manifest.run_summary(out)
+    return {"pipeline": cfg.name, "output": out, "rows": s["rows"], "status": s["status"], "selected": s["selected"],
             "stages": timings, "manifest": manifest.manifest_glob(out),
-            "shards": str(out / "shards"), "report": str(out / "report")}
+            "shards": fs.join(out, "shards"), "report": fs.join(out, "report")}
 
 
 def print_summary(s: dict) -> None:
@@ -98,19 +92,18 @@ def print_summary(s: dict) -> None:
 
 
 def run(cfg: PipelineConfig, stages: list[str], progress: bool = True) -> dict:
-    from common.manifest import check_invariants
+    from common import fs
+    from common.manifest import check_invariants, list_parts
     from common.raystage import init_ray
     from curation.inputs import prepare_inputs
 
-    out = cfg.out
-    out.mkdir(parents=True, exist_ok=True)
+    out = fs.normalize(cfg.output)
+    fs.makedirs(out)
     save_resolved(cfg, out, extra={"stages_run": stages})
-    info = prepare_inputs(cfg.input, out)
-    from common.manifest import list_parts
-
+    init_ray(cfg.ray)
+    info = prepare_inputs(cfg.input, out, progress=progress)
     if "download" not in stages and not list_parts(out):
         raise ConfigError(f"{out} has no manifest yet: run the download stage first")
-    init_ray(cfg.ray)
     timings = []
     for name in stages:
         fn = _stage_fn(name)
@@ -123,11 +116,7 @@ def run(cfg: PipelineConfig, stages: list[str], progress: bool = True) -> dict:
         if name != "stats":
             check_invariants(out, info["rows"])
     summary = summarize(cfg, out, timings)
-    report = out / "report"
-    report.mkdir(parents=True, exist_ok=True)
-    tmp = report / ".summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2, default=str))
-    os.replace(tmp, report / "summary.json")
+    fs.write_json(fs.join(out, "report", "summary.json"), summary)
     return summary
 
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from common.config import fingerprint
-from curation.decode import decode_image
+from common.images import decode_image
 
 
 class AestheticMLP(nn.Module):
@@ -90,6 +90,9 @@ class Scorer:
         width, height, mode_in, rotated, error = [None] * n, [None] * n, [None] * n, [False] * n, [None] * n
         tensors, ok_idx = [], []
         for i, data in enumerate(images):
+            if data is None:  # the manifest says downloaded, the tar does not have it
+                error[i] = "image missing from the download tar"
+                continue
             img, info = decode_image(data, self.max_pixels, draft=self.draft)
             width[i], height[i], mode_in[i] = info["width"], info["height"], info["mode_in"]
             rotated[i], error[i] = info["exif_transposed"], info["error"]
@@ -130,61 +133,67 @@ def score_fingerprint(cfg) -> str:
                         "max_pixels": s.max_pixels, "precision": s.precision})
 
 
-def finish_part(out: Path, part: int, scored: pa.Table, fp: str) -> None:
-    """Commit one part: embeddings file first, then the manifest columns (the 'done' marker)."""
+def downloaded_rows(out: str, part: int) -> list[dict]:
+    """The rows score reads: every key of the part whose download succeeded."""
     from common import manifest
 
+    t = manifest.read_part(out, part, ["key", "download_status"])
+    return [{"key": k} for k, s in zip(t.column("key").to_pylist(), t.column("download_status").to_pylist())
+            if s == "success"]
+
+
+def _plan(part: int, out: str) -> dict:
+    return {"part": part, "n": len(downloaded_rows(out, part))}
+
+
+def finish_part(part: int, scored: pa.Table | None, out: str, fp: str) -> dict:
+    """Commit one part (on a worker): embeddings file first, then the manifest columns (the
+    'done' marker). A downloaded row whose bytes are not in the tar or do not decode becomes
+    failed_decode with the reason."""
+    from common import manifest
+
+    scored = _empty_scored() if scored is None else scored
     has_emb = pc.is_valid(scored.column("embedding"))
     with_emb = scored.filter(has_emb)
     emb = np.asarray(with_emb.column("embedding").to_pylist(), dtype=np.float32)
     manifest.write_embeddings(out, part, with_emb.column("key").to_pylist(), emb)
     base = manifest.read_part(out, part)
     merged = manifest.merge_columns(base, scored.drop_columns(["embedding"]))
-    # Overall status: a download that succeeded but does not decode becomes failed_decode.
     status, error = merged.column("status").to_pylist(), merged.column("error").to_pylist()
     dstat, serr = merged.column("download_status").to_pylist(), merged.column("score_error").to_pylist()
     for i, (ds, se) in enumerate(zip(dstat, serr)):
-        if ds == "success":
+        if ds == "success" and status[i] in ("ok", "failed_decode"):
             status[i], error[i] = ("failed_decode", se) if se else ("ok", None)
     merged = merged.set_column(merged.column_names.index("status"), "status", pa.array(status, pa.string()))
     merged = merged.set_column(merged.column_names.index("error"), "error", pa.array(error, pa.string()))
-    manifest.write_part(out, part, merged, "score", fp)
+    return manifest.write_part(out, part, merged, "score", fp)
 
 
-def _read_images(task: dict) -> list[dict]:
-    from curation.download import iter_images
+def run_score(cfg, out: str, progress: bool = True) -> dict:
+    import functools
 
-    return [{"_part": task["part"], "key": k, "image": b} for k, b in iter_images(task["out"], task["part"])]
-
-
-def run_score(cfg, out: Path, progress: bool = True) -> dict:
     import ray
 
-    from common import manifest
-    from common.raystage import collect_by_part, map_stage
+    from common import fs
+    from common.partstage import commit_groups, nodes_of, pending_parts, read_images, run_tasks
+    from common.raystage import map_stage
 
-    out, fp = Path(out), score_fingerprint(cfg)
-    expected = {}
-    for p in manifest.list_parts(out):
-        if manifest.stage_done(out, p, "score", fp):
-            continue
-        t = manifest.read_part(out, p, ["download_status"])
-        expected[p] = sum(1 for s in t.column("download_status").to_pylist() if s == "success")
-    empty = [p for p, n in expected.items() if n == 0]
-    for p in empty:
-        finish_part(out, p, _empty_scored(), fp)
-    busy = {p: n for p, n in expected.items() if n > 0}
+    out, fp = fs.normalize(out), score_fingerprint(cfg)
+    todo = pending_parts(out, "score", fp)
+    plans = run_tasks(_plan, todo, kwargs={"out": out}, desc="score plan", progress=progress)
+    expected = {p["part"]: p["n"] for p in plans}
+    busy = [p for p in todo if expected[p]]
+    ds = None
     if busy:
         s = cfg.score
-        ds = ray.data.from_items([{"out": str(out), "part": p} for p in sorted(busy)])
-        ds = ds.flat_map(_read_images)
+        ds = ray.data.from_items([{"out": out, "part": p} for p in busy], override_num_blocks=len(busy))
+        ds = ds.flat_map(functools.partial(read_images, rows_fn=downloaded_rows))
         ds = map_stage(ds, Scorer, s.resources, constructor_kwargs=dict(
             clip_model=s.clip_model, clip_pretrained=s.clip_pretrained, aesthetic_weights=s.aesthetic_weights,
             max_pixels=s.max_pixels, precision=s.precision, num_gpus=s.resources.num_gpus))
-        collect_by_part(ds, busy, lambda p, t: finish_part(out, p, t, fp), desc="score", progress=progress)
-    return {"parts_scored": len(expected), "images_scored": sum(busy.values())}
-
-
+    done = commit_groups(ds, expected, finish_part, out=out, stage="score", kwargs={"out": out, "fp": fp},
+                         progress=progress)
+    return {"parts_scored": len(done), "images_scored": sum(expected.values()), "nodes": nodes_of(done.values())}
 def _empty_scored() -> pa.Table:
     return pa.table({
         "key": pa.array([], pa.string()), "width": pa.array([], pa.int64()), "height": pa.array([], pa.int64()),

@@ -7,7 +7,7 @@ never reuses stale numbers. The npz holds the torchmetrics running sums (n, sum 
 could not be used (key + reason): bad images are reported, never fatal.
 
 Images are read from the img2dataset tars <output>/download/NNNNN.tar (our key rides in the json
-member) through curation.download.iter_images and decoded by curation.decode.decode_image (EXIF
+member) through curation.download.iter_images and decoded by common.images.decode_image (EXIF
 orientation, colour modes), the same decoder every other stage uses.
 """
 from __future__ import annotations
@@ -35,7 +35,7 @@ def cache_path(out: Path, cid: str) -> Path:
 
 def _decode(data: bytes):
     try:
-        from curation.decode import decode_image
+        from common.images import decode_image
     except ImportError:  # decode module absent: plain Pillow
         import io
 

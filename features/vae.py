@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from curation.decode import decode_image
+from common.images import decode_image
 from features.preprocess import preprocess, to_model_input
 from features.shards import npy_bytes
 from features.t5 import pick_device_dtype

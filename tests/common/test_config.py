@@ -85,7 +85,7 @@ def test_shipped_pipelines_parse_and_resolve(tmp_path, tiny_models):
     with pytest.raises(ConfigError, match="pipeline 'nope' not found; available: "):
         load_pipeline(str(REPO / "pipelines.yaml"), "nope")
     path = save_resolved(over, tmp_path)
-    saved = yaml.safe_load(path.read_text())["resolved"]
+    saved = yaml.safe_load(open(path).read())["resolved"]
     assert saved["select"]["min_side"] == 64 and saved["score"]["resources"]["actors"] == 2
 
 

@@ -8,7 +8,8 @@ from common import manifest
 from common.config import parse
 from curation import demo_data as dd
 from curation.config import PipelineConfig
-from curation.download import iter_images, run_download
+from common.images import iter_download_images as iter_images
+from curation.download import run_download
 from curation.inputs import prepare_inputs
 
 

@@ -132,7 +132,7 @@ def test_sigkill_in_every_stage_then_rerun_resumes(demo_server, tiny_models, tmp
         if stage == "download":
             committed["tar"] = {p: (out / "download" / f"{p:05d}.tar").stat().st_mtime_ns for p in done}
         if stage == "score":
-            committed["emb"] = {p: manifest.embeddings_path(out, p).stat().st_mtime_ns for p in done}
+            committed["emb"] = {p: Path(manifest.embeddings_uri(out, p)).stat().st_mtime_ns for p in done}
     r = _run_cli(args)
     assert r.returncode == 0, r.stderr[-3000:]
     manifest.check_invariants(out, len(expect))
@@ -141,4 +141,4 @@ def test_sigkill_in_every_stage_then_rerun_resumes(demo_server, tiny_models, tmp
     for p, m in committed["tar"].items():
         assert (out / "download" / f"{p:05d}.tar").stat().st_mtime_ns == m
     for p, m in committed["emb"].items():
-        assert manifest.embeddings_path(out, p).stat().st_mtime_ns == m
+        assert Path(manifest.embeddings_uri(out, p)).stat().st_mtime_ns == m

@@ -1,12 +1,17 @@
-"""Decode downloaded bytes into an RGB image, or a precise reason why not.
+"""Downloaded images: read them from the download tars, decode them into RGB or say precisely why not.
 
 Used by every stage that reads images (score, caption, features, eval) so they all agree on
-orientation, colour handling and what counts as broken. Never raises for bad bytes.
+where the originals are, orientation, colour handling and what counts as broken. Never raises for
+bad bytes. `iter_download_images` is the only reader of `<output>/download/NNNNN.tar` (written by
+img2dataset in the download stage; shard i holds the images of manifest part i).
 """
 from __future__ import annotations
 
 import io
+import json
+import tarfile
 import warnings
+from typing import Iterator
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -98,3 +103,43 @@ def decode_image(data: bytes | None, max_pixels: int = DEFAULT_MAX_PIXELS, draft
         info["error"] = f"decode failed: {str(e)[:200]}"
         return None, info
     return rgb, info
+
+
+DOWNLOAD = "download"
+IMAGE_EXTS = {"jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff"}
+KEY_FIELD = "sigma_key"  # our key rides through img2dataset as an extra column (it owns `key`)
+
+
+def download_tar(out: str, part: int) -> str:
+    from common import fs
+
+    return fs.join(fs.normalize(out), DOWNLOAD, f"{part:05d}.tar")
+
+
+def iter_download_images(out: str, part: int, keys: set[str] | None = None) -> Iterator[tuple[str, bytes]]:
+    """(key, original image bytes) of the downloaded images of part `part`, in tar order; only
+    `keys` when given. Nothing when the part has no tar (every download of it failed)."""
+    from common import fs
+
+    uri = download_tar(out, part)
+    if not fs.exists(uri):
+        return
+    pending: dict[str, dict] = {}
+    with fs.open_input(uri) as f, tarfile.open(fileobj=f, mode="r:") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            base, _, ext = member.name.rpartition(".")
+            ext = ext.lower()
+            if ext != "json" and ext not in IMAGE_EXTS:
+                continue
+            data = tar.extractfile(member).read()
+            entry = pending.setdefault(base, {})
+            if ext == "json":
+                entry["key"] = json.loads(data).get(KEY_FIELD)
+            else:
+                entry["image"] = data
+            if "key" in entry and "image" in entry:
+                del pending[base]
+                if keys is None or entry["key"] in keys:
+                    yield entry["key"], entry["image"]

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from curation.decode import decode_image
+from common.images import decode_image
 from curation.demo_data import bad_items
 
 ITEMS = {it.name: it for it in bad_items()}
