@@ -10,7 +10,7 @@ export TOKENIZERS_PARALLELISM=false
 # `ray`, `duckdb` and the other console scripts of the venv, for the commands the tests and demo run.
 export PATH := $(CURDIR)/.venv/bin:$(PATH)
 
-.PHONY: install models vllm-venv demo test test-fast clean
+.PHONY: install models vllm-venv browser demo test test-fast clean
 
 install: .venv/.installed
 
@@ -30,10 +30,18 @@ vllm-venv: .venv-vllm/.installed
 .venv-vllm/.installed: captioning/scripts/make_vllm_venv.sh
 	bash captioning/scripts/make_vllm_venv.sh .venv-vllm
 
+# Debian's headless Chromium + chromedriver: the real browser of the web-page tests (curation.browse,
+# the eval preference page). ~30 s once.
+browser: /usr/bin/chromedriver
+
+/usr/bin/chromedriver:
+	$$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive $$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get install -y -qq chromium chromium-driver >/dev/null
+
 demo: install models
 	$(PY) -m curation.demo
 
-test: install models vllm-venv
+test: install models vllm-venv browser
 	$(PY) -m pytest -q tests
 
 test-fast: install models
