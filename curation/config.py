@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Literal
 from pathlib import Path
 
 from common.config import ConfigError, Resources, apply_overrides, check_paths, load_yaml, parse  # noqa: F401 (Resources re-exported)
@@ -68,20 +69,41 @@ class ScoreConfig:
 
 @dataclass(frozen=True)
 class DedupConfig:
+    """Candidate duplicate pairs (curation/dedup): select resolves them at its own threshold.
+
+    Exact: rows with the same sha256. Near: cosine of CLIP image embeddings >= candidate_threshold,
+    found SemDeDup-style: hierarchical k-means centroids fitted on a sample, each row joins its
+    nearest cluster and up to `assignments - 1` more whose boundary is close to it (pairs that
+    straddle clusters), blockwise search within each cluster. Inputs of at most exact_search_rows
+    rows are searched exactly (all pairs, one task).
+    """
+
     exact: bool = True
     near: bool = True
-    threshold: float = 0.95  # cosine similarity of CLIP image embeddings above which rows are near-duplicates
-    block_size: int = 4096  # rows per block of the blockwise similarity search
-    clusters: int = 0  # 0: exact all-pairs search; >0: k-means partitions (SemDeDup-style) for large sets
-    keep: str = "best"  # best (largest, then most aesthetic, then lowest key) | first (lowest key)
+    candidate_threshold: float = 0.9  # near pairs at/above this cosine are stored (select may raise it)
+    exact_search_rows: int = 20_000  # up to this many rows: exact all-pairs search, no clustering
+    cluster_rows: int = 400  # target rows per k-means cluster (search cost per row ~ assignments^2 * this)
+    assignments: int = 4  # most clusters a row joins (its nearest + boundary clusters)
+    # a row also joins cluster c when its distance to the boundary between its nearest cluster and c
+    # is <= assign_radius * (distance of two unit vectors at candidate_threshold); 1.0 is the bound
+    # that can never miss a pair, smaller values trade a little recall for much less search
+    assign_radius: float = 0.35
+    probe: int = 3  # coarse cells whose fine centroids are scored per row (two-level k-means)
+    sample_rows: int = 200_000  # most embeddings the centroids are fitted on
+    group_rows: int = 200_000  # rows (with their cluster copies) per search task: bounds its memory
+    map_rows: int = 100_000  # rows per routing task (reads parts, assigns clusters)
+    block_size: int = 4096  # rows per similarity matmul block
+    seed: int = 0
 
     def __post_init__(self):
-        if not 0.0 < self.threshold <= 1.0:
-            raise ConfigError(f"threshold: got {self.threshold}, allowed: 0 < threshold <= 1")
-        if self.keep not in ("best", "first"):
-            raise ConfigError(f"keep: got {self.keep!r}, allowed: best | first")
-        if self.block_size < 1 or self.clusters < 0:
-            raise ConfigError("block_size must be >= 1 and clusters >= 0")
+        if not 0.0 < self.candidate_threshold <= 1.0:
+            raise ConfigError(f"candidate_threshold: got {self.candidate_threshold}, allowed: 0 < t <= 1")
+        if not 0.0 <= self.assign_radius <= 1.0:
+            raise ConfigError(f"assign_radius: got {self.assign_radius}, allowed: 0..1")
+        small = {k: getattr(self, k) for k in ("cluster_rows", "assignments", "probe", "sample_rows", "group_rows",
+                                                "map_rows", "block_size") if getattr(self, k) < 1}
+        if small or self.exact_search_rows < 0:
+            raise ConfigError(f"{', '.join(small) or 'exact_search_rows'}: must be >= 1 (exact_search_rows >= 0)")
 
 
 @dataclass(frozen=True)
@@ -91,12 +113,19 @@ class SelectConfig:
     max_aspect_ratio: float = 4.5  # h/w <= 4.5 as in PixArt-Sigma
     min_aspect_ratio: float = 1 / 4.5  # the same limit for wide images (the paper only states h/w)
     drop_duplicates: bool = True
+    # Duplicates: pairs of dedup at/above this cosine (exact copies always); must be >= the
+    # dedup.candidate_threshold they were searched with. Greedy in rank order among the rows that
+    # pass the other criteria: a row is dropped only when it is this similar to a row that is kept.
+    dedup_threshold: float = 0.95
+    dedup_keep: Literal["best", "first"] = "best"  # best: most pixels, then aesthetic, then lowest key | first: lowest key
 
     def __post_init__(self):
         if self.min_side < 0 or not (0 < self.min_aspect_ratio <= 1 <= self.max_aspect_ratio):
             raise ConfigError("min_side >= 0 and 0 < min_aspect_ratio <= 1 <= max_aspect_ratio required")
         if self.aesthetic_min is not None and not math.isfinite(self.aesthetic_min):
             raise ConfigError("aesthetic_min must be a finite number or null")
+        if not 0.0 < self.dedup_threshold <= 1.0:
+            raise ConfigError(f"dedup_threshold: got {self.dedup_threshold}, allowed: 0 < t <= 1")
 
 
 @dataclass(frozen=True)
@@ -163,6 +192,10 @@ class PipelineConfig:
         bad = [s for s in self.stages if s not in STAGES]
         if bad:
             raise ConfigError(f"stages: unknown stage {bad[0]!r}; allowed: {', '.join(STAGES)}")
+        if self.select.dedup_threshold < self.dedup.candidate_threshold:
+            raise ConfigError(f"select.dedup_threshold ({self.select.dedup_threshold}) must be >= "
+                              f"dedup.candidate_threshold ({self.dedup.candidate_threshold}): dedup stores no "
+                              "pairs below its candidate threshold")
 
     @property
     def out(self) -> str:

@@ -93,7 +93,7 @@ def test_cli_reports_config_errors_before_work(tmp_path, capsys):
     from curation import run
 
     rc = run.main(["--config", str(REPO / "pipelines.yaml"), "--pipeline", "demo", "--output", str(tmp_path / "o"),
-                   "--set", "dedup.threshold=2"])
+                   "--set", "dedup.candidate_threshold=2"])
     err = capsys.readouterr().err
     assert rc == 2 and "dedup" in err and "threshold" in err
     assert not (tmp_path / "o").exists()  # nothing was started

@@ -1,77 +1,127 @@
-"""Dedup against an independent brute-force computation (full similarity matrix + scipy components)."""
+"""Dedup stage against an independent brute-force search (full fp32 similarity matrix)."""
+import math
+
 import numpy as np
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
+import pytest
+from scored_data import brute_pairs, representative, synthetic, write_scored
 
-from curation.config import DedupConfig
-from curation.dedup import find_duplicates, near_pairs
+from common import fs
+from curation.config import DedupConfig, PipelineConfig
+from curation.dedup import kmeans, read_done, run_dedup, search
+from curation.dedup.pairs import ROW_BASE, key_ids, pair_file, pair_files
 
-
-def _data(n=300, d=16, n_dups=40, seed=0):
-    rng = np.random.default_rng(seed)
-    emb = rng.normal(size=(n, d))
-    src = rng.choice(n, n_dups, replace=False)
-    dst = rng.choice(np.setdiff1d(np.arange(n), src), n_dups, replace=False)
-    emb[dst] = emb[src] + rng.normal(scale=0.05, size=(n_dups, d))  # near copies, spread across blocks
-    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
-    return emb.astype(np.float32)
+PART = 500
+CLUSTERED = dict(exact_search_rows=0, cluster_rows=50, group_rows=1500, map_rows=1000)
 
 
-def _brute_components(emb, thr):
-    s = emb @ emb.T
-    i, j = np.nonzero(np.triu(s > thr, 1))
-    g = coo_matrix((np.ones(len(i)), (i, j)), shape=(len(emb),) * 2)
-    return connected_components(g, directed=False)[1]
+def _cfg(out, **dedup):
+    return PipelineConfig(name="t", output=str(out), dedup=DedupConfig(**dedup))
 
 
-def test_near_pairs_match_full_matrix_across_blocks():
-    emb = _data()
-    got = {(i, j) for i, j, _ in near_pairs(emb, 0.9, block=32)}  # block << N: pairs cross blocks
-    s = emb @ emb.T
-    want = {(int(i), int(j)) for i, j in zip(*np.nonzero(np.triu(s > 0.9, 1)))}
-    assert got == want and len(want) >= 40
+def _row(k):
+    return int(k // ROW_BASE) * PART + int(k % ROW_BASE)
 
 
-def test_groups_equal_connected_components_and_keep_best():
-    emb = _data()
-    n = len(emb)
-    keys = [f"{i:05d}" for i in range(n)]
-    pixels = list(np.random.default_rng(1).integers(1, 10_000, n))
-    cfg = DedupConfig(threshold=0.9, block_size=64, exact=False)
-    dups = find_duplicates(keys, [None] * n, emb, pixels, [None] * n, cfg)
-    labels = _brute_components(emb, 0.9)
-    for comp in np.unique(labels):
-        members = np.flatnonzero(labels == comp)
-        if len(members) == 1:
-            assert members[0] not in dups
-            continue
-        best = max(members, key=lambda i: (pixels[i], -i))
-        assert best not in dups
-        for m in members:
-            if m != best:
-                assert dups[m][0] == best and dups[m][1] == "near"
-                assert abs(dups[m][2] - float(emb[m] @ emb[best])) < 1e-5
+def _stored(out) -> dict:
+    """{(row i, row j): (similarity, kind)} from the pair files; asserts every pair is stored once, a < b."""
+    got = {}
+    for uri in pair_files(str(out)):
+        t = fs.read_parquet(uri)
+        assert t.schema.field("similarity").type == "float" and all(a < b for a, b in zip(t["a"].to_pylist(), t["b"].to_pylist()))
+        for a, b, s, kind in zip(key_ids(t["a"]), key_ids(t["b"]), t["similarity"].to_pylist(), t["kind"].to_pylist()):
+            pair = (min(_row(a), _row(b)), max(_row(a), _row(b)))
+            assert pair not in got, f"pair {pair} stored twice"
+            got[pair] = (s, kind)
+    return got
 
 
-def test_exact_duplicates_by_hash_and_first_policy():
-    emb = np.eye(4, dtype=np.float32)
-    keys = ["a", "b", "c", "d"]
-    sha = ["h1", "h2", "h1", None]
-    dups = find_duplicates(keys, sha, emb, [1, 1, 5, 1], [None] * 4, DedupConfig(threshold=0.99, keep="first"))
-    assert dups == {2: (0, "exact", 1.0)}
-    dups = find_duplicates(keys, sha, emb, [1, 1, 5, 1], [None] * 4, DedupConfig(threshold=0.99, keep="best"))
-    assert dups == {0: (2, "exact", 1.0)}  # the larger copy is kept
+def _expected(data, threshold=0.9):
+    """Brute-force near pairs (from threshold - 1e-6: float32 rounding decides right at the
+    threshold), exact copies mapped onto their lowest row (dedup searches those only), and the
+    star edges of each sha256 group."""
+    rep = representative(data)
+    ref = brute_pairs(data, threshold - 1e-6)
+    near = {(min(rep[i], rep[j]), max(rep[i], rep[j])): s for (i, j), s in ref.items() if rep[i] != rep[j]}
+    exact = {(int(rep[i]), i) for i in range(len(rep)) if rep[i] != i}
+    return near, exact
 
 
-def test_cluster_partitioned_search_finds_the_same_duplicates():
-    # well-separated clusters: partitioned search must find every pair the full search finds
-    rng = np.random.default_rng(3)
-    centers = rng.normal(size=(8, 32)) * 10
-    emb = np.concatenate([c + rng.normal(size=(100, 32)) for c in centers])
-    emb[::50] = emb[1::50] + 0.01
-    emb = (emb / np.linalg.norm(emb, axis=1, keepdims=True)).astype(np.float32)
-    n = len(emb)
-    args = ([f"{i:05d}" for i in range(n)], [None] * n, emb, [1] * n, [None] * n)
-    full = find_duplicates(*args, DedupConfig(threshold=0.999, block_size=100, exact=False))
-    part = find_duplicates(*args, DedupConfig(threshold=0.999, block_size=100, clusters=8, exact=False))
-    assert full == part and len(full) == 16
+@pytest.fixture(scope="module")
+def data():
+    return synthetic(3000, d=64)
+
+
+def _check(stored, near, exact, data):
+    for (i, j), (s, kind) in stored.items():
+        if kind == "exact":
+            assert (i, j) in exact and s == 1.0
+        else:  # every stored near pair is a real one, with its fp32 cosine
+            assert (i, j) in near and abs(s - near[(i, j)]) < 1e-5, ((i, j), s)
+    assert {p for p, (_, k) in stored.items() if k == "exact"} == exact
+    got = {p for p, (_, k) in stored.items() if k == "near"}
+    want = {p for p, s in near.items() if s >= 0.9 + 1e-6}
+    return len(got & want) / len(want), got, want
+
+
+def test_small_input_is_exact_all_pairs_search(tmp_path, data):
+    out = tmp_path / "out"
+    write_scored(str(out), data, PART)
+    res = run_dedup(_cfg(out), str(out), progress=False)  # 3000 rows <= exact_search_rows: one group, all pairs
+    near, exact = _expected(data)
+    recall, got, want = _check(_stored(out), near, exact, data)
+    assert res["groups"] == 1 and recall == 1.0 and len(want) >= 60 and len(exact) == 30
+    planted = {(min(s, d), max(s, d)) for s, d in data["near"]}
+    assert planted & set(data["exact"]) == set() and all(p in got for p in planted
+                                                          if all(data["status"][list(p)] == "ok"))
+    done = read_done(str(out))
+    assert done["pairs"] == len(got) + len(exact) and done["candidate_threshold"] == 0.9
+
+
+def test_clustered_search_finds_pairs_across_clusters(tmp_path, data, ray_local):
+    out = tmp_path / "out"
+    write_scored(str(out), data, PART)
+    cfg = _cfg(out, **CLUSTERED)
+    res = run_dedup(cfg, str(out), progress=False)
+    assert res["clusters"] >= 30 and res["groups"] >= 3 and len(res["nodes"]) >= 1
+    near, exact = _expected(data)
+    recall, got, _ = _check(_stored(out), near, exact, data)
+    assert recall >= 0.99, recall
+    # planted near duplicates whose rows have different nearest clusters: found all the same
+    d = cfg.dedup
+    cl = kmeans.Assigner(search.load_plan(str(out)), d.assignments,
+                         d.assign_radius * math.sqrt(2 - 2 * d.candidate_threshold), d.probe)(data["emb"])
+    ok = data["status"] == "ok"
+    straddle = [(min(s, t), max(s, t)) for s, t in data["near"] if ok[s] and ok[t] and cl[s, 0] != cl[t, 0]]
+    assert len(straddle) >= 5 and all(p in got for p in straddle)
+
+
+def test_rerun_skips_then_redoes_only_missing_groups(tmp_path, data, ray_local):
+    out = tmp_path / "out"
+    write_scored(str(out), data, PART)
+    cfg = _cfg(out, **CLUSTERED)
+    first = run_dedup(cfg, str(out), progress=False)
+    before = _stored(out)
+    assert run_dedup(cfg, str(out), progress=False)["skipped"]
+    fs.delete(fs.join(str(out), "dedup", "_done.json"))  # as after a kill between two group commits
+    fs.delete(pair_file(str(out), 1))
+    again = run_dedup(cfg, str(out), progress=False)
+    assert again["groups_reused"] == first["groups"] - 1 and _stored(out) == before
+    # another candidate threshold: a new fingerprint, everything recomputed, fewer pairs
+    higher = run_dedup(_cfg(out, **CLUSTERED, candidate_threshold=0.95), str(out), progress=False)
+    assert higher["groups_reused"] == 0 and 0 < higher["near"] < first["near"]
+    assert all(s >= 0.95 for s, k in _stored(out).values())
+
+
+def test_two_level_assignment_agrees_with_flat_nearest_centroid():
+    rng = np.random.default_rng(1)
+    centers = rng.standard_normal((40, 32)) * 3
+    x = centers[rng.integers(40, size=4000)] + rng.standard_normal((4000, 32))
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    cent = kmeans.fit_centroids(x, 100, seed=0)
+    assert len(cent["coarse"]) == 10 and 90 <= len(cent["fine"]) <= 110 and cent["cell_start"][-1] == len(cent["fine"])
+    got = kmeans.Assigner(cent, 1, 0.0, 3)(x.astype(np.float16))[:, 0]
+    f = cent["fine"]
+    flat = np.argmin(((x[:, None, :] - f[None]) ** 2).sum(-1), axis=1)  # exact nearest fine centroid
+    assert (got == flat).mean() > 0.95
+    sizes = np.bincount(got, minlength=len(f))
+    assert sizes.max() < 8 * len(x) / len(f)  # fine centroids spread with the data: no giant cluster

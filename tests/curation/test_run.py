@@ -64,10 +64,17 @@ def test_same_url_twice_and_same_bytes_are_exact_duplicates(finished_run):
     copies = [r for r in t if r["url"] and r["url"].endswith(first)]
     assert len(copies) == 3  # original, same URL again, same bytes at another URL
     kept = [r for r in copies if r["duplicate_of"] is None]
-    assert len(kept) == 1
-    for r in copies:
-        if r["duplicate_of"] is not None:
-            assert r["duplicate_of"] == kept[0]["key"] and r["dup_kind"] == "exact" and not r["selected"]
+    if kept:  # the image is kept once, its copies name it
+        assert len(kept) == 1 and kept[0]["selected"]
+        for r in copies:
+            if r is not kept[0]:
+                assert (r["duplicate_of"], r["dup_kind"], r["dup_similarity"]) == (kept[0]["key"], "exact", 1.0)
+                assert not r["selected"]
+    else:  # the image is itself a near duplicate of a kept row (depends on the CLIP): all copies name that row
+        assert len({r["duplicate_of"] for r in copies}) == 1 and {r["dup_kind"] for r in copies} == {"near"}
+        assert not any(r["selected"] for r in copies)
+    by_key = {r["key"]: r for r in t}
+    assert all(by_key[r["duplicate_of"]]["selected"] for r in t if r["duplicate_of"])  # never a rejected row
 
 
 def test_outputs_config_summary_and_duckdb(finished_run):
@@ -92,6 +99,21 @@ def test_changing_a_threshold_reruns_select_only(finished_run, tiny_models):
     assert [r["aesthetic"] for r in after] == [r["aesthetic"] for r in before]
     tiny = next(r for r in after if r["url"] and r["url"].endswith("tiny1x1.png"))
     assert "too_small" not in (tiny["reject_reason"] or "")
+
+
+def test_select_refuses_when_dedup_is_stale(finished_run, tiny_models, capsys):
+    """Scores changed after dedup ran: `--stages select` must not select from stale duplicates."""
+    out, _, _ = finished_run
+    urls = out / ".." / "urls.parquet"
+    rescore = ["--set", "score.max_pixels=100000000"]  # another score fingerprint: every part is rescored
+    assert run_mod.main(_args(tiny_models, urls, out, stages="score") + rescore) == 0
+    capsys.readouterr()
+    assert run_mod.main(_args(tiny_models, urls, out, stages="select") + rescore) == 2
+    err = capsys.readouterr().err
+    assert "dedup" in err and "--stages dedup,select" in err
+    assert run_mod.main(_args(tiny_models, urls, out, stages="dedup,select") + rescore) == 0
+    t = manifest.read_manifest(out, ["selected"]).column("selected").to_pylist()
+    assert t.count(True) >= 1
 
 
 @pytest.mark.parametrize("content, needle", [
@@ -127,6 +149,10 @@ def test_sigkill_in_every_stage_then_rerun_resumes(demo_server, tiny_models, tmp
         t = manifest.read_manifest(out, ["key"])
         assert len(set(t.column("key").to_pylist())) == t.num_rows  # never a duplicate, even mid-run
         assert not list((out / "manifest").glob(".*tmp*"))
+        if stage == "dedup":  # dedup commits pair files (select resolves them), its marker comes last
+            assert list((out / "dedup" / "pairs").glob("part-*.parquet")), "nothing committed before the kill in dedup"
+            assert not (out / "dedup" / "_done.json").exists()
+            continue
         done = [p for p in parts if stage in manifest.part_fingerprints(out, p)]
         assert done, f"nothing committed before the kill in {stage}"
         if stage == "download":
