@@ -72,24 +72,24 @@ class DedupConfig:
     """Candidate duplicate pairs (curation/dedup): select resolves them at its own threshold.
 
     Exact: rows with the same sha256. Near: cosine of CLIP image embeddings >= candidate_threshold,
-    found SemDeDup-style: hierarchical k-means centroids fitted on a sample, each row joins its
-    nearest cluster and up to `assignments - 1` more whose boundary is close to it (pairs that
-    straddle clusters), blockwise search within each cluster. Inputs of at most exact_search_rows
-    rows are searched exactly (all pairs, one task).
+    found SemDeDup-style: k-means centroids fitted on a sample, each row joins its nearest cluster
+    and up to `assignments - 1` more whose boundary is close to it (pairs that straddle clusters),
+    blockwise search within each cluster. Inputs of at most exact_search_rows rows are searched
+    exactly (all pairs, one task).
     """
 
     exact: bool = True
     near: bool = True
     candidate_threshold: float = 0.9  # near pairs at/above this cosine are stored (select may raise it)
     exact_search_rows: int = 20_000  # up to this many rows: exact all-pairs search, no clustering
-    cluster_rows: int = 400  # target rows per k-means cluster (search cost per row ~ assignments^2 * this)
+    cluster_rows: int = 250  # target rows per k-means cluster (search cost per row ~ assignments^2 * this)
     assignments: int = 4  # most clusters a row joins (its nearest + boundary clusters)
     # a row also joins cluster c when its distance to the boundary between its nearest cluster and c
     # is <= assign_radius * (distance of two unit vectors at candidate_threshold); 1.0 is the bound
     # that can never miss a pair, smaller values trade a little recall for much less search
     assign_radius: float = 0.35
-    probe: int = 3  # coarse cells whose fine centroids are scored per row (two-level k-means)
-    sample_rows: int = 200_000  # most embeddings the centroids are fitted on
+    probe: int = 8  # cells of the centroid index scored per row (~sqrt(clusters) cells)
+    sample_rows: int = 100_000  # most embeddings the centroids are fitted on (16 per cluster below that)
     group_rows: int = 200_000  # rows (with their cluster copies) per search task: bounds its memory
     map_rows: int = 100_000  # rows per routing task (reads parts, assigns clusters)
     block_size: int = 4096  # rows per similarity matmul block

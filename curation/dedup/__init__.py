@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from common import faults, fs, manifest
 from common.config import fingerprint
-from curation.dedup import search
+from curation.dedup import kmeans, search
 from curation.dedup.pairs import (done_uri, pair_file, pair_file_meta, pairs_dir, read_done)
 
 __all__ = ["run_dedup", "dedup_fingerprint", "read_done"]
@@ -71,11 +71,11 @@ class _Exec:
     def cpus(self) -> int:
         return int(self.ray.cluster_resources().get("CPU", 1)) if self.ray else 1
 
-    def submit(self, fn, *args, num_returns: int = 1, **kwargs):
+    def submit(self, fn, *args, num_returns: int = 1, num_cpus: float = 1, **kwargs):
         if self.ray is None:
             return fn(*args, **kwargs)
-        remote = self.ray.remote(num_cpus=1, max_retries=2)(fn).options(num_returns=num_returns,
-                                                                       scheduling_strategy="SPREAD")
+        remote = self.ray.remote(num_cpus=num_cpus, max_retries=2)(fn).options(num_returns=num_returns,
+                                                                              scheduling_strategy="SPREAD")
         return remote.remote(*args, **kwargs)
 
     def get(self, x):
@@ -116,11 +116,14 @@ def _make_plan(cfg, out: str, fp: str, batches: list[list[int]], n_rows: int, ex
                 "groups": groups}
         fs.write_json(search.plan_json(out), info)
         return info
-    frac = min(1.0, d.sample_rows / n_rows)
+    n_clusters = max(1, round(n_rows / d.cluster_rows))
+    frac = min(1.0, d.sample_rows / n_rows, kmeans.SAMPLE_PER_CLUSTER * n_clusters / n_rows)
     samples = [ex.submit(search.sample_embeddings, b, out, frac, d.seed) for b in batches]
-    return ex.get(ex.submit(search.fit_plan, *samples, out=out, fp=fp, n_clusters=max(1, round(n_rows / d.cluster_rows)),
-                            min_groups=min_groups, total_rows=n_rows, assignments=d.assignments,
-                            radius=_radius(d), probe=d.probe, group_rows=d.group_rows, seed=d.seed))
+    # the fit runs alone (sampling done, routing waits for it): let its BLAS use a few cores
+    return ex.get(ex.submit(search.fit_plan, *samples, num_cpus=min(4, ex.cpus()), out=out, fp=fp,
+                            n_clusters=n_clusters, min_groups=min_groups, total_rows=n_rows,
+                            assignments=d.assignments, radius=_radius(d), probe=d.probe, group_rows=d.group_rows,
+                            seed=d.seed))
 
 
 def _radius(d) -> float:
@@ -153,6 +156,7 @@ def run_dedup(cfg, out: str, progress: bool = True) -> dict:
     batches = _batches(parts, ok_rows, d.map_rows)
     n_rows = sum(ok_rows)
     ex = _Exec()
+    t_plan = time.time()
     plan = _current_plan(out, fp)
     if plan is None:
         fs.delete_dir(pairs_dir(out))  # pairs of another plan must not mix with this one's
@@ -161,6 +165,7 @@ def run_dedup(cfg, out: str, progress: bool = True) -> dict:
     metas = _footers(out, list(range(n_groups)), lambda o, g: pair_file_meta(pair_file(o, g)))
     finished = {g: m for g, m in enumerate(metas) if m.get("plan_id") == plan["plan_id"] and m.get("fingerprint") == fp}
     todo = [g for g in range(n_groups) if g not in finished]
+    t_search = time.time()
     results, stats = dict(finished), []
     if todo and (d.exact or d.near):
         kw = dict(out=out, plan={"groups": n_groups, "mode": plan["mode"]}, skip=tuple(finished), exact=d.exact,
@@ -183,11 +188,16 @@ def run_dedup(cfg, out: str, progress: bool = True) -> dict:
                "exact": sum(r.get("exact", 0) for r in results.values()),
                "near": sum(r.get("near", 0) for r in results.values()),
                "candidate_threshold": d.candidate_threshold, "clusters": plan.get("clusters"), "groups": n_groups,
-               "groups_reused": len(finished), "seconds": round(time.time() - t0, 2)}
+               "groups_reused": len(finished), "seconds": round(time.time() - t0, 2),
+               "plan_seconds": round(t_search - t_plan, 2), "search_seconds": round(time.time() - t_search, 2),
+               "fit": {k: plan.get(k) for k in ("sample_rows", "mean_assignments", "largest_cluster_est", "fit_seconds")},
+               "group_seconds_max": max((r.get("seconds", 0) for r in results.values()), default=0)}
     fs.write_json(done_uri(out), summary)
     faults.after_commit("dedup")
     nodes: dict = {}
     for r in results.values():
         if r.get("node"):
             nodes[r["node"]] = nodes.get(r["node"], 0) + 1
-    return {k: summary[k] for k in ("rows", "exact", "near", "clusters", "groups", "groups_reused")} | {"nodes": nodes}
+    keep = ("rows", "exact", "near", "clusters", "groups", "groups_reused", "routed_rows", "plan_seconds",
+            "search_seconds", "group_seconds_max", "fit")
+    return {k: summary[k] for k in keep} | {"nodes": nodes}

@@ -1,76 +1,104 @@
-"""Two-level k-means for near-duplicate search: centroids fitted on a sample (scikit-learn), every
-row assigned to its nearest cluster plus the clusters whose boundary it lies close to.
+"""k-means for near-duplicate search: centroids fitted on a sample (scikit-learn), an index over
+them for fast assignment, and every row assigned to its nearest cluster plus the clusters whose
+boundary it lies close to. What was measured on a 1M-row topic mixture (benchmarks/scale_bench.py)
+decided each choice below.
 
-Why two levels: clusters stay ~`cluster_rows` rows so that the search per row stays constant, so
-the number of clusters K grows with the data, and scoring a row against K flat centroids would
-dominate at tens of millions of rows. Here ~sqrt(K) coarse centroids each own fine centroids
-fitted on that coarse cell's sample rows; a row is scored against the coarse centroids and the
-fine centroids of its `probe` best cells only: ~(1 + probe) * sqrt(K) dot products per row.
+Space: clustering (not the search) happens after removing the DROP_COMPONENTS leading principal
+components of the sample and renormalising ("all-but-the-top"): those directions carry variance
+shared by every topic (in CLIP: style, lighting, ...), so cells cut along them split every topic
+and near duplicates, which differ mostly along them, straddle the cuts. Dropping 8 raised the
+share of planted pairs sharing a cluster from 0.990 to 0.999 with fewer copies per row.
 
-Why several clusters per row: for unit vectors at cosine t, |x - y| = r = sqrt(2 - 2t). If y's
-nearest cluster c is not x's nearest c1, the segment x-y crosses the boundary (bisector hyperplane)
-of c1 and c, so x lies within r of it. A row therefore joins every cluster whose boundary with its
-nearest lies within `radius * r` (radius 1 can miss nothing but in 768-d nearly every cluster is that
-close; ~0.35 keeps about two clusters per row and finds > 99 % of the pairs on structured data,
-see benchmarks/RESULTS.md), at most `assignments` clusters.
-Scores are s(x, c) = x.c - |c|^2 / 2 (the nearest centroid in Euclidean distance has the largest s),
-so the distance of x to the c1/c boundary is (s(x, c1) - s(x, c)) / |c1 - c|.
+Fit: MiniBatchKMeans, random seeding, a few epochs over ~16 sample rows per cluster. k-means++
+seeding was 8x slower with the same recall; a balanced two-level fit (clusters allotted per coarse
+cell by its rows) cut dense topics finely and lost pairs (recall 0.955 instead of 0.997).
+
+Index: scoring a row against all K centroids would dominate at tens of millions of rows (K grows
+with the data), so the centroids are grouped into ~sqrt(K) cells (k-means over the centroids) and a
+row is scored against the cell centres and the centroids of its `probe` best cells only.
+
+Several clusters per row: for unit vectors at cosine t, |x - y| = r = sqrt(2 - 2t). If y's nearest
+cluster c is not x's nearest c1, the segment x-y crosses the boundary (bisector hyperplane) of c1
+and c, so x lies within r of it (projection shrinks distances: the bound holds in the clustering
+space too). A row joins every cluster whose boundary with its nearest lies within `radius` (in the
+stage assign_radius * r: 1 can miss nothing, but in high dimensions nearly every cluster is that
+close), at most `assignments` clusters. Scores are s(x, c) = x.c - |c|^2 / 2 (the nearest centroid in
+Euclidean distance has the largest s), so x's distance to the c1/c boundary is (s1 - s) / |c1 - c|.
+k-means leaves some clusters far larger than the rest (rows of sparse regions gather at central
+centroids); search.py splits those again with the same method inside the search task.
 """
 from __future__ import annotations
 
 import math
 
 import numpy as np
-import torch
+
+SAMPLE_PER_CLUSTER = 16  # sample rows per centroid: more costs fit time without better recall
+DROP_COMPONENTS = 8  # leading principal components left out of the clustering space
 
 
-def fit_centroids(sample: np.ndarray, n_clusters: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """sample (S, D) float -> {"coarse" (K1, D) f32, "fine" (K, D) f32 grouped by coarse cell,
-    "cell_start" (K1 + 1,) int64: fine centroids of cell c are fine[cell_start[c]:cell_start[c+1]]}.
+def fit_space(sample: np.ndarray, drop: int = DROP_COMPONENTS) -> np.ndarray:
+    """(drop, D) float32: the leading principal directions of the (centred) sample, <= 20000 rows."""
+    x = np.asarray(sample[:20000], np.float32)
+    if drop <= 0 or len(x) < 2 * drop:
+        return np.zeros((0, x.shape[1] if x.ndim == 2 else 0), np.float32)
+    _, _, vt = np.linalg.svd(x - x.mean(0), full_matrices=False)
+    return np.ascontiguousarray(vt[:drop], np.float32)
 
-    Fine centroids are spread over the cells in proportion to their sample rows, so clusters come
-    out of similar size wherever the data is dense."""
+
+def project(x, components):
+    """Rows without their components along `components`, renormalised: (n, D) float32 (numpy or torch)."""
+    import torch
+
+    t = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x).float()
+    if len(components):
+        v = torch.as_tensor(components)
+        t = t - (t @ v.T) @ v
+    return t / t.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+def fit_centroids(sample: np.ndarray, n_clusters: int, seed: int = 0, drop: int = DROP_COMPONENTS) -> dict:
+    """sample (S, D) -> {"components" (drop, D): the clustering space, "fine" (K, D) f32 centroids
+    ordered by cell, "coarse" (K1, D) f32 cell centres, "cell_start" (K1 + 1,) int64: the centroids
+    of cell c are fine[cell_start[c]:cell_start[c + 1]]}."""
     from sklearn.cluster import KMeans, MiniBatchKMeans
 
-    x = np.ascontiguousarray(sample, dtype=np.float32)
-    n = len(x)
-    if n == 0:
+    if len(sample) == 0:
         raise ValueError("no sample rows to fit centroids on")
+    components = fit_space(sample, drop)
+    x = project(sample, components).numpy()
+    n = len(x)
     k = max(1, min(int(n_clusters), n))
-    k1 = max(1, min(int(round(math.sqrt(k))), n))
-    if k1 > 1:
-        coarse_km = MiniBatchKMeans(k1, batch_size=4096, n_init=1, max_iter=20, random_state=seed,
-                                    max_no_improvement=5, reassignment_ratio=0.0).fit(x)
-        coarse, labels = coarse_km.cluster_centers_.astype(np.float32), coarse_km.labels_
+    if k > 1:
+        fine = MiniBatchKMeans(k, init="random", batch_size=4096, n_init=1, max_iter=5, max_no_improvement=3,
+                               random_state=seed).fit(x).cluster_centers_.astype(np.float32)
     else:
-        coarse, labels = x.mean(0, keepdims=True), np.zeros(n, np.int64)
+        fine = x.mean(0, keepdims=True)
+    k1 = int(round(math.sqrt(k))) if k > 64 else 1
+    labels = KMeans(k1, n_init=1, random_state=seed).fit(fine).labels_ if k1 > 1 else np.zeros(k, np.int64)
+    order = np.argsort(labels, kind="stable")
     counts = np.bincount(labels, minlength=k1)
-    alloc = np.clip(np.round(counts * (k / n)).astype(np.int64), 1, np.maximum(counts, 1))
-    fine = []
-    for c in range(k1):
-        rows = x[labels == c]
-        if len(rows) == 0:
-            fine.append(coarse[c:c + 1])
-        elif alloc[c] == 1:
-            fine.append(rows.mean(0, keepdims=True))
-        else:
-            km = KMeans(int(alloc[c]), n_init=1, max_iter=30, random_state=seed).fit(rows)
-            fine.append(km.cluster_centers_.astype(np.float32))
-    sizes = np.array([len(f) for f in fine], np.int64)
-    return {"coarse": coarse.astype(np.float32), "fine": np.concatenate(fine).astype(np.float32),
-            "cell_start": np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)}
+    coarse = np.stack([fine[labels == c].mean(0) for c in range(k1)]).astype(np.float32)
+    return {"components": components, "coarse": coarse, "fine": fine[order],
+            "cell_start": np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)}
 
 
 class Assigner:
     """Assigns rows to clusters: `assigner(emb (n, D) fp16/fp32) -> (n, assignments) int32`, nearest
-    first, -1 where a row joins fewer clusters. Deterministic per row (copies of one image agree)."""
+    first, -1 where a row joins fewer clusters; rows are projected into the clustering space
+    (cent["components"]) first. Deterministic per row (copies of one image agree).
+    Only the centroids of the `probe` cells nearest to a row are scored (exact when probe >= cells)."""
 
     def __init__(self, cent: dict[str, np.ndarray], assignments: int, radius: float, probe: int):
+        import torch  # here, not at import: the driver references this module without running it
+
+        self.components = cent.get("components", np.zeros((0, 0), np.float32))
         self.coarse = torch.from_numpy(cent["coarse"]).to(torch.bfloat16)
         self.fine32 = torch.from_numpy(np.ascontiguousarray(cent["fine"], np.float32))
         self.fine = self.fine32.to(torch.bfloat16)
         self.h_coarse = (self.coarse.float() ** 2).sum(1) / 2
         self.h_fine = (self.fine.float() ** 2).sum(1) / 2
+        self.h_fine32 = (self.fine32 ** 2).sum(1) / 2
         self.start = cent["cell_start"].astype(np.int64)
         self.sizes = np.diff(self.start)
         self.kmax = int(self.sizes.max())
@@ -79,14 +107,19 @@ class Assigner:
         self.radius = radius
 
     def __call__(self, emb: np.ndarray) -> np.ndarray:
+        import torch
+
         n = len(emb)
         out = np.full((n, self.assignments), -1, np.int32)
-        chunk = max(1024, (1 << 23) // (self.probe * self.kmax))  # bounds the (chunk, probe, kmax) score buffer
+        chunk = max(256, min(4096, (1 << 23) // (self.probe * self.kmax)))  # bounds the score buffers
         for s in range(0, n, chunk):
-            out[s:s + chunk] = self._assign(torch.from_numpy(np.ascontiguousarray(emb[s:s + chunk])))
+            out[s:s + chunk] = self._assign(project(torch.from_numpy(np.ascontiguousarray(emb[s:s + chunk])),
+                                                    self.components))
         return out
 
-    def _assign(self, x: torch.Tensor) -> np.ndarray:
+    def _assign(self, x) -> np.ndarray:
+        import torch
+
         xb = x.to(torch.bfloat16)  # (m, D): bf16 matmuls, ~2.4x fp32 on AVX512-BF16 CPUs
         m = len(xb)
         cells = torch.topk((xb @ self.coarse.T).float() - self.h_coarse, self.probe, dim=1).indices  # (m, P)
@@ -95,9 +128,17 @@ class Assigner:
             r, slot = torch.nonzero(cells == c, as_tuple=True)
             lo, hi = int(self.start[c]), int(self.start[c + 1])
             buf[r, slot, :hi - lo] = (xb[r] @ self.fine[lo:hi].T).float() - self.h_fine[lo:hi]
-        vals, idx = torch.topk(buf.view(m, -1), self.assignments, dim=1)  # (m, A), nearest first
+        top = min(self.assignments + 2, buf.shape[1] * buf.shape[2])
+        vals, idx = torch.topk(buf.view(m, -1), top, dim=1)  # (m, top) candidates from bf16 scores
         cell = torch.gather(cells, 1, idx // self.kmax)
         fine_id = torch.from_numpy(self.start)[cell] + idx % self.kmax
+        # their exact fp32 scores decide the order and the boundary rule (bf16 is off by ~0.004)
+        valid = torch.isfinite(vals)
+        fine_id = torch.where(valid, fine_id, 0)
+        exact = (x.float()[:, None, :] * self.fine32[fine_id]).sum(-1) - self.h_fine32[fine_id]
+        vals, order = torch.sort(torch.where(valid, exact, -math.inf), dim=1, descending=True)
+        fine_id = torch.gather(fine_id, 1, order)[:, :self.assignments]
+        vals = vals[:, :self.assignments]
         keep = torch.isfinite(vals)
         if self.assignments > 1:
             c0 = self.fine32[fine_id[:, 0]]  # (m, D)

@@ -17,7 +17,6 @@ import time
 import uuid
 
 import numpy as np
-import torch
 
 from common import fs, manifest
 from curation.dedup import kmeans
@@ -107,7 +106,6 @@ def route(parts: list[int], *, out: str, plan: dict, skip: tuple = (), exact: bo
     clusters, with all its clusters (for the "lowest shared cluster reports the pair" rule) and
     `mine` (A,) marking the clusters of that group."""
     n_groups = int(plan["groups"])
-    torch.set_num_threads(1)
     rows = [_part_rows(out, p, near) for p in parts]
     ids = np.concatenate([r[0] for r in rows])
     hi, lo, valid = (np.concatenate([r[i] for r in rows]) for i in (1, 2, 3))
@@ -168,6 +166,8 @@ def block_pairs(e16: np.ndarray, threshold: float, block: int) -> tuple[np.ndarr
 
     Blockwise upper triangle: block rows x the rows from the block on, (block, n - start) scores
     at a time."""
+    import torch
+
     e32 = torch.from_numpy(np.ascontiguousarray(e16)).float()
     eb = e32.to(torch.bfloat16)
     out_i, out_j, out_s = [], [], []
@@ -204,7 +204,6 @@ def search_group(group: int, *payloads: dict, out: str, threshold: float, block:
     """Exact pairs of this group's sha partition and near pairs within its clusters; writes the
     group's pair file (atomic) and returns its counts."""
     t0 = time.time()
-    torch.set_num_threads(1)
     xa, xb = exact_pairs(_cat(payloads, "x_ids", np.int64), _cat(payloads, "x_hi", np.uint64),
                          _cat(payloads, "x_lo", np.uint64))
     ids = _cat(payloads, "ids", np.int64)
