@@ -99,8 +99,13 @@ def prepare_null(cfg: TrainStageConfig, rank: int, barrier, device: torch.device
     cache = fs.join(cfg.output_dir, NULL_FILE)
     stamp = fs.join(cfg.output_dir, NULL_FILE + ".source")
     if rank == 0 and not (fs.exists(cache) and fs.exists(stamp) and fs.read_text(stamp) == source):
-        null = null_from(source, cfg.data.max_length, cfg.trust_pickle,
-                         device="cuda" if device.type == "cuda" else "cpu")
+        try:
+            null = null_from(source, cfg.data.max_length, cfg.trust_pickle,
+                             device="cuda" if device.type == "cuda" else "cpu")
+        except (OSError, ValueError) as e:
+            raise ValueError(f"training.{cfg.name}: cannot make the null caption T5(\"\") from {source!r} "
+                             f"({type(e).__name__}: {str(e)[:300]}); set null_caption to a T5 folder, a null "
+                             "file, or keep") from None
         write_null(cache, null)
         fs.write_text(stamp, source)
     barrier()
