@@ -60,6 +60,14 @@ def load_clip(model_name: str, pretrained: str | None, device: str = "cpu", prec
     return model.eval(), preprocess, open_clip.get_tokenizer(model_name)
 
 
+def clip_input_dtype(precision: str) -> torch.dtype:
+    """dtype of the images fed to an open_clip model created with `precision`. fp16 / bf16 cast the
+    weights that see the input but keep LayerNorms, positional and class embeddings fp32, so the
+    first parameter's dtype does not tell (ViT-L-14's is the fp32 positional embedding)."""
+    return {"fp16": torch.float16, "pure_fp16": torch.float16,
+            "bf16": torch.bfloat16, "pure_bf16": torch.bfloat16}.get(precision, torch.float32)
+
+
 def pick_device_precision(precision: str, num_gpus: float) -> tuple[str, str]:
     device = "cuda" if num_gpus and torch.cuda.is_available() else "cpu"
     if precision == "auto":
@@ -74,7 +82,7 @@ class Scorer:
                  max_pixels: int, precision: str = "auto", num_gpus: float = 0.0):
         self.device, prec = pick_device_precision(precision, num_gpus)
         self.model, self.preprocess, _ = load_clip(clip_model, clip_pretrained, self.device, prec)
-        self.dtype = next(self.model.parameters()).dtype
+        self.dtype = clip_input_dtype(prec)
         dim = self.model.visual.output_dim
         self.mlp = load_aesthetic(aesthetic_weights, dim).to(self.device)
         self.max_pixels = max_pixels
