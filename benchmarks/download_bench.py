@@ -44,7 +44,8 @@ def main() -> None:
         dd.write_url_list(srv, items, work / "urls.parquet", with_edge_rows=False)
         cfg = parse(PipelineConfig, {"name": "bench", "output": str(work / "ours"),
                                      "input": {"path": str(work / "urls.parquet"), "part_size": args.part_size},
-                                     "download": {"processes": args.processes, "threads": args.threads, "timeout": 10}})
+                                     "download": {"processes": args.processes, "threads": args.threads, "timeout": 10,
+                                                  "allow_private_addresses": True}})
         for _ in range(args.rounds):
             for mode in ("direct", "ours"):
                 out = work / mode

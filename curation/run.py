@@ -61,8 +61,11 @@ def resolve(args) -> tuple[PipelineConfig, list[str]]:
         overrides.append(f"output={args.output}")
     cfg = load_pipeline(args.config, args.pipeline, overrides, check=False)
     stages = list(cfg.stages)
-    if args.stages:
+    if args.stages is not None:
         wanted = [s.strip() for s in args.stages.split(",") if s.strip()]
+        if not wanted:
+            raise ConfigError(f"--stages {args.stages!r}: no stage named; give e.g. --stages select,stats "
+                              f"(allowed: {', '.join(STAGES)})")
         bad = [s for s in wanted if s not in STAGES]
         if bad:
             raise ConfigError(f"--stages: unknown stage {bad[0]!r}; allowed: {', '.join(STAGES)}")
@@ -92,18 +95,27 @@ def print_summary(s: dict) -> None:
 
 
 def run(cfg: PipelineConfig, stages: list[str], progress: bool = True) -> dict:
+    """Everything is validated (config, lock, URL list, stage order) before the resolved config is
+    saved and the first stage starts: a refused run changes nothing in the output."""
+    from common import fs
+    from common.runlock import run_lock
+
+    out = fs.normalize(cfg.output)
+    with run_lock(out):
+        return _run_locked(cfg, stages, out, progress)
+
+
+def _run_locked(cfg: PipelineConfig, stages: list[str], out: str, progress: bool) -> dict:
     from common import fs
     from common.manifest import check_invariants, list_parts
     from common.raystage import init_ray
     from curation.inputs import prepare_inputs
 
-    out = fs.normalize(cfg.output)
-    fs.makedirs(out)
-    save_resolved(cfg, out, extra={"stages_run": stages})
     init_ray(cfg.ray)
     info = prepare_inputs(cfg.input, out, progress=progress)
     if "download" not in stages and not list_parts(out):
         raise ConfigError(f"{out} has no manifest yet: run the download stage first")
+    save_resolved(cfg, out, extra={"stages_run": stages})
     timings = []
     for name in stages:
         fn = _stage_fn(name)
