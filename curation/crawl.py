@@ -28,6 +28,7 @@ import ipaddress
 import re
 import socket
 import ssl
+import threading
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -116,6 +117,7 @@ def address_problem(ip: str, policy: Policy) -> str | None:
 
 _dns_pool: ThreadPoolExecutor | None = None
 _ssl_ctx: ssl.SSLContext | None = None
+_init_lock = threading.Lock()  # img2dataset calls fetch from many threads
 
 
 def _resolve(host: str, port: int, left: float) -> list[tuple]:
@@ -126,8 +128,9 @@ def _resolve(host: str, port: int, left: float) -> list[tuple]:
         return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST)
     except ValueError:
         pass
-    if _dns_pool is None:
-        _dns_pool = ThreadPoolExecutor(32, thread_name_prefix="sigma-dns")
+    with _init_lock:
+        if _dns_pool is None:
+            _dns_pool = ThreadPoolExecutor(32, thread_name_prefix="sigma-dns")
     fut = _dns_pool.submit(socket.getaddrinfo, host, port, type=socket.SOCK_STREAM)
     try:
         return fut.result(timeout=max(left, 0.001))
@@ -226,8 +229,9 @@ def _response_class(guard: _Guard):
 def _connection(scheme: str, host: str, port: int, guard: _Guard) -> http.client.HTTPConnection:
     global _ssl_ctx
     if scheme == "https":
-        if _ssl_ctx is None:
-            _ssl_ctx = ssl.create_default_context()  # verifies certificates, like urllib's default
+        with _init_lock:
+            if _ssl_ctx is None:
+                _ssl_ctx = ssl.create_default_context()  # verifies certificates, like urllib's default
         conn = http.client.HTTPSConnection(host, port, timeout=guard.policy.timeout, context=_ssl_ctx)
     else:
         conn = http.client.HTTPConnection(host, port, timeout=guard.policy.timeout)
@@ -251,7 +255,7 @@ class _Body:
     def __init__(self, encoding: str, max_bytes: int):
         enc = encoding.strip().lower()
         self.max, self.raw, self.out, self.enc = max_bytes, 0, [], enc
-        self.size = 0
+        self.size, self.head = 0, b""
         if enc in ("", "identity"):
             self.d = None
         elif enc in ("gzip", "x-gzip"):
@@ -268,9 +272,13 @@ class _Body:
         if self.d is None:
             self._add(chunk)
             return
-        if self.d == "deflate?":
-            zlib_header = len(chunk) >= 2 and chunk[0] & 0x0F == 8 and (chunk[0] << 8 | chunk[1]) % 31 == 0
-            self.d = zlib.decompressobj(zlib.MAX_WBITS if zlib_header else -zlib.MAX_WBITS)
+        if isinstance(self.d, str):  # "deflate?": servers send zlib-wrapped or raw deflate
+            self.head += chunk
+            if len(self.head) < 2:
+                return
+            h = self.head
+            zlib_header = h[0] & 0x0F == 8 and (h[0] << 8 | h[1]) % 31 == 0
+            self.d, chunk = zlib.decompressobj(zlib.MAX_WBITS if zlib_header else -zlib.MAX_WBITS), h
         try:
             self._add(self.d.decompress(chunk, self.max - self.size + 1))  # never more than the budget + 1
         except zlib.error as e:
@@ -284,9 +292,9 @@ class _Body:
         self.out.append(data)
 
     def finish(self) -> bytes:
-        if self.d is not None and not isinstance(self.d, str):
-            if not self.d.eof:
-                raise FetchError(f"truncated {self.enc} Content-Encoding stream")
+        if (isinstance(self.d, str) and self.head) or (self.d is not None and not isinstance(self.d, str)
+                                                      and not self.d.eof):
+            raise FetchError(f"truncated {self.enc} Content-Encoding stream")
         return b"".join(self.out)
 
 

@@ -1,12 +1,15 @@
 """Download stage: img2dataset as a library, then one manifest part per img2dataset shard.
 
-Only module that reads img2dataset's per-shard parquet and stats under `<output>/download/`
-(the image tars are read through common.images). Input part i has at most part_size rows and
-img2dataset shards each input file separately with number_sample_per_shard = part_size, so shard
-i == part i; our key rides along as `sigma_key`. img2dataset writes straight to the output
-filesystem (fsspec: local or s3://); its `_stats.json` is written last per shard: it is the
-"shard done" marker, and incremental mode skips such shards on rerun. Manifest parts are then
-built by Ray tasks, one per part, each writing its own part.
+Only module that reads img2dataset's per-shard parquet under `<output>/download/` (the image tars
+are read through common.images, the shard records through curation.integrity). Input part i has
+at most part_size rows and img2dataset shards each input file separately with
+number_sample_per_shard = part_size, so shard i == part i; our key rides along as `sigma_key`.
+img2dataset writes straight to the output filesystem (fsspec: local or s3://); its `_stats.json`
+is written last per shard: it is the "shard done" marker, and incremental mode skips such shards.
+Each request goes through curation.crawl's policy (installed in img2dataset's workers by
+curation.i2d). A run first checks every part (Ray task per part: shard fingerprint, sizes and
+sha256, manifest part checksum), deletes what must be fetched again, runs img2dataset for the
+missing shards, then builds the manifest parts that need it (Ray task per part).
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ from curation import crawl, integrity
 from curation.inputs import KEY_COL, input_info, input_rows, read_input_part
 
 
+_SHOW = 20  # reasons printed / returned (a settings change redoes every part)
 download_dir = integrity.download_dir
 shard_done = integrity.shard_done
 
@@ -134,7 +138,10 @@ def run_download(cfg, out: str, progress: bool = True) -> dict:
     checks = run_tasks(integrity.check_part, parts, kwargs={"out": out, "fp": fp, "verify": cfg.download.verify},
                        desc="download check", progress=progress)
     redone = {c["part"]: c["reason"] for c in checks if c["reason"]}
-    for p, reason in sorted(redone.items()):
+    for i, (p, reason) in enumerate(sorted(redone.items())):
+        if i == _SHOW:
+            print(f"download: ... and {len(redone) - _SHOW} more parts redone", file=sys.stderr, flush=True)
+            break
         print(f"download: part {p} is redone: {reason}", file=sys.stderr, flush=True)
     if any(c["fetch"] for c in checks):
         run_img2dataset(cfg, out)
@@ -143,4 +150,5 @@ def run_download(cfg, out: str, progress: bool = True) -> dict:
                      progress=progress, stage="download")
     s = manifest.run_summary(out)
     return {"parts": len(parts), "parts_written": len(done), "parts_fetched": sum(c["fetch"] for c in checks),
-            "redone": redone, "rows": s["rows"], "status": s["status"], "nodes": nodes_of(done)}
+            "parts_redone": len(redone), "redone": dict(sorted(redone.items())[:_SHOW]), "rows": s["rows"],
+            "status": s["status"], "nodes": nodes_of(done)}

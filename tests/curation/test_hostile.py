@@ -79,6 +79,7 @@ def hostile_run(tmp_path_factory, tiny_models, ray_local):
                 requested=requested, side_requested=side_requested, cfg=cfg, jpg=jpg)
 
 
+@pytest.mark.slow
 def test_every_row_has_its_status_and_reason(hostile_run):
     rows = {r["caption"]: r for r in manifest.read_manifest(hostile_run["out"]).to_pylist()}
     wrong = []
@@ -93,12 +94,14 @@ def test_every_row_has_its_status_and_reason(hostile_run):
     assert all("score" in manifest.part_fingerprints(hostile_run["out"], p) for p in manifest.list_parts(hostile_run["out"]))
 
 
+@pytest.mark.slow
 def test_bounded_time_and_refused_urls_never_requested(hostile_run):
     assert hostile_run["seconds"] < DOWNLOAD_BOUND_S
     assert hostile_run["side_requested"] == []  # 127.0.0.2 refused before any connection, direct or redirected
     assert not any("side" in p or "x.jpg" in p for p in hostile_run["requested"])
 
 
+@pytest.mark.slow
 def test_nothing_outside_the_output_is_read_or_written(hostile_run):
     token = hostile_run["token"].encode()
     for root, _, files in os.walk(hostile_run["out"]):
@@ -158,6 +161,7 @@ def test_only_checked_addresses_are_connected(monkeypatch):
         assert srv.requested == [] and calls == ["rebind.example"]
 
 
+@pytest.mark.slow
 def test_corrupt_tar_fails_its_rows_with_the_tar_named_and_other_parts_proceed(hostile_run, tmp_path):
     """A download tar cut inside an image: rescoring finishes, the part's unread rows are
     failed_decode naming the tar, the other part is scored as before."""

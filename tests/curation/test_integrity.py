@@ -21,6 +21,7 @@ def _cfg(tmp_path, **download):
                                                "allow_private_addresses": True, **download}})
 
 
+@pytest.mark.slow
 def test_reruns_verify_shards_and_parts(tmp_path, monkeypatch, capfd):
     monkeypatch.setenv("SIGMA_QUIET", "1")
     bodies = {f"i{i}.jpg": dd._jpeg(dd.synthetic("red", "green", "square", (80, 60), i)) for i in range(6)}

@@ -125,6 +125,7 @@ def _alive(pid: int) -> bool:
         return False
 
 
+@pytest.mark.slow
 def test_img2dataset_workers_die_with_a_sigkilled_driver(tmp_path):
     jpg = dd._jpeg(dd.synthetic("red", "blue", "circle", (64, 64), 1))
 
