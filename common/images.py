@@ -30,15 +30,21 @@ def _sniff(data: bytes) -> str | None:
         return "unsupported image format: SVG (vector graphics; no rasteriser in the pipeline)"
     if head.startswith((b"{", b"[")):
         return "not an image: JSON"
+    if data[4:8] == b"ftyp":  # ISO-BMFF: HEIC (HEVC inside) has no decoder here; AVIF does
+        size = int.from_bytes(data[:4], "big")
+        brands = {data[i:i + 4] for i in range(8, min(max(size, 16), 256), 4)} - {b"\x00\x00\x00\x00"}
+        if brands & _HEIC_BRANDS and not brands & {b"avif", b"avis"}:
+            return "unsupported image format: HEIC/HEIF (HEVC-coded; no HEIF decoder installed)"
     return None
+
+
+_HEIC_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis"}
 
 
 def _unidentified(data: bytes) -> str:
     """The reason for bytes Pillow cannot open (never Pillow's message: it embeds a BytesIO repr)."""
     if data[4:8] == b"ftyp":
         brand = data[8:12].decode("ascii", "replace")
-        if brand in ("heic", "heix", "hevc", "hevx", "heim", "heis", "mif1", "msf1"):
-            return f"unsupported image format: HEIC/HEIF (brand {brand!r}; no HEIF decoder installed)"
         return f"unsupported image format: ISO media file (brand {brand!r})"
     if data[:2] == b"\x1f\x8b":
         return "not an image: gzip-compressed data"
