@@ -90,8 +90,8 @@ def training_keys(out: str) -> set[str]:
     return shard_keys(out)
 
 
-def _draw_ours(out: str, ecfg, training: set[str], progress: bool) -> tuple[list[dict], dict, dict, dict]:
-    from eval.stratify import draw, fetch_pool, load_candidates
+def _draw_ours(out: str, ecfg, training: set[str], progress: bool) -> tuple[list[dict], dict, dict]:
+    from eval.stratify import draw, load_candidates
 
     cand, counts = load_candidates(out, ecfg, training, progress)
     if counts["eligible"] < ecfg.n and not ecfg.allow_smaller:
@@ -102,13 +102,12 @@ def _draw_ours(out: str, ecfg, training: set[str], progress: bool) -> tuple[list
     if counts["eligible"] == 0:
         raise BenchmarkError(f"no eligible benchmark rows: {counts}")
     chosen, sel = draw(out, cand, ecfg)
-    _, emb = fetch_pool(out, [r["key"] for r in chosen], ecfg.prompt)
     for r in chosen:
         r["category"] = None
-    return chosen, sel, counts, emb
+    return chosen, sel, counts
 
 
-def _draw_source(ecfg) -> tuple[list[dict], dict, dict, None]:
+def _draw_source(ecfg) -> tuple[list[dict], dict, dict]:
     from eval.sources import load_source
 
     rows = load_source(ecfg)
@@ -122,7 +121,7 @@ def _draw_source(ecfg) -> tuple[list[dict], dict, dict, None]:
     sel = {"source": ecfg.benchmark, "path": ecfg.benchmark_path, "length_bin_edges_words": [float(e) for e in edges],
            "categories": cats, "short_because": None if len(rows) >= ecfg.n else
            f"the {ecfg.benchmark} folder holds {len(rows)} usable prompts"}
-    return rows, sel, {"source_rows": len(rows)}, None
+    return rows, sel, {"source_rows": len(rows)}
 
 
 def build(cfg, progress: bool = False) -> dict:
@@ -130,16 +129,17 @@ def build(cfg, progress: bool = False) -> dict:
     out, ecfg = cfg.out, cfg.eval
     vid = version_id(ecfg)
     d = benchmark_dir(out, vid)
+    training = training_keys(out)
     if fs.isfile(fs.join(d, "benchmark.json")):
-        _, info = read_benchmark(out, vid)
+        rows, info = read_benchmark(out, vid)
         if not fs.isfile(holdout.exclude_uri(out, vid)):
             raise BenchmarkError(f"{d}: benchmark without exclude.parquet (tampered?)")
-        return dict(info, unchanged=True)
-    training = training_keys(out)
+        # the rows are fixed; parts added or rewritten since the last search are searched now
+        return dict(info, unchanged=True, hold_out=_hold_out(out, vid, rows, ecfg, training, progress))
     if ecfg.benchmark == "ours":
-        chosen, sel, counts, emb = _draw_ours(out, ecfg, training, progress)
+        chosen, sel, counts = _draw_ours(out, ecfg, training, progress)
     else:
-        chosen, sel, counts, emb = _draw_source(ecfg)
+        chosen, sel, counts = _draw_source(ecfg)
     if len(chosen) < ecfg.n and not ecfg.allow_smaller:
         raise BenchmarkError(f"benchmark {vid}: {sel.get('short_because')}; pass --allow-smaller "
                              "(eval.allow_smaller: true) to build it anyway")
@@ -154,7 +154,7 @@ def build(cfg, progress: bool = False) -> dict:
     for r, c in zip(chosen, prompt_counts):
         r["clip_tokens"] = int(c)
     rows = [{c: r.get(c) for c in COLUMNS} for r in sorted(chosen, key=lambda r: r["key"])]
-    leaks_summary = _hold_out(out, vid, rows, emb, ecfg, training, progress)
+    leaks_summary = _hold_out(out, vid, rows, ecfg, training, progress)
     buckets: dict[str, int] = {}
     for r in rows:
         buckets[r["bucket"]] = buckets.get(r["bucket"], 0) + 1
@@ -174,10 +174,14 @@ def build(cfg, progress: bool = False) -> dict:
     return info
 
 
-def _hold_out(out, vid, rows, emb, ecfg, training, progress) -> dict:
-    from eval.leaks import build_exclusions
+def _hold_out(out, vid, rows, ecfg, training, progress) -> dict:
+    from eval.leaks import update_exclusions
+    from eval.stratify import fetch_pool
 
-    s = build_exclusions(out, vid, rows, emb, ecfg.leak_threshold, progress)
+    def embeddings():  # the benchmark rows' CLIP embeddings (ours); a published set has none
+        return fetch_pool(out, [r["key"] for r in rows], ecfg.prompt)[1] if ecfg.benchmark == "ours" else None
+
+    s = update_exclusions(out, vid, rows, embeddings, ecfg.leak_threshold, progress)
     leaked = sorted(holdout.version_keys(out, vid) & training)
     # Rows drawn now are never in shards, but their copies may already be (a version built after
     # features ran): rerunning features drops them; eval.score refuses until then.
@@ -198,8 +202,8 @@ def summary_text(info: dict) -> str:
                      f"rejected {sel['rejected']}")
     else:
         lines.append(f"  categories {sel.get('categories')}")
-    lines.append(f"  held out of training: {h['held_out']} rows {h['by_reason']} (cosine >= {h['threshold']} searched "
-                 f"over {h['embeddings_searched']} embeddings in {h['parts']} parts)")
+    lines.append(f"  held out of training: {h['held_out']} rows {h['by_reason']} (cosine >= {h['threshold']}; "
+                 f"{h['parts_searched']} of {h['parts']} parts searched now, {h['embeddings_searched']} embeddings)")
     if h.get("already_in_training_shards"):
         lines.append(f"  WARNING: {h['already_in_training_shards']} held-out keys are already in training shards "
                      f"(e.g. {h['already_in_training_shards_examples']}): rerun the features stage before eval.score")

@@ -26,6 +26,7 @@ import pyarrow as pa
 from common import fs, holdout, manifest
 from common.partstage import run_tasks
 
+STATE_KEY = b"sigma.searched"  # parquet footer: {part: part_state} of the parts already searched
 BLOCK = 4096  # manifest rows per similarity block: (4096, B) float32 scores at a time
 SCHEMA = pa.schema([("key", pa.string()), ("reason", pa.string()), ("benchmark_key", pa.string()),
                     ("similarity", pa.float32())])
@@ -108,36 +109,89 @@ def benchmark_side(rows: list[dict], emb: dict[str, np.ndarray] | None) -> dict:
     return {"keys": {r["key"] for r in rows}, "sha": sha, "prompts": prompts, "emb": E, "emb_keys": ekeys}
 
 
-def build_exclusions(out: str, version: str, rows: list[dict], emb: dict[str, np.ndarray] | None,
-                     threshold: float, progress: bool = False) -> dict:
-    """Write `<out>/eval/benchmarks/<version>/exclude.parquet` for benchmark `rows` (with their
-    embeddings {key: (D,) float32 L2-normalised}, or None for a prompt set without any); its summary."""
+def part_state(out: str, part: int) -> str:
+    """What a part's search depended on: its stage fingerprints (footer) and its embeddings file."""
+    import hashlib
+    import json
+
+    size = fs.size(manifest.embeddings_uri(out, part))
+    blob = json.dumps([manifest.part_fingerprints(out, part), size], sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _previous(out: str, version: str) -> tuple[pa.Table | None, dict]:
+    uri = holdout.exclude_uri(out, version)
+    if not fs.isfile(uri):
+        return None, {}
+    meta = fs.read_parquet_schema(uri).metadata or {}
+    return fs.read_parquet(uri).replace_schema_metadata(None), json_loads(meta.get(STATE_KEY, b"{}"))
+
+
+def json_loads(b: bytes) -> dict:
+    import json
+
+    return {int(k): v for k, v in json.loads(b).items()}
+
+
+def _merge(tables: list[pa.Table]) -> pa.Table:
+    """One row per key; reasons of a key found several times are joined (first benchmark_key kept)."""
+    rows: dict[str, dict] = {}
+    for t in tables:
+        for r in t.to_pylist():
+            cur = rows.setdefault(r["key"], dict(r, reason=""))
+            reasons = [x for x in (cur["reason"] + ";" + (r["reason"] or "")).split(";") if x]
+            cur["reason"] = ";".join(x for x in holdout.REASONS if x in reasons)
+    keys = sorted(rows)
+    return pa.table({"key": keys, "reason": [rows[k]["reason"] for k in keys],
+                     "benchmark_key": [rows[k]["benchmark_key"] for k in keys],
+                     "similarity": pa.array([rows[k]["similarity"] for k in keys], pa.float32())}, schema=SCHEMA)
+
+
+def update_exclusions(out: str, version: str, rows: list[dict], emb_fn, threshold: float,
+                      progress: bool = False) -> dict:
+    """Write or refresh `<out>/eval/benchmarks/<version>/exclude.parquet` for benchmark `rows`.
+
+    Searches every manifest part whose state (part_state) differs from the one recorded at the
+    last search, so parts added or rewritten after the benchmark was built are checked too; the
+    list only grows (a key once held out stays held out). `emb_fn()` -> {key: (D,) float32
+    L2-normalised} of the benchmark rows, or None for a prompt set without embeddings; only
+    called when some part needs a search."""
+    import json
+
     vdir = holdout.version_dir(out, version)
+    old, searched = _previous(out, version)
+    states = {p: part_state(out, p) for p in manifest.list_parts(out)}
+    todo = [p for p, st in states.items() if searched.get(p) != st]
+    if old is not None and not todo:
+        return _summary(old, threshold, states, [], unchanged=True)
     work = fs.join(vdir, "_work", uuid.uuid4().hex[:12])
-    bench = benchmark_side(rows, emb)
-    parts = manifest.list_parts(out)
-    res = run_tasks(_part_matches, parts, kwargs={"out": out, "work": work, "bench": bench, "threshold": threshold},
+    bench = benchmark_side(rows, emb_fn() if todo else None)
+    res = run_tasks(_part_matches, todo, kwargs={"out": out, "work": work, "bench": bench, "threshold": threshold},
                     desc="hold-out search", progress=progress)
-    tables = [fs.read_parquet(r["piece"]) for r in res if r["piece"]]
+    tables = ([old] if old is not None else []) + [fs.read_parquet(r["piece"]) for r in res if r["piece"]]
     # Rows of a published prompt set (MJHQ, COCO) are not manifest rows: listed all the same.
-    found = set()
-    for tb in tables:
-        found.update(tb.column("key").to_pylist())
-    extra = sorted(bench["keys"] - found)
-    if extra:
-        tables.append(pa.table({"key": extra, "reason": ["benchmark"] * len(extra), "benchmark_key": extra,
-                                "similarity": pa.array([None] * len(extra), pa.float32())}, schema=SCHEMA))
-    table = pa.concat_tables(tables).sort_by("key") if tables else SCHEMA.empty_table()
-    fs.write_parquet(holdout.exclude_uri(out, version), table)
+    tables.append(pa.table({"key": sorted(bench["keys"]), "reason": ["benchmark"] * len(bench["keys"]),
+                            "benchmark_key": sorted(bench["keys"]),
+                            "similarity": pa.array([None] * len(bench["keys"]), pa.float32())}, schema=SCHEMA))
+    table = _merge(tables)
+    searched.update({p: states[p] for p in todo})
+    meta = {STATE_KEY: json.dumps(searched).encode()}
+    fs.write_parquet(holdout.exclude_uri(out, version), table.replace_schema_metadata(meta))
     fs.delete_dir(fs.join(vdir, "_work"))
-    counts = {r: sum(x["counts"][r] for x in res) for r in holdout.REASONS}
-    counts["benchmark"] = len(bench["keys"])
-    return {"held_out": table.num_rows, "by_reason": counts, "threshold": threshold,
-            "rows_searched": sum(x["rows"] for x in res), "embeddings_searched": sum(x["embeddings_searched"] for x in res),
-            "benchmark_embeddings": len(bench["emb_keys"]), "parts": len(parts), "nodes": _nodes(res)}
+    s = _summary(table, threshold, states, res)
+    s["benchmark_embeddings"] = len(bench["emb_keys"])
+    return s
 
 
-def _nodes(res):
+def _summary(table: pa.Table, threshold: float, states: dict, res: list[dict], unchanged: bool = False) -> dict:
     from common.partstage import nodes_of
 
-    return nodes_of(res)
+    counts = {r: 0 for r in holdout.REASONS}
+    for reason in table.column("reason").to_pylist():
+        for r in (reason or "").split(";"):
+            if r:
+                counts[r] += 1
+    return {"held_out": table.num_rows, "by_reason": counts, "threshold": threshold, "parts": len(states),
+            "parts_searched": len(res), "rows_searched": sum(x["rows"] for x in res),
+            "embeddings_searched": sum(x["embeddings_searched"] for x in res), "nodes": nodes_of(res),
+            "unchanged": unchanged}
