@@ -22,6 +22,7 @@ Extractors take that tensor (B, 3, 299, 299) and return float64 features (B, D):
 from __future__ import annotations
 
 import hashlib
+import warnings
 
 import numpy as np
 import torch
@@ -159,10 +160,12 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
     mu1, mu2 = np.atleast_1d(mu1), np.atleast_1d(mu2)
     sigma1, sigma2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
     diff = mu1 - mu2
-    covmean, _ = linalg.sqrtm(sigma1.dot(sigma2), disp=False)
-    if not np.isfinite(covmean).all():  # almost singular product: regularise both
-        offset = np.eye(sigma1.shape[0]) * eps
-        covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
+    with warnings.catch_warnings():  # a singular product is expected with few images: handled below
+        warnings.simplefilter("ignore")
+        covmean = linalg.sqrtm(sigma1.dot(sigma2))  # the tools' disp=False only adds an error estimate
+        if not np.isfinite(covmean).all():  # almost singular product: regularise both (as pytorch-fid)
+            offset = np.eye(sigma1.shape[0]) * eps
+            covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
     if np.iscomplexobj(covmean):
         if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
             raise ValueError(f"FID: imaginary component {np.max(np.abs(covmean.imag))}")
