@@ -67,7 +67,7 @@ def build_page(cfg, a: str, b: str, n: int = 300, seed: int = 0) -> str:
             fs.write_bytes(fs.join(page, "img", f"{i}-{side}.png"), fs.read_bytes(image_path(run_dir(out, run), r["key"])))
         pairs.append({"i": i, "key": r["key"], "prompt": r["prompt"], "left": left, "right": right})
         items.append({"i": i, "prompt": r["prompt"], "left": f"img/{i}-L.png", "right": f"img/{i}-R.png"})
-    page_id = f"{a}__vs__{b}"
+    page_id = hashlib.sha256(f"{a}|{b}|{seed}|{version}".encode()).hexdigest()[:12]  # neutral: names no run
     fs.write_json(fs.join(page, "pairs.json"), {"page": page_id, "a": a, "b": b, "seed": seed,
                                                 "benchmark_version": version, "pairs": pairs})
     fs.write_text(fs.join(page, "index.html"), _html(page_id, items))
@@ -90,6 +90,7 @@ def make_server(page: str, host: str = "127.0.0.1", port: int = 0):
 
     lock = threading.Lock()
     votes: dict[str, dict] = {}
+    page_id = fs.read_json(fs.join(page, "pairs.json"))["page"]
     types = {"html": "text/html; charset=utf-8", "png": "image/png", "json": "application/json"}
 
     class Handler(BaseHTTPRequestHandler):
@@ -124,7 +125,7 @@ def make_server(page: str, host: str = "127.0.0.1", port: int = 0):
             except (ValueError, KeyError, TypeError, json.JSONDecodeError) as e:
                 return self._send(400, json.dumps({"error": str(e)[:200]}).encode())
             with lock:
-                doc = votes.setdefault(who, _load_votes(page, who))
+                doc = votes.setdefault(who, _load_votes(page, page_id, who))
                 doc["choices"].append({"i": i, "choice": choice, "t": v.get("t")})
                 fs.write_json(fs.join(page, "choices", f"{who}.json"), doc)
             self._send(200, b'{"ok": true}')
@@ -132,11 +133,11 @@ def make_server(page: str, host: str = "127.0.0.1", port: int = 0):
     return ThreadingHTTPServer((host, port), Handler)
 
 
-def _load_votes(page: str, who: str) -> dict:
+def _load_votes(page: str, page_id: str, who: str) -> dict:
     uri = fs.join(page, "choices", f"{who}.json")
-    if fs.isfile(uri):
+    if fs.isfile(uri):  # a restarted server continues the annotator's file
         return fs.read_json(uri)
-    return {"page": fs.basename(page), "annotator": who, "choices": []}
+    return {"page": page_id, "annotator": who, "choices": []}
 
 
 # --- win rates ----------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ TEMPLATE = r"""<!doctype html>
  #prompt { font-size: 1.1em; margin: 0.8em 0; padding: 0.6em; background: #fff; border: 1px solid #ddd; }
  .pair { display: flex; gap: 1em; }
  .pair figure { flex: 1; margin: 0; text-align: center; }
- .pair img { max-width: 100%; max-height: 60vh; border: 1px solid #ccc; image-rendering: auto; }
+ .pair img { width: 100%; max-width: 512px; max-height: 60vh; object-fit: contain; border: 1px solid #ccc; }
  button { font-size: 1em; padding: 0.5em 1.2em; margin: 0.3em; }
  #status { color: #666; margin-left: 1em; }
  .hidden { display: none; }
