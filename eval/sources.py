@@ -21,7 +21,6 @@ import io
 from common import fs
 from eval.stratify import nearest_bucket, quotas, rank
 
-IMAGE_DIRS = {"mjhq-30k": ("mjhq30k_imgs", "")}
 
 
 def _image_info(uri: str) -> dict:

@@ -219,3 +219,21 @@ def test_vectorised_buckets_match_features_buckets():
     ratios = np.concatenate([np.linspace(0.05, 6, 997), keys, (keys[1:] + keys[:-1]) / 2])  # incl. exact ties
     got = stratify.nearest_buckets(ratios)
     assert got.tolist() == [nearest_key(r, 1024) for r in ratios]
+
+
+def test_eval_split_is_a_pipeline_stage_between_caption_and_features(tmp_path, fake_out):
+    from curation import run as crun
+    from curation.config import STAGES
+
+    assert STAGES.index("caption") < STAGES.index("eval_split") < STAGES.index("features")
+    assert crun._stage_fn("eval_split") is bb.run_eval_split
+    out, _ = fake_out
+    yaml_path = tmp_path / "p.yaml"
+    yaml_path.write_text(json.dumps({"pipelines": {"x": {"output": str(out), "eval": {"n": 6, "fid_extractor": "tiny"}}}}))
+    cfg, stages = crun.resolve(crun.parse_args(["--config", str(yaml_path), "--pipeline", "x",
+                                                "--stages", "features,eval_split,caption"]))
+    assert stages == ["caption", "eval_split", "features"]  # run in pipeline order, whatever the order given
+    res = bb.run_eval_split(cfg, str(out), progress=False)  # what curation.run calls
+    assert res["n"] == 6 and not res["unchanged"] and res["held_out"] >= 6
+    assert holdout.versions(str(out)) == [res["version"]]
+    assert bb.run_eval_split(cfg, str(out), progress=False)["unchanged"]
