@@ -81,7 +81,9 @@ def plan(rows: list[dict], ecfg) -> list[dict]:
     ordered = sorted(rows, key=lambda r: (float(r["bucket"]), r["key"]))
     out = []
     for j, r in enumerate(ordered):
-        h, w = sizes[r["bucket"]] if ecfg.aspect == "bucket" else (side, side)
+        # bucket keys are the 1024 table's; the 2880 table has its own keys: take the nearest one
+        key = r["bucket"] if r["bucket"] in sizes else min(sizes, key=lambda k: abs(float(k) - float(r["bucket"])))
+        h, w = sizes[key] if ecfg.aspect == "bucket" else (side, side)
         out.append({"key": r["key"], "prompt": r["prompt"], "seed": ecfg.gen_seed + j, "height": h, "width": w})
     return out
 

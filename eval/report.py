@@ -51,8 +51,8 @@ def _strata_table(s: dict, field: str, cols: tuple[str, ...]) -> list[str]:
     if not rows:
         return []
     names = list(s.get("rewards", {}))
-    head = "| " + " | ".join(cols) + " | n | FID | CLIP-Score | " + " | ".join(names) + (" |" if names else "|")
-    lines = [head.replace("|  |", "|"), "|" + "---|" * (len(cols) + 3 + len(names))]
+    head = [*cols, "n", "FID", "CLIP-Score", *names]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [str(r.get(c)) for c in cols] + [str(r["n"]), _f(r.get("fid")), _f(r.get("clip_score"), ".3f")]
         cells += [_f(r.get(n), ".4f") for n in names]
