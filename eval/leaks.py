@@ -27,7 +27,7 @@ from common import fs, holdout, manifest
 from common.partstage import run_tasks
 
 STATE_KEY = b"sigma.searched"  # parquet footer: {part: part_state} of the parts already searched
-BLOCK = 4096  # manifest rows per similarity block: (4096, B) float32 scores at a time
+BLOCK = 1024  # manifest rows per similarity block: (1024, B) float32 scores (~120 MB at B = 30K)
 SCHEMA = pa.schema([("key", pa.string()), ("reason", pa.string()), ("benchmark_key", pa.string()),
                     ("similarity", pa.float32())])
 
