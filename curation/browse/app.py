@@ -46,6 +46,8 @@ class Browser:
             if self._run is None:
                 self._run = Run(self.out, self.resolution, self.timeout_s)
                 self._images = Images(self._run.out, self.cache_dir)
+                # The what-if page's arrays (~3 s at 1M rows) load in the background meanwhile.
+                threading.Thread(target=_quietly, args=(whatif_mod.arrays, self._run), daemon=True).start()
             return self._run
 
     def images(self) -> Images:
@@ -56,6 +58,13 @@ class Browser:
         with self._lock:
             self._run = None
         return self.run()
+
+
+def _quietly(fn, *args) -> None:
+    try:
+        fn(*args)
+    except Exception:  # the request that needs it will report the error
+        log.exception("background load failed")
 
 
 def error_page(title: str, message: str, status: int, hint: str = "") -> Response:

@@ -2,12 +2,14 @@
 
 Built once per server start: the manifest (common.manifest.manifest_dataset, local or object
 store, no httpfs) is copied into an in-memory table `m` sorted by key, with every column made
-scalar (nested ones as their text) plus `bucket` (features.buckets.assign at one resolution, done
-per distinct width x height, not per row). Dedup's candidate pairs, when the run has them, become
-table `pairs` (a, b, similarity, kind). Then external file access is switched off and the
-configuration locked, so user filters can read `m` and `pairs` and nothing else.
-Each request runs on its own cursor (DuckDB connections are not shared between threads) with a
-time limit.
+scalar (nested ones as their text) plus `bucket` (features.buckets.assign at one resolution,
+done per distinct width x height, not per row). `m` is never written again, so its rowid is the
+row's position in key order (paging.py relies on it); ART indexes on key and duplicate_of (and on
+the pairs' a and b) make the per-row lookups point reads. Dedup's candidate pairs,
+when the run has them, become table `pairs` (a, b, similarity, kind, ra, rb: the rowids of a and b).
+Then external file access and Python replacement scans are switched off and the configuration is
+locked, so user filters read `m` and `pairs` and nothing else. Each request runs on its own cursor
+(DuckDB connections are not shared between threads) with a time limit.
 """
 from __future__ import annotations
 
@@ -15,7 +17,6 @@ import contextlib
 import math
 import re
 import threading
-from collections import OrderedDict
 
 import pyarrow as pa
 import yaml
@@ -33,6 +34,7 @@ KNOWN = {"status": "VARCHAR", "error": "VARCHAR", "sha256": "VARCHAR", "width": 
          "caption_status": "VARCHAR", "caption_model": "VARCHAR", "caption_t5_tokens": "BIGINT"}
 GRID = ("key", "aesthetic", "width", "height", "status", "reject_reason", "bucket", "selected", "duplicate_of",
         "dup_similarity", "caption_status", "caption")
+DERIVED = ("bucket",)
 PAIRS_DIR = ("dedup", "pairs")
 
 
@@ -57,6 +59,11 @@ def jsonable(v):
     if v is None or isinstance(v, (bool, int, float, str)):
         return v
     return str(v)
+
+
+def key_list(keys) -> str:
+    """SQL literals of row keys: only well-formed keys (digits and '_') pass, so quoting is trivial."""
+    return ", ".join(f"'{k}'" for k in keys if isinstance(k, str) and KEY_RE.match(k))
 
 
 def part_of(key: str) -> int:
@@ -94,6 +101,8 @@ class Run:
     def __init__(self, out: str, resolution: int | None = None, timeout_s: float = 30.0):
         import duckdb
 
+        from curation.browse.paging import Orders
+
         try:
             self.out = fs.normalize(out)
         except ValueError as e:
@@ -108,12 +117,12 @@ class Run:
         self.resolution = int(resolution or (self.config.get("features", {}).get("resolutions") or [1024])[0])
         self.timeout_s = timeout_s
         self._lock = threading.Lock()
-        self._counts: OrderedDict[str, int] = OrderedDict()
         self.con = duckdb.connect(":memory:")
         self._build()
         self._exec("SET python_enable_replacements = false")
         self._exec("SET enable_external_access = false")
         self._exec("SET lock_configuration = true")
+        self.orders = Orders(self)
 
     # --- build ------------------------------------------------------------------------------
     def _exec(self, sql: str, params: list | None = None) -> list:
@@ -123,29 +132,38 @@ class Run:
 
     def _build(self) -> None:
         ds = manifest.manifest_dataset(self.out)
+        have = {f.name for f in ds.schema}
+        clash = [c for c in DERIVED if c in have]
+        if clash:
+            raise RunError(f"the manifest has a column named {clash[0]!r}, which the browser derives itself", 500)
         self.con.register("src", ds)
-        sel, types = [], {}
+        sel = []
         for f in ds.schema:
             if pa.types.is_binary(f.type) or pa.types.is_large_binary(f.type):
                 continue  # raw bytes have no place in a table of text; none are in the manifest today
-            nested = pa.types.is_nested(f.type)
-            sel.append(f"CAST({quote_ident(f.name)} AS VARCHAR) AS {quote_ident(f.name)}" if nested
-                       else quote_ident(f.name))
-        have = {f.name for f in ds.schema}
+            q = quote_ident(f.name)
+            sel.append(f"CAST({q} AS VARCHAR) AS {q}" if pa.types.is_nested(f.type) else q)
         sel += [f"NULL::{t} AS {c}" for c, t in KNOWN.items() if c not in have]
-        self._exec(f"CREATE TEMP TABLE m0 AS SELECT {', '.join(sel)} FROM src")
+        self.has_pairs = self._load_pairs()
+        # Small side tables from column-pruned scans (an object-store run reads only these columns).
+        sizes = (self._exec("SELECT DISTINCT width, height FROM src WHERE width > 0 AND height > 0")
+                 if {"width", "height"} <= have else [])
+        self._bucket_table(self.resolution, "wh", sizes)
+        self._exec(f"CREATE TABLE m AS SELECT s.*, b.bucket FROM (SELECT {', '.join(sel)} FROM src) s "
+                   "LEFT JOIN wh b USING (width, height) ORDER BY key")
         self.con.unregister("src")
-        self._bucket_table(self.resolution, name="wh")
-        bucket = "b.bucket" if "bucket" not in have else "b.bucket AS aspect_bucket"
-        self._exec(f"CREATE TABLE m AS SELECT m0.*, {bucket} FROM m0 LEFT JOIN wh b USING (width, height) "
-                         "ORDER BY key")
-        self._exec("DROP TABLE m0")
+        self._exec("CREATE INDEX m_key ON m (key)")
+        self._exec("CREATE INDEX m_dup ON m (duplicate_of)")
+        self._exec("CREATE TABLE pairs AS SELECT p.a, p.b, p.similarity, p.kind, ma.rowid AS ra, mb.rowid AS rb "
+                   "FROM pairs0 p LEFT JOIN m ma ON ma.key = p.a LEFT JOIN m mb ON mb.key = p.b")
+        self._exec("DROP TABLE pairs0")
+        self._exec("CREATE INDEX pairs_a ON pairs (a)")
+        self._exec("CREATE INDEX pairs_b ON pairs (b)")
         self.columns = [(r[0], r[1]) for r in self._exec(
             "SELECT column_name, data_type FROM information_schema.columns WHERE table_name = 'm' "
             "ORDER BY ordinal_position")]
         self.column_names = [c for c, _ in self.columns]
         self.rows = self._exec("SELECT count(*) FROM m")[0][0]
-        self.has_pairs = self._load_pairs()
         for macro in filters.MACROS:
             self._exec(macro)
         self.reasons = [r[0] for r in self._exec(
@@ -154,15 +172,12 @@ class Run:
         r = self._exec("SELECT min(aesthetic) FILTER (WHERE isfinite(aesthetic)), "
                        "max(aesthetic) FILTER (WHERE isfinite(aesthetic)), max(least(width, height)) FROM m")[0]
         self.ranges = {"aes_min": r[0], "aes_max": r[1], "side_max": r[2]}
-        self.buckets = self._exec("SELECT bucket, count(*) FROM m WHERE bucket IS NOT NULL "
-                                  "GROUP BY 1 ORDER BY 2 DESC, 1")
+        self.buckets = self._exec("SELECT bucket, count(*) FROM m WHERE bucket IS NOT NULL GROUP BY 1 ORDER BY 2 DESC, 1")
 
-    def _bucket_table(self, resolution: int, name: str) -> None:
-        """Table name(width, height, bucket): features.buckets.assign per distinct size."""
+    def _bucket_table(self, resolution: int, name: str, sizes: list[tuple[int, int]]) -> None:
+        """Table name(width, height, bucket): features.buckets.assign once per distinct size."""
         from features.buckets import assign
 
-        sizes = self._exec(f"SELECT DISTINCT width, height FROM {'m0' if name == 'wh' else 'm'} "
-                           "WHERE width > 0 AND height > 0")
         t = pa.table({"width": pa.array([w for w, _ in sizes], pa.int64()),
                       "height": pa.array([h for _, h in sizes], pa.int64()),
                       "bucket": pa.array([assign(w, h, resolution)[0] for w, h in sizes], pa.string())})
@@ -171,15 +186,18 @@ class Run:
         self.con.unregister("_wh")
 
     def _load_pairs(self) -> bool:
+        """pairs0 (a, b, similarity, kind) from <out>/dedup/pairs/*.parquet; the candidate threshold
+        from dedup/_done.json (else the lowest near similarity stored)."""
         d = fs.join(self.out, *PAIRS_DIR)
         files = [fs.join(d, n) for n, _ in fs.list_files(d) if n.endswith(".parquet")]
         self.candidate_threshold = None
         if files:
             self.con.register("_pairs", fs.dataset(files))
-            self._exec("CREATE TABLE pairs AS SELECT a, b, similarity::FLOAT AS similarity, kind FROM _pairs")
+            self._exec("CREATE TEMP TABLE pairs0 AS SELECT a::VARCHAR AS a, b::VARCHAR AS b, "
+                       "similarity::FLOAT AS similarity, kind::VARCHAR AS kind FROM _pairs")
             self.con.unregister("_pairs")
         else:
-            self._exec("CREATE TABLE pairs (a VARCHAR, b VARCHAR, similarity FLOAT, kind VARCHAR)")
+            self._exec("CREATE TEMP TABLE pairs0 (a VARCHAR, b VARCHAR, similarity FLOAT, kind VARCHAR)")
         done = fs.join(self.out, "dedup", "_done.json")
         if files and fs.exists(done):
             try:
@@ -187,8 +205,7 @@ class Run:
             except (ValueError, TypeError, OSError):
                 pass
         if files and self.candidate_threshold is None:
-            self.candidate_threshold = self._exec(
-                "SELECT min(similarity) FROM pairs WHERE kind = 'near'")[0][0] or 0.9
+            self.candidate_threshold = self._exec("SELECT min(similarity) FROM pairs0 WHERE kind = 'near'")[0][0] or 0.9
         return bool(files)
 
     def bucket_table(self, resolution: int) -> str:
@@ -200,7 +217,8 @@ class Run:
         name = f"wh_{resolution}"
         with self._lock:
             if not self._exec("SELECT count(*) FROM information_schema.tables WHERE table_name = ?", [name])[0][0]:
-                self._bucket_table(resolution, name)
+                sizes = self._exec("SELECT width, height FROM wh")  # the distinct sizes of the run
+                self._bucket_table(resolution, name, sizes)
         return name
 
     # --- queries ----------------------------------------------------------------------------
@@ -217,73 +235,49 @@ class Run:
             timer.cancel()
             cur.close()
 
-    def query(self, sql: str, params: list | None = None) -> pa.Table:
+    def query(self, sql: str, params: list | dict | None = None) -> pa.Table:
         with self.session() as s:
             return s.q(sql, params)
 
-    def _filtered(self, where: str) -> str:
-        w = filters.normalize(where)
-        sql = f"SELECT * FROM m WHERE {filters.wrap(w)}"
+    def filtered(self, where: str, columns: str = "*") -> str:
+        """`SELECT columns FROM m WHERE (<filter>)` after the filter's checks (filters.py)."""
+        sql = f"SELECT {columns} FROM m WHERE {filters.wrap(filters.normalize(where))}"
         filters.check_single_select(sql)
         return sql
 
     def count(self, where: str) -> int:
-        w = filters.normalize(where)
-        with self._lock:
-            if w in self._counts:
-                self._counts.move_to_end(w)
-                return self._counts[w]
-        n = self.query(f"SELECT count(*) AS n FROM ({self._filtered(w)})").column("n")[0].as_py()
-        with self._lock:
-            self._counts[w] = n
-            while len(self._counts) > 256:
-                self._counts.popitem(last=False)
-        return n
+        return self.orders.count(where)
 
     def page(self, where: str, sort: str = "key", desc: bool = False, offset: int = 0, limit: int = 48) -> dict:
-        """One page of grid rows under a filter and sort (any column; nulls last; key breaks ties)."""
-        if sort not in self.column_names:
-            raise FilterError(f"unknown sort column {sort!r}")
-        offset, limit = max(0, int(offset)), min(max(1, int(limit)), 500)
-        d = "DESC" if desc else "ASC"
-        cols = [c for c in GRID if c in self.column_names]
-        if sort not in cols:
-            cols.append(sort)
-        order = f"{quote_ident(sort)} {d} NULLS LAST" + ("" if sort == "key" else f", key {d}")
-        sql = (f"SELECT {', '.join(quote_ident(c) for c in cols)} FROM ({self._filtered(where)}) "
-               f"ORDER BY {order} LIMIT {limit} OFFSET {offset}")
-        rows = self.query(sql).to_pylist()
-        total = self.count(where)
-        self._annotate_dups(rows)
-        return {"count": total, "offset": offset, "limit": limit, "rows": [jsonable(r) for r in rows]}
+        return self.orders.page(where, sort, desc, offset, limit)
 
-    def _annotate_dups(self, rows: list[dict]) -> None:
-        """dup_members: rows pointing at this one; pairs: candidate pairs it is in (page keys only)."""
-        keys = [r["key"] for r in rows]
-        if not keys:
-            return
+    def dup_counts(self, keys: list[str]) -> tuple[dict, dict]:
+        """({key: rows whose duplicate_of is key}, {key: stored candidate pairs with key}) for a page."""
+        lit = key_list(keys)
+        if not lit:
+            return {}, {}
         members = {r["k"]: r["n"] for r in self.query(
-            "SELECT duplicate_of AS k, count(*) AS n FROM m WHERE duplicate_of IN (SELECT unnest(?::VARCHAR[])) "
-            "GROUP BY 1", [keys]).to_pylist()}
-        pairs = {}
-        if self.has_pairs:
-            pairs = {r["k"]: r["n"] for r in self.query(
-                "SELECT k, count(*) AS n FROM (SELECT a AS k FROM pairs UNION ALL SELECT b FROM pairs) "
-                "WHERE k IN (SELECT unnest(?::VARCHAR[])) GROUP BY 1", [keys]).to_pylist()}
-        for r in rows:
-            r["dup_members"] = members.get(r["key"], 0)
-            r["pairs"] = pairs.get(r["key"], 0)
+            f"SELECT duplicate_of AS k, count(*) AS n FROM m WHERE duplicate_of IN ({lit}) GROUP BY 1").to_pylist()}
+        pairs = {r["k"]: r["n"] for r in self.query(
+            f"SELECT k, count(*) AS n FROM (SELECT a AS k FROM pairs WHERE a IN ({lit}) UNION ALL "
+            f"SELECT b FROM pairs WHERE b IN ({lit})) GROUP BY 1").to_pylist()} if self.has_pairs else {}
+        return members, pairs
+
+    def by_keys(self, keys: list[str], columns: str = "*") -> dict[str, dict]:
+        """{key: row} for a few keys (an IN list of literals: DuckDB answers it from the key index)."""
+        lit = key_list(keys)
+        if not lit:
+            return {}
+        rows = self.query(f"SELECT {columns} FROM m WHERE key IN ({lit})").to_pylist()
+        return {r["key"]: r for r in rows}
 
     def row(self, key: str) -> dict | None:
         """Every column of one row (None when the key is not in the manifest)."""
-        if not KEY_RE.match(key or ""):
-            return None
-        t = self.query("SELECT * FROM m WHERE key = ?", [key]).to_pylist()
-        return {k: jsonable(v) for k, v in t[0].items()} if t else None
+        r = self.by_keys([key]).get(key)
+        return {k: jsonable(v) for k, v in r.items()} if r else None
 
     def has_key(self, key: str) -> bool:
-        return bool(KEY_RE.match(key or "")) and self.query(
-            "SELECT count(*) AS n FROM m WHERE key = ?", [key]).column("n")[0].as_py() > 0
+        return bool(self.by_keys([key], "key"))
 
     def dup_group(self, key: str) -> dict | None:
         """The row's group: the kept twin, every member pointing at it (with similarity and kind), and
@@ -293,22 +287,20 @@ class Run:
             return None
         kept = r.get("duplicate_of") or key
         cols = "key, aesthetic, width, height, status, selected, reject_reason, duplicate_of, dup_kind, dup_similarity"
-        kept_row = self.query(f"SELECT {cols} FROM m WHERE key = ?", [kept]).to_pylist()
+        kept_row = self.by_keys([kept], cols).get(kept)
         members = self.query(f"SELECT {cols} FROM m WHERE duplicate_of = ? ORDER BY dup_similarity DESC, key",
                              [kept]).to_pylist()
-        out = {"key": key, "kept": jsonable(kept_row[0]) if kept_row else {"key": kept, "missing": True},
-               "members": [jsonable(m) for m in members], "pairs": [], "has_pairs": self.has_pairs,
+        out = {"key": key, "kept": jsonable(kept_row) if kept_row else {"key": kept, "missing": True},
+               "members": [jsonable(m) for m in members], "pairs": [], "others": [], "has_pairs": self.has_pairs,
                "candidate_threshold": self.candidate_threshold,
                "dedup_threshold": (self.config.get("select") or {}).get("dedup_threshold")}
         if self.has_pairs:
-            group = [kept] + [m["key"] for m in members] + [key]
-            pairs = self.query(
-                "SELECT p.a, p.b, p.similarity, p.kind FROM pairs p WHERE p.a IN (SELECT unnest(?::VARCHAR[])) "
-                "OR p.b IN (SELECT unnest(?::VARCHAR[])) ORDER BY p.similarity DESC, p.a, p.b LIMIT 200",
-                [group, group]).to_pylist()
+            group = sorted({kept, key, *(m["key"] for m in members)})
+            lit = key_list(group)
+            pairs = self.query(f"SELECT a, b, similarity, kind FROM pairs WHERE a IN ({lit}) OR b IN ({lit}) "
+                               "ORDER BY similarity DESC, a, b LIMIT 200").to_pylist()
             others = sorted(({p["a"] for p in pairs} | {p["b"] for p in pairs}) - set(group))
-            info = {x["key"]: x for x in self.query(f"SELECT {cols} FROM m WHERE key IN (SELECT unnest(?::VARCHAR[]))",
-                                                   [others]).to_pylist()}
+            info = self.by_keys(others, cols)
             out["pairs"] = [jsonable(p) for p in pairs]
             out["others"] = [jsonable(info[k]) for k in others if k in info]
         return out
@@ -320,4 +312,5 @@ class Run:
                 "columns": [{"name": c, "type": t} for c, t in self.columns], "resolution": self.resolution,
                 "presets": filters.presets(self.reasons, self.buckets, set(self.column_names), t5_max),
                 "has_pairs": self.has_pairs, "candidate_threshold": self.candidate_threshold,
-                "select": sel, "ranges": jsonable(self.ranges), "buckets": [{"bucket": b, "rows": n} for b, n in self.buckets]}
+                "select": sel, "ranges": jsonable(self.ranges),
+                "buckets": [{"bucket": b, "rows": n} for b, n in self.buckets]}

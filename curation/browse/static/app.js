@@ -53,7 +53,7 @@ function thumb(key, cls) {
 function card(r, extra) {
   const badges = [];
   if (r.selected === true) badges.push(el("span", { class: "badge sel", text: "selected" }));
-  if (r.duplicate_of || r.dup_members > 0 || r.pairs > 0)
+  if (r.duplicate_of || r.dup_members > 0 || r.dup_pairs > 0)
     badges.push(el("a", { class: "badge dup", href: `#/dups/${r.key}`, text: r.duplicate_of ? "duplicate" : (r.dup_members ? `kept, ${r.dup_members} dup` : "pairs") }));
   return el("div", { class: "card", "data-key": r.key },
     el("a", { href: `#/row/${r.key}`, class: "thumblink" }, thumb(r.key)),
