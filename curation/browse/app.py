@@ -55,8 +55,11 @@ class Browser:
         return self._images
 
     def reload(self) -> Run:
+        """Rebuild the table (after a stage rewrote the manifest); the old one's memory is freed."""
         with self._lock:
-            self._run = None
+            old, self._run = self._run, None
+        if old is not None:
+            old.con.close()
         return self.run()
 
 

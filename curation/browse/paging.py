@@ -37,15 +37,21 @@ class Orders:
             if name in self._lru:
                 self._lru.move_to_end(name)
                 return name, self._lru[name]
+        sql = self.run.filtered(where, "key")  # refused filters stop here, before any lock
+        with self._guard:
             lock = self._locks.setdefault(name, threading.Lock())
         with lock:  # one build per ordering, however many requests ask for it at once
             with self._guard:
                 if name in self._lru:
                     return name, self._lru[name]
-            sql = self.run.filtered(where, "key")
-            with self.run.session() as s:
-                s.q(f"CREATE TABLE {name} AS {sql} ORDER BY {order}")
-                n = s.q(f"SELECT count(*) AS n FROM {name}").column("n")[0].as_py()
+            try:
+                with self.run.session() as s:
+                    s.q(f"CREATE TABLE {name} AS {sql} ORDER BY {order}")
+                    n = s.q(f"SELECT count(*) AS n FROM {name}").column("n")[0].as_py()
+            except BaseException:
+                with self._guard:
+                    self._locks.pop(name, None)
+                raise
             with self._guard:
                 self._lru[name] = n
                 while len(self._lru) > MAX_ORDERS:

@@ -7,13 +7,16 @@ caption_length_hist.png), training and sampling wrote; the stage summary is `rep
 common.fs, so an object-store run works the same. Missing pieces are reported as missing.
 
 `served_files` is the whitelist of run files the browser may send: only names found by listing
-these folders inside the run are ever opened, so no request path reaches outside it.
+report/ (recursively), eval/, eval/scores/ and train/<stage>/training_curves.png inside the run
+are ever opened, so no request path reaches outside it (app.py also refuses a local symlink that
+leads out of the run).
 """
 from __future__ import annotations
 
 import csv
 import io
 import json
+import time
 
 import pyarrow as pa
 
@@ -21,7 +24,9 @@ from common import fs, manifest
 
 SERVED_EXT = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".md": "text/plain; charset=utf-8",
               ".csv": "text/plain; charset=utf-8", ".json": "application/json", ".sql": "text/plain; charset=utf-8"}
-SERVED_DIRS = ("report", "eval")
+SERVED_DIRS = (("report", True), ("eval", False), ("eval/scores", False))  # (folder, recursive)
+LIST_TTL_S = 10.0
+_listed: dict[str, tuple[float, dict]] = {}
 MAX_SERVED = 64 << 20  # bytes; run files bigger than this are not sent
 FIGURES = {"caption_length_hist.png": "Figure 6: caption length per caption kind",
            "aesthetic_hist.png": "Aesthetic scores (selected stacked on the rest)",
@@ -30,10 +35,15 @@ NUMERIC = ("volume", "vn", "dn", "total_noun", "acl", "avg_nouns")
 
 
 def served_files(out: str) -> dict[str, int]:
-    """{path relative to the run: size} of every file the browser may send."""
+    """{path relative to the run: size} of every file the browser may send (listed again at most
+    every LIST_TTL_S seconds: a request for a figure must not list an object store each time)."""
+    now = time.monotonic()
+    hit = _listed.get(out)
+    if hit and now - hit[0] < LIST_TTL_S:
+        return hit[1]
     files = {}
-    for d in SERVED_DIRS:
-        for rel, size in fs.list_files(fs.join(out, d), recursive=True):
+    for d, recursive in SERVED_DIRS:  # eval/ holds generations by the thousand: its top level only
+        for rel, size in fs.list_files(fs.join(out, *d.split("/")), recursive=recursive):
             name = f"{d}/{rel}"
             if any(name.lower().endswith(e) for e in SERVED_EXT) and size <= MAX_SERVED and ".." not in rel.split("/"):
                 files[name] = size
@@ -41,6 +51,7 @@ def served_files(out: str) -> dict[str, int]:
         rel = f"train/{stage}/training_curves.png"
         if fs.isfile(fs.join(out, rel)):
             files[rel] = fs.size(fs.join(out, rel)) or 0
+    _listed[out] = (now, files)
     return files
 
 

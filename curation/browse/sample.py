@@ -37,17 +37,38 @@ def _caption(rng: random.Random, n: int) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(n)).capitalize() + "."
 
 
-def _image(rng: random.Random, w: int, h: int, fmt: str = "JPEG") -> bytes:
-    from PIL import Image, ImageDraw
+_PHOTOS: list = []
+
+
+def _photos() -> list:
+    """The real photographs scikit-image / scikit-learn ship (the demo's own; no download)."""
+    if not _PHOTOS:
+        from curation.demo_data import photos
+
+        _PHOTOS.extend(im.convert("RGB") for _, im in photos())
+    return _PHOTOS
+
+
+def _image(rng: random.Random, w: int, h: int, photo: int | None = None, jitter: float = 0.0) -> bytes:
+    """A JPEG of w x h / 8 (the manifest keeps the full size): a crop of a real photo when there is
+    one (`jitter` shifts the crop and the brightness a little: a near duplicate), else shapes."""
+    from PIL import Image, ImageDraw, ImageEnhance, ImageOps
 
     w, h = max(8, w // 8), max(8, h // 8)
-    im = Image.new("RGB", (w, h), tuple(rng.randrange(256) for _ in range(3)))
-    d = ImageDraw.Draw(im)
-    for _ in range(4):
-        x0, y0 = rng.randrange(w), rng.randrange(h)
-        d.ellipse([x0, y0, x0 + rng.randrange(4, w), y0 + rng.randrange(4, h)], fill=tuple(rng.randrange(256) for _ in range(3)))
+    pics = _photos()
+    if pics and photo is not None:
+        src = pics[photo % len(pics)]
+        im = ImageOps.fit(src, (w, h), Image.Resampling.LANCZOS, centering=(0.5 + jitter, 0.5 - jitter))
+        im = ImageEnhance.Brightness(im).enhance(1.0 + 2 * jitter)
+    else:
+        im = Image.new("RGB", (w, h), tuple(rng.randrange(256) for _ in range(3)))
+        d = ImageDraw.Draw(im)
+        for _ in range(4):
+            x0, y0 = rng.randrange(w), rng.randrange(h)
+            d.ellipse([x0, y0, x0 + rng.randrange(4, w), y0 + rng.randrange(4, h)],
+                      fill=tuple(rng.randrange(256) for _ in range(3)))
     buf = io.BytesIO()
-    im.save(buf, format=fmt, quality=90)
+    im.save(buf, format="JPEG", quality=90)
     return buf.getvalue()
 
 
@@ -77,22 +98,22 @@ def make_run(out: str, parts: int = 3, rows_per_part: int = 20, seed: int = 0, r
                          "caption_model": "tiny-captioner" if status == "ok" else None,
                          "caption_t5_tokens": (len(long.split()) + 2 if long else None) if status == "ok" else None})
             if status == "ok":
-                images[key] = _image(rng, w, h)
+                images[key] = _image(rng, w, h, photo=i if i % 4 else None)
     ok = [r for r in rows if r["status"] == "ok"]
     pairs = []
-    def passing(r, w, h):  # pair members mostly pass the other criteria, so dedup decides about them
+    def passing(r, w, h, photo=None, jitter=0.0):  # pair members pass the other criteria: dedup decides
         r.update(width=w, height=h, aspect_ratio=h / w, aesthetic=round(rng.uniform(5.2, 7.5), 3))
-        images[r["key"]] = _image(rng, w, h)
+        images[r["key"]] = _image(rng, w, h, photo, jitter)
 
     for j in range(0, min(len(ok) - 1, 12), 3):  # exact twins: same bytes, same size and score
         a, b = ok[j], ok[j + 1]
-        passing(a, *SIZES[j % 3])
+        passing(a, *SIZES[j % 3], photo=j + 1)
         b.update(width=a["width"], height=a["height"], aspect_ratio=a["aspect_ratio"], aesthetic=a["aesthetic"])
         images[b["key"]] = images[a["key"]]
         pairs.append((a["key"], b["key"], 1.0, "exact"))
     for j in range(14, min(len(ok) - 2, 40), 4):  # near pairs around the 0.95 threshold, in chains
-        for r in ok[j:j + 3]:
-            passing(r, *rng.choice(SIZES[:3] + SIZES[7:]))
+        for n, r in enumerate(ok[j:j + 3]):  # one photo, three slightly different crops
+            passing(r, *rng.choice(SIZES[:3] + SIZES[7:]), photo=j, jitter=0.03 * n)
         sims = [0.97, 0.93, 0.955, 0.91, 0.99, 0.94][(j // 4) % 6]
         pairs.append((ok[j]["key"], ok[j + 1]["key"], sims, "near"))
         pairs.append((ok[j + 1]["key"], ok[j + 2]["key"], round(sims - 0.01, 3), "near"))

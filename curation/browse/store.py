@@ -66,11 +66,6 @@ def key_list(keys) -> str:
     return ", ".join(f"'{k}'" for k in keys if isinstance(k, str) and KEY_RE.match(k))
 
 
-def part_of(key: str) -> int:
-    """Key `PPPPP_RRRRRR` -> manifest part."""
-    return int(key.split("_", 1)[0])
-
-
 def read_config(out: str) -> dict:
     """The run's resolved config (config.resolved.yaml), {} when absent or unreadable."""
     uri = fs.join(out, "config.resolved.yaml")
