@@ -5,7 +5,8 @@ in candidate pairs) of each size, builds the browser's DuckDB table once (as the
 start), then times the requests a page makes: a grid page under a filter and a sort at the first,
 middle and last offset (LIMIT/OFFSET over the materialised table; the count of a filter is cached
 after its first page), one row's detail, a duplicate group and a what-if. Median of --repeat runs
-each; the ratio 1M / 10K says how far paging is from constant time.
+each; the ratio 1M / 10K says how far paging is from constant time. Baseline (same process): the
+middle page as plain LIMIT/OFFSET with ORDER BY over the table, what paging.py avoids.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/browse_bench.py [--rows 10000,1000000] [--repeat 5]
 """
@@ -27,6 +28,7 @@ from curation.browse import sample, whatif  # noqa: E402
 from curation.browse.store import Run  # noqa: E402
 
 FILTER = "status = 'ok' AND aesthetic > 6"
+GRIDCOLS = "key, aesthetic, width, height, status, reject_reason, bucket, selected, caption"
 
 
 def timed(fn, repeat: int) -> float:
@@ -61,6 +63,9 @@ def bench(rows: int, repeat: int, tmp: str) -> dict:
              "middle page, filter + sort": lambda: run.page(FILTER, "aesthetic", True, mid),
              "last page, filter + sort": lambda: run.page(FILTER, "aesthetic", True, last),
              "last page, key, no filter": lambda: run.page("", "key", False, (rows - 1) // 48 * 48),
+             "baseline: middle page as LIMIT/OFFSET over m": lambda: run.query(
+                 f"SELECT {GRIDCOLS} FROM m WHERE {FILTER} ORDER BY aesthetic DESC NULLS LAST, key DESC "
+                 f"LIMIT 48 OFFSET {mid}"),
              "row detail": lambda: run.row("00000_000123"),
              "duplicate group": lambda: run.dup_group("00000_000123"),
              "what-if, a slider moved": lambda: whatif.whatif(run, {"aesthetic_min": "5.6", "min_side": "640",

@@ -84,7 +84,7 @@ def _bad(message: str, status: int = 400):
 
 
 def _key(key: str) -> str:
-    if not KEY_RE.match(key or ""):
+    if not KEY_RE.fullmatch(key or ""):
         raise FilterError(f"not a row key: {key[:60]!r} (keys look like 00000_000012)")
     return key
 

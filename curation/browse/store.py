@@ -25,7 +25,7 @@ from common import fs, manifest
 from curation.browse import filters
 from curation.browse.filters import FilterError, quote_ident
 
-KEY_RE = re.compile(r"^\d{5,}_\d{6}$")
+KEY_RE = re.compile(r"\d{5,}_\d{6}")  # use fullmatch: `$` would let a trailing newline through
 # Columns the pages and ready-made filters use; added as typed NULLs when a stage has not run yet.
 KNOWN = {"status": "VARCHAR", "error": "VARCHAR", "sha256": "VARCHAR", "width": "BIGINT", "height": "BIGINT",
          "aspect_ratio": "DOUBLE", "aesthetic": "DOUBLE", "duplicate_of": "VARCHAR", "dup_kind": "VARCHAR",
@@ -63,7 +63,7 @@ def jsonable(v):
 
 def key_list(keys) -> str:
     """SQL literals of row keys: only well-formed keys (digits and '_') pass, so quoting is trivial."""
-    return ", ".join(f"'{k}'" for k in keys if isinstance(k, str) and KEY_RE.match(k))
+    return ", ".join(f"'{k}'" for k in keys if isinstance(k, str) and KEY_RE.fullmatch(k))
 
 
 def read_config(out: str) -> dict:
@@ -102,18 +102,21 @@ class Run:
             self.out = fs.normalize(out)
         except ValueError as e:
             raise RunError(str(e), 400) from None
-        if not fs.isdir(self.out):
-            raise RunError(f"no run folder at {self.out}: check --output (a local folder or s3://bucket/prefix)")
-        self.parts = manifest.list_parts(self.out)
-        if not self.parts:
-            raise RunError(f"{self.out} has no manifest yet (no manifest/part-*.parquet): run "
-                           f"`python -m curation.run --output {self.out} ...` first (the download stage writes it)", 503)
-        self.config = read_config(self.out)
-        self.resolution = int(resolution or (self.config.get("features", {}).get("resolutions") or [1024])[0])
-        self.timeout_s = timeout_s
-        self._lock = threading.Lock()
-        self.con = duckdb.connect(":memory:")
-        self._build()
+        try:
+            if not fs.isdir(self.out):
+                raise RunError(f"no run folder at {self.out}: check --output (a local folder or s3://bucket/prefix)")
+            self.parts = manifest.list_parts(self.out)
+            if not self.parts:
+                raise RunError(f"{self.out} has no manifest yet (no manifest/part-*.parquet): run `python -m "
+                               f"curation.run --output {self.out} ...` first (the download stage writes it)", 503)
+            self.config = read_config(self.out)
+            self.resolution = int(resolution or ((self.config.get("features") or {}).get("resolutions") or [1024])[0])
+            self.timeout_s = timeout_s
+            self._lock = threading.Lock()
+            self.con = duckdb.connect(":memory:")
+            self._build()
+        except (OSError, pa.ArrowException, duckdb.Error) as e:  # unreachable store, unreadable part, ...
+            raise RunError(f"cannot read the run at {self.out}: {type(e).__name__}: {str(e)[:400]}", 503) from None
         self._exec("SET python_enable_replacements = false")
         self._exec("SET enable_external_access = false")
         self._exec("SET lock_configuration = true")

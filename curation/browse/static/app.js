@@ -4,7 +4,7 @@
 "use strict";
 
 const PAGE = 48;
-let INFO = null;
+let INFO = null, rowsSeq = 0;
 
 function el(tag, attrs, ...children) {
   const e = document.createElement(tag);
@@ -78,10 +78,13 @@ async function renderRows(q) {
   $("sort").value = sort;
   $("desc").checked = desc;
   const params = new URLSearchParams({ where, sort, desc: desc ? "1" : "0", offset, limit: PAGE });
+  const seq = ++rowsSeq;  // answers can arrive out of order: only the latest request draws
   let res;
   try { res = await api(`/api/rows?${params}`); } catch (e) {
+    if (seq !== rowsSeq) return;
     $("grid").replaceChildren(); $("count").textContent = "filter error"; $("count").dataset.count = ""; return;
   }
+  if (seq !== rowsSeq) return;
   showError(null);
   const c = $("count");
   c.dataset.count = res.count;
@@ -163,7 +166,7 @@ const SLIDERS = [
   ["aesthetic_min", "aesthetic_min", 0.05], ["min_side", "min_side (px)", 16],
   ["max_aspect_ratio", "max_aspect_ratio (h/w)", 0.05], ["min_aspect_ratio", "min_aspect_ratio (h/w)", 0.01],
   ["dedup_threshold", "dedup_threshold", 0.001]];
-let wiTimer = null;
+let wiTimer = null, wiSeq = 0;
 
 function buildWhatIf() {
   const s = INFO.select || {}, r = INFO.ranges || {};
@@ -199,8 +202,10 @@ async function runWhatIf() {
     else if (!(name === "dedup_threshold" && (!INFO.has_pairs || v === ""))) p.set(name, v);
   }
   $("wi-would").classList.add("stale");
+  const seq = ++wiSeq;  // a slower, older answer must not overwrite a newer one
   let w;
-  try { w = await api(`/api/whatif?${p}`); } catch (e) { bump("whatifs"); return; }
+  try { w = await api(`/api/whatif?${p}`); } catch (e) { if (seq === wiSeq) bump("whatifs"); return; }
+  if (seq !== wiSeq) return;
   showError(null);
   $("wi-would").classList.remove("stale");
   $("wi-would").textContent = w.would.toLocaleString();
