@@ -90,13 +90,13 @@ def main(argv=None) -> int:
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"# browse_bench: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, "
           f"median of {args.repeat}, filter `{FILTER}`")
-    print(f"{'':44}" + "".join(f"{r['rows']:>14,}" for r in results) + ("     ratio" if len(results) == 2 else ""))
-    print(f"{'write manifest (s)':44}" + "".join(f"{r['write_s']:>14.1f}" for r in results))
-    print(f"{'build DuckDB table at server start (s)':44}" + "".join(f"{r['build_s']:>14.2f}" for r in results))
+    print(f"{'':52}" + "".join(f"{r['rows']:>14,}" for r in results) + ("     ratio" if len(results) == 2 else ""))
+    print(f"{'write manifest (s)':52}" + "".join(f"{r['write_s']:>14.1f}" for r in results))
+    print(f"{'build DuckDB table at server start (s)':52}" + "".join(f"{r['build_s']:>14.2f}" for r in results))
     for name in [k for k in results[0] if k not in ("rows", "write_s", "build_s")]:
         vals = [r[name] for r in results]
         ratio = f"{vals[-1] / vals[0]:>10.1f}" if len(vals) == 2 and vals[0] else ""
-        print(f"{name + ' (ms)':44}" + "".join(f"{v:>14.1f}" for v in vals) + ratio)
+        print(f"{name + ' (ms)':52}" + "".join(f"{v:>14.1f}" for v in vals) + ratio)
     return 0
 
 
