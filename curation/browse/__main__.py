@@ -18,7 +18,8 @@ def parse_args(argv=None):
     ap.add_argument("--cache-dir", default=None,
                     help="local folder for thumbnails and tar indexes (default ~/.cache/sigma-browse/<run hash>)")
     ap.add_argument("--resolution", type=int, default=None,
-                    help="bucket table for the grid's `bucket` column (default: the run's first features resolution, else 1024)")
+                    help="bucket table of the grid's `bucket` column (default: the run's first features "
+                         "resolution, else 1024)")
     return ap.parse_args(argv)
 
 

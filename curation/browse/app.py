@@ -135,6 +135,10 @@ def create_app(out: str, cache_dir: str | None = None, resolution: int | None = 
         b.run()  # RunError -> the error page
         return send_from_directory(STATIC, "index.html")
 
+    @app.get("/favicon.ico")
+    def favicon():
+        return Response(status=204)
+
     @app.get("/static/<path:name>")
     def static_file(name):
         return send_from_directory(STATIC, name)

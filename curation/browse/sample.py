@@ -131,9 +131,10 @@ def make_run(out: str, parts: int = 3, rows_per_part: int = 20, seed: int = 0, r
         fs.write_bytes(fs.join(out, "download", f"{p:05d}.tar"), _tar(p, part_rows, images))
     fs.write_parquet(fs.join(out, "dedup", "pairs", "part-00000.parquet"), pa.table({
         "a": pa.array([x[0] for x in pairs], pa.string()), "b": pa.array([x[1] for x in pairs], pa.string()),
-        "similarity": pa.array([x[2] for x in pairs], pa.float32()), "kind": pa.array([x[3] for x in pairs], pa.string())}))
-    fs.write_json(fs.join(out, "dedup", "_done.json"), {"fingerprint": "synthetic", "rows": len(ok), "pairs": len(pairs),
-                                                       "candidate_threshold": CANDIDATE})
+        "similarity": pa.array([x[2] for x in pairs], pa.float32()),
+        "kind": pa.array([x[3] for x in pairs], pa.string())}))
+    fs.write_json(fs.join(out, "dedup", "_done.json"),
+                  {"fingerprint": "synthetic", "rows": len(ok), "pairs": len(pairs), "candidate_threshold": CANDIDATE})
     fs.write_text(fs.join(out, "config.resolved.yaml"), yaml.safe_dump({"resolved": {
         "name": "sample", "output": out, "select": SELECT, "dedup": {"keep": "best", "candidate_threshold": CANDIDATE},
         "features": {"resolutions": [256]}, "caption": {"quality": {"max_t5_tokens": 300}}}}))
@@ -226,7 +227,8 @@ def _report(out: str, rows: list[dict]) -> None:
             fs.write_bytes(fs.join(out, "report", name), (pathlib.Path(d) / name).read_bytes())
     fs.write_json(fs.join(out, "report", "summary.json"), {
         "pipeline": "sample", "rows": len(rows), "selected": sum(r["selected"] for r in rows),
-        "status": {}, "stages": [{"stage": "select", "seconds": 0.1, "rows_per_s": 600.0, "result": {"rows": len(rows)}}]})
+        "status": {},
+        "stages": [{"stage": "select", "seconds": 0.1, "rows_per_s": 600.0, "result": {"rows": len(rows)}}]})
     fs.write_json(fs.join(out, "eval", "scores", "sample-256.json"), {
         "run": "sample-256", "fid": 321.5, "clip_score": 18.25, "n_scored": 8, "n_benchmark": 8,
         "scored_at": "2026-01-01T00:00:00", "protocol": {"generation": {"checkpoint": "train/sample-256"}}})
@@ -249,7 +251,8 @@ def make_manifest(out: str, rows: int, part_rows: int = 100_000, pair_frac: floa
                       "caption": caps[rng.integers(0, 512, n)], "status": np.where(ok, "ok", "failed_download"),
                       "width": pa.array(wh[:, 0], pa.int64()), "height": pa.array(wh[:, 1], pa.int64()),
                       "aesthetic": aes, "selected": sel,
-                      "reject_reason": pa.array(np.where(sel, None, np.where(ok, "low_aesthetic", "failed_download")), pa.string()),
+                      "reject_reason": pa.array(np.where(sel, None, np.where(ok, "low_aesthetic", "failed_download")),
+                                                pa.string()),
                       "caption_long": caps[rng.integers(0, 512, n)], "caption_status": np.where(ok, "ok", None),
                       "caption_t5_tokens": rng.integers(20, 400, n)})
         manifest.write_part(out, p, t, "select", "synthetic")
@@ -257,5 +260,6 @@ def make_manifest(out: str, rows: int, part_rows: int = 100_000, pair_frac: floa
         a, b = rng.integers(0, n, m), rng.integers(0, n, m)
         keep = a < b
         fs.write_parquet(fs.join(out, "dedup", "pairs", f"part-{p:05d}.parquet"), pa.table({
-            "a": keys[a[keep]], "b": keys[b[keep]], "similarity": pa.array(rng.uniform(0.9, 1.0, keep.sum()), pa.float32()),
+            "a": keys[a[keep]], "b": keys[b[keep]],
+            "similarity": pa.array(rng.uniform(0.9, 1.0, keep.sum()), pa.float32()),
             "kind": np.full(keep.sum(), "near")}))

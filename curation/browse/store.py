@@ -170,7 +170,8 @@ class Run:
         r = self._exec("SELECT min(aesthetic) FILTER (WHERE isfinite(aesthetic)), "
                        "max(aesthetic) FILTER (WHERE isfinite(aesthetic)), max(least(width, height)) FROM m")[0]
         self.ranges = {"aes_min": r[0], "aes_max": r[1], "side_max": r[2]}
-        self.buckets = self._exec("SELECT bucket, count(*) FROM m WHERE bucket IS NOT NULL GROUP BY 1 ORDER BY 2 DESC, 1")
+        self.buckets = self._exec("SELECT bucket, count(*) FROM m WHERE bucket IS NOT NULL "
+                                  "GROUP BY 1 ORDER BY 2 DESC, 1")
 
     def _bucket_table(self, resolution: int, name: str, sizes: list[tuple[int, int]]) -> None:
         """Table name(width, height, bucket): features.buckets.assign once per distinct size."""

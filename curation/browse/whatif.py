@@ -67,8 +67,10 @@ def params(q: dict, run) -> dict:
     aes = q.get("aesthetic_min", sel.get("aesthetic_min"))
     p = {"aesthetic_min": None if aes in (None, "", "null", "none") else _num(aes, "aesthetic_min", -1e9, 1e9),
          "min_side": int(_num(q.get("min_side", sel.get("min_side", 1024)), "min_side", 0, 1e9)),
-         "max_aspect_ratio": _num(q.get("max_aspect_ratio", sel.get("max_aspect_ratio", 4.5)), "max_aspect_ratio", 1, 1e6),
-         "min_aspect_ratio": _num(q.get("min_aspect_ratio", sel.get("min_aspect_ratio", 1 / 4.5)), "min_aspect_ratio", 1e-6, 1),
+         "max_aspect_ratio": _num(q.get("max_aspect_ratio", sel.get("max_aspect_ratio", 4.5)),
+                                  "max_aspect_ratio", 1, 1e6),
+         "min_aspect_ratio": _num(q.get("min_aspect_ratio", sel.get("min_aspect_ratio", 1 / 4.5)),
+                                  "min_aspect_ratio", 1e-6, 1),
          "resolution": int(_num(q.get("resolution", run.resolution), "resolution", 1, 1e5))}
     t = q.get("dedup_threshold", sel.get("dedup_threshold", run.candidate_threshold))
     p["dedup_threshold"] = _num(t, "dedup_threshold", 0, 1) if t not in (None, "") else None
@@ -190,7 +192,8 @@ def whatif(run, q: dict) -> dict:
     nb = len(names)
     bw = np.bincount(codes[would & (codes >= 0)], minlength=nb)
     bn = np.bincount(codes[A.was & (codes >= 0)], minlength=nb)
-    buckets = sorted(({"bucket": names[i], "would": int(bw[i]), "was": int(bn[i])} for i in range(nb) if bw[i] or bn[i]),
+    buckets = sorted(({"bucket": names[i], "would": int(bw[i]), "was": int(bn[i])}
+                      for i in range(nb) if bw[i] or bn[i]),
                      key=lambda b: float(b["bucket"]))
     totals = {"would": int(would.sum()), "was": int(A.was.sum()), "gained": int((would & ~A.was).sum()),
               "lost": int((A.was & ~would).sum()), "rows": int(len(would)), "passes": int(passes.sum())}
@@ -218,7 +221,8 @@ def _margins(A: Arrays, p: dict, passes, would, side_ok, ar_ok, aes_ok, dropped:
 
     if p["aesthetic_min"] is not None:
         add("aesthetic_min", "just kept", _first(would, A.aes, n))
-        add("aesthetic_min", "just rejected", _first(base & side_ok & ar_ok & ~aes_ok & ~A.aes_null, A.aes, n, desc=True))
+        add("aesthetic_min", "just rejected",
+            _first(base & side_ok & ar_ok & ~aes_ok & ~A.aes_null, A.aes, n, desc=True))
     add("min_side", "just kept", _first(would, A.side.astype(np.float64), n))
     add("min_side", "just rejected", _first(base & ar_ok & aes_ok & ~side_ok, A.side.astype(np.float64), n, desc=True))
     with np.errstate(divide="ignore", invalid="ignore"):

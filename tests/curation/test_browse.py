@@ -104,7 +104,8 @@ def shot(d, path) -> None:
 def grid_count(d) -> tuple[int, int]:
     from selenium.webdriver.common.by import By
 
-    return int(d.find_element(By.ID, "count").get_attribute("data-count")), len(d.find_elements(By.CSS_SELECTOR, "#grid .card"))
+    count = d.find_element(By.ID, "count").get_attribute("data-count")
+    return int(count), len(d.find_elements(By.CSS_SELECTOR, "#grid .card"))
 
 
 def open_page(d, url: str, counter_name: str = "renders") -> None:
@@ -153,7 +154,8 @@ def test_grid_filters_sort_and_paging(driver, base, run, tmp_path):
     assert n == ddb_count(out, where) and cards == min(PAGE, n) and 0 < n < total
     shot(d, tmp_path / "grid_filtered.png")
 
-    for label, where in (("selected", "selected"), ("rejected: duplicate", "list_contains(string_split(reject_reason, ';'), 'duplicate')"),
+    for label, where in (("selected", "selected"),
+                         ("rejected: duplicate", "list_contains(string_split(reject_reason, ';'), 'duplicate')"),
                          ("degenerate captions", "caption_status = 'degenerate'"),
                          ("over 300 T5 tokens", "caption_t5_tokens > 300")):
         btn = d.find_element(By.XPATH, f"//button[@class='preset' and text()='{label}']")
@@ -316,7 +318,8 @@ def test_report_page(driver, base, tmp_path):
     sources = Counter(tr.find_elements(By.TAG_NAME, "td")[0].text for tr in rows)
     assert sources == {"ours": 3, "paper": len(PAPER_TABLE1)}
     WebDriverWait(d, 10).until(lambda _: d.execute_script(
-        "const i = [...document.querySelectorAll('#figures img')]; return i.length === 3 && i.every(x => x.complete && x.naturalWidth > 0)"))
+        "const i = [...document.querySelectorAll('#figures img')]; "
+        "return i.length === 3 && i.every(x => x.complete && x.naturalWidth > 0)"))
     assert "Figure 6" in d.find_element(By.ID, "figures").text
     assert "sample-256" in d.find_element(By.ID, "eval").text and "321.5" in d.find_element(By.ID, "eval").text
     assert "select" in d.find_element(By.ID, "summary").text
