@@ -77,6 +77,8 @@ def main(argv=None) -> int:
     for title, dt in timings:
         print(f"  {dt:7.1f} s  {title}")
     print(f"outputs: {out}  (manifest/, shards/, report/, eval/, train/)")
+    print(f"\nbrowse the run (grid, filters, duplicates, what-if selection, report) at http://127.0.0.1:8000/ :\n"
+          f"  python -m curation.browse --output {out.relative_to(REPO)}")
     return 0
 
 
