@@ -83,6 +83,8 @@ def main(argv=None) -> int:
     if report.exists():  # the eval report: protocol, CIs, per-stratum table, the preference page
         print(f"\n=== {report}\n" + "\n".join(report.read_text().splitlines()[:60]))
     print(f"outputs: {out}  (manifest/, shards/, report/, eval/, train/)")
+    print(f"\nbrowse the run (grid, filters, duplicates, what-if selection, report) at http://127.0.0.1:8000/ :\n"
+          f"  python -m curation.browse --output {out.relative_to(REPO)}")
     return 0
 
 

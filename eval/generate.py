@@ -54,7 +54,7 @@ def resolve_checkpoint(checkpoint: str) -> Path:
     from training.checkpoint import resolve
 
     p = Path(checkpoint).resolve()
-    return (resolve(p) or p) if p.is_dir() else p
+    return Path(resolve(p) or p) if p.is_dir() else p
 
 
 def default_name(checkpoint: str, stage: str | None = None) -> str:
@@ -114,16 +114,20 @@ class Generator:
 
     def __init__(self, checkpoint: str, t5: str, vae: str, out_dir: str, sampler: str, steps: int,
                  cfg_scale: float, max_length: int, scale_factor: float, precision: str = "auto",
-                 num_gpus: float = 0.0):
+                 num_gpus: float = 0.0, image_size: int | None = None):
         import torch
 
         from features.t5 import load_t5, pick_device_dtype
         from features.vae import load_vae
+        from training.null import encode_null
         from training.sample import load_dit
 
         self.device, self.dtype = pick_device_dtype(precision, num_gpus)
-        self.model = load_dit(checkpoint, device=self.device).to(self.dtype)
         self.tok, self.t5 = load_t5(t5, self.device, self.dtype)
+        # null caption = T5("") of this T5 (official load_checkpoint rule); image_size = PE of a .pth
+        # that does not record its resolution
+        self.model = load_dit(checkpoint, device=self.device, image_size=image_size,
+                              null=encode_null(self.tok, self.t5, max_length)).to(self.dtype)
         self.vae = load_vae(vae, self.device, self.dtype)
         self.out_dir = out_dir
         self.sampler, self.steps, self.cfg_scale = sampler, steps, cfg_scale
@@ -199,7 +203,8 @@ def generate(cfg, checkpoint: str, name: str | None = None, use_ray: bool = True
     t0 = time.time()
     kwargs = dict(checkpoint=checkpoint, t5=proto["t5"], vae=proto["vae"], out_dir=d, sampler=ecfg.sampler,
                   steps=ecfg.steps, cfg_scale=ecfg.cfg_scale, max_length=proto["max_length"],
-                  scale_factor=proto["scale_factor"], precision=ecfg.precision, num_gpus=ecfg.resources.num_gpus)
+                  scale_factor=proto["scale_factor"], precision=ecfg.precision, num_gpus=ecfg.resources.num_gpus,
+                  image_size=ecfg.resolution)
     if todo:
         bar = tqdm(total=len(todo), desc=f"generate {name}", unit="img", disable=not progress, mininterval=1.0)
         if use_ray:
