@@ -1,5 +1,6 @@
-"""Tiny offline curation models: an open_clip ViT-B-style CLIP that tells images apart, and the
-LAION-layout aesthetic MLP. Built in ~2 s of CPU, byte-identical on every rebuild, no download.
+"""Tiny offline curation models: an open_clip ViT CLIP (real classes, real loader) that tells
+images apart, and the LAION-layout aesthetic MLP. Built in ~2 s of CPU, byte-identical on every
+rebuild, no download.
 
 Random ViT weights map every image to nearly the same embedding (cosine > 0.99 between unrelated
 photos), so near-duplicate search would mark everything. Instead the vision weights make the
