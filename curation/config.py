@@ -10,7 +10,9 @@ from captioning.config import CaptionConfig
 from eval.config import EvalConfig
 from features.config import FeaturesConfig
 
-STAGES = ("download", "score", "dedup", "select", "caption", "features", "stats")
+# eval_split: the eval benchmark and its hold-out list (eval.build_benchmark), built after the
+# captions it needs and before features, which leaves every held-out key out of the shards.
+STAGES = ("download", "score", "dedup", "select", "caption", "eval_split", "features", "stats")
 # Manifest columns the stages write (and img2dataset's own metadata names): an input column of the
 # same name would collide with them. Also every name starting with these prefixes.
 RESERVED_COLUMNS = frozenset({

@@ -190,11 +190,14 @@ def write_index(d: Path, index: dict) -> Path:
     return d / INDEX
 
 
-def read_index(d: Path) -> dict:
-    p = Path(d) / INDEX
-    if not p.exists():
+def read_index(d) -> dict:
+    """index.json of a shards folder: a local path or a URI (common.fs)."""
+    from common import fs
+
+    p = fs.join(fs.normalize(d), INDEX)
+    if not fs.exists(p):
         raise FileNotFoundError(f"{p}: no shard index (the features stage has not finished)")
-    index = json.loads(p.read_text())
+    index = fs.read_json(p)
     if not str(index.get("format", "")).startswith("sigma-shards/"):
         raise ValueError(f"{p}: unknown format {index.get('format')!r}")
     return index
@@ -222,6 +225,49 @@ def iter_shard(path: Path) -> Iterator[dict]:
                 cur[suffix[: -len(".npy")]] = load_npy(data)
     if cur is not None:
         yield cur
+
+
+# --- random access (training): member spans from the tar headers, through common.fs -------------
+def scan_members(uri: str, buffer_bytes: int = 8 << 20) -> list[dict]:
+    """Every sample of one shard (local path or URI), in tar order, without reading its arrays:
+    {"key", "meta" (the decoded json member, None if absent), "members": {suffix: (offset, size)}}.
+    Reads the tar headers and json members through a buffered reader, so on an object store a run
+    of small members costs one ranged GET per `buffer_bytes`, not one per header."""
+    from common import fs
+
+    groups: dict[str, dict] = {}
+    with fs.open_input(uri) as raw:
+        fh = io.BufferedReader(raw, buffer_size=buffer_bytes)
+        with tarfile.open(fileobj=fh, mode="r:") as tar:
+            for m in tar:
+                if not m.isfile():
+                    continue
+                key, _, suffix = m.name.rsplit("/", 1)[-1].partition(".")
+                g = groups.setdefault(key, {"key": key, "meta": None, "members": {}})
+                g["members"][suffix] = (m.offset_data, m.size)
+        for g in groups.values():
+            if "json" in g["members"]:
+                off, size = g["members"]["json"]
+                fh.seek(off)
+                g["meta"] = json.loads(fh.read(size))
+    return list(groups.values())
+
+
+def open_shard(uri: str):
+    """A random-access handle of one shard for `read_member` (close it when done)."""
+    from common import fs
+
+    return fs.open_input(uri)
+
+
+def read_member(handle, span: tuple[int, int]) -> np.ndarray:
+    """The npy member at span (offset, size) of an open shard -> its array (T5 members are still
+    encoded: pass them through `decode_tokens`). One positional read (a ranged GET remotely)."""
+    off, size = span
+    data = handle.read_at(size, off)
+    if len(data) != size:
+        raise EOFError(f"member at {off}: {len(data)} of {size} bytes (truncated shard)")
+    return load_npy(data)
 
 
 def iter_samples(d: Path) -> Iterator[dict]:

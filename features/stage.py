@@ -170,12 +170,12 @@ def run_features(cfg, out: Path, progress: bool = True, executor: str = "ray") -
     """Plan, compute missing shards (executor "ray", or "local": same steps in-process), write indexes."""
     out, fc = Path(out), cfg.features
     t0 = time.time()
-    # The eval benchmark drawn from this output (eval.build_benchmark) is held out even when
-    # exclude_keys is not set: a benchmark image in a training shard would flatter FID.
-    held_out = fc.exclude_keys or (str(out / "eval" / "benchmark_keys.txt")
-                                   if (out / "eval" / "benchmark_keys.txt").exists() else None)
-    rows, stats = selected_rows(out, load_exclusions(held_out))
-    stats["exclude_keys"] = held_out
+    # Every eval benchmark version kept under this output is held out (common.holdout: the union of
+    # their exclusion lists), plus the user's own exclude_keys list: a leak would flatter FID.
+    from common.holdout import excluded_keys
+
+    rows, stats = selected_rows(out, excluded_keys(str(out)) | load_exclusions(fc.exclude_keys))
+    stats["exclude_keys"] = fc.exclude_keys
     dim, latent_channels, tok = _model_info(fc)
     n_tokens = _count_tokens(tok, rows, fc.t5_max_length)
     fp_base = {"version": shards.FORMAT + "+" + PIPELINE_VERSION, "vae": fc.vae, "t5": fc.t5,

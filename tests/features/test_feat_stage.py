@@ -192,16 +192,16 @@ def test_excluded_keys_never_enter_a_shard(run1, tmp_path, feature_models, fmt):
     out = _copy(out0, tmp_path / "run")
     drop = [facts["selected"][0], facts["selected"][5]]
     path = tmp_path / f"exclude.{fmt}"
-    if fmt == "auto":  # not configured: the benchmark keys eval.build_benchmark wrote are held out
-        path = out / "eval" / "benchmark_keys.txt"
+    if fmt == "auto":  # not configured: every eval benchmark version's hold-out list (common.holdout)
+        path = out / "eval" / "benchmarks" / "v1-test" / "exclude.parquet"
         path.parent.mkdir(parents=True)
-    if fmt in ("txt", "auto"):
+    if fmt == "txt":
         path.write_text("\n".join(drop) + "\n")
     else:
-        pq.write_table(pa.table({"key": drop, "prompt": ["a", "b"]}), path)
+        pq.write_table(pa.table({"key": drop, "reason": ["benchmark", "same_prompt"]}), path)
     s = run_features(features_cfg(out, feature_models, exclude_keys=None if fmt == "auto" else str(path),
                                   resolutions=[256]), out, progress=False, executor="local")
-    assert s["excluded"] == 2 and s["exclude_keys"] == str(path)
+    assert s["excluded"] == 2 and s["exclude_keys"] == (None if fmt == "auto" else str(path))
     index = shards.read_index(shards.shards_dir(out, 256))
     keys = [x["key"] for x in shards.iter_samples(shards.shards_dir(out, 256))]
     assert not set(drop) & set(keys) and index["samples"] == len(keys) == 8 and index["excluded"] == 2
