@@ -182,3 +182,19 @@ def test_corrupt_tar_fails_its_rows_with_the_tar_named_and_other_parts_proceed(h
     part1 = [k for k in after if k.startswith("00001_")]
     assert [after[k]["status"] for k in part1] == [before[k]["status"] for k in part1]
 
+
+
+@pytest.mark.slow
+def test_the_policy_applies_in_ray_distributor_workers(tmp_path, ray_local, monkeypatch):
+    """download.distributor: ray runs img2dataset's shards as Ray tasks: the fetch there is ours too."""
+    monkeypatch.setenv("SIGMA_QUIET", "1")
+    with HostileServer({"x.jpg": lambda h: h.send_error(500)}) as srv:
+        pq.write_table(pa.table({"url": [f"{srv.base}/x.jpg"]}), tmp_path / "urls.parquet")
+        cfg = parse(PipelineConfig, {"name": "r", "output": str(tmp_path / "out"),
+                                     "input": {"path": str(tmp_path / "urls.parquet")},
+                                     "download": {"distributor": "ray", "processes": 1, "threads": 2}})
+        prepare_inputs(cfg.input, cfg.out)
+        run_download(cfg, cfg.out, progress=False)
+        assert srv.requested == []
+    (row,) = manifest.read_manifest(cfg.out).to_pylist()
+    assert row["status"] == "failed_download" and "127.0.0.1 is a loopback address" in row["error"]
