@@ -22,7 +22,6 @@ import pyarrow as pa
 
 from common import fs, manifest
 from common.config import fingerprint, to_dict
-from common.images import DOWNLOAD
 from curation import crawl, integrity
 from curation.inputs import KEY_COL, input_info, input_rows, read_input_part
 

@@ -12,10 +12,8 @@ import socket
 import threading
 import time
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-from PIL import Image
 
 from curation import demo_data as dd
 
@@ -27,7 +25,6 @@ class Case:
     reason: str | None = None  # a substring of the row's `error` (None: no error expected)
     url: str | None = None  # the URL in the list (default: the server's /<name>)
     handler: object = None  # fn(request_handler) -> None, serving this route
-    requested: list = field(default_factory=list)
 
 
 def _send(h, body: bytes, ctype: str = "image/jpeg", status: int = 200, headers: dict | None = None,

@@ -17,7 +17,6 @@ import pytest
 from common import manifest
 from common.config import parse
 from curation import crawl
-from curation import demo_data as dd
 from curation.config import PipelineConfig
 from curation.download import run_download
 from curation.inputs import prepare_inputs
@@ -47,8 +46,12 @@ def _age_atime(path):
 
 @pytest.fixture(scope="module")
 def hostile_run(tmp_path_factory, tiny_models, ray_local):
-    os.environ["SIGMA_QUIET"] = "1"
-    d = tmp_path_factory.mktemp("hostile")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SIGMA_QUIET", "1")
+        return _hostile_run(tmp_path_factory.mktemp("hostile"), tiny_models)
+
+
+def _hostile_run(d, tiny_models):
     outside = d / "outside"
     outside.mkdir()
     token = f"CANARY-{uuid.uuid4().hex}"
@@ -60,7 +63,6 @@ def hostile_run(tmp_path_factory, tiny_models, ray_local):
     control_atime = _age_atime(control)
     control.read_text()
     atime_works = os.stat(control).st_atime_ns != control_atime
-    jpg = dd._jpeg(dd.synthetic("red", "blue", "circle", (64, 64), 1))
     with HostileServer({"side.jpg": lambda h: h.send_error(500)}, host="127.0.0.2") as side:
         cs = cases(canary.as_uri(), f"{side.base}/side.jpg")
         with HostileServer({c.name: c.handler for c in cs if c.handler}) as srv:
@@ -74,9 +76,9 @@ def hostile_run(tmp_path_factory, tiny_models, ray_local):
             seconds = time.monotonic() - t0
             run_score(cfg, cfg.out, progress=False)
             requested, side_requested = list(srv.requested), list(side.requested)
-    return dict(out=d / "out", cases=cs, tiny=tiny_models, urls=d / "urls.parquet", token=token, canary=canary, canary_atime=canary_atime,
-                atime_works=atime_works, outside=outside, started=started, seconds=seconds,
-                requested=requested, side_requested=side_requested, cfg=cfg, jpg=jpg)
+    return dict(out=d / "out", cases=cs, tiny=tiny_models, urls=d / "urls.parquet", token=token, canary=canary,
+                canary_atime=canary_atime, atime_works=atime_works, outside=outside, started=started, seconds=seconds,
+                requested=requested, side_requested=side_requested, cfg=cfg)
 
 
 @pytest.mark.slow
