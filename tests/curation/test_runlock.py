@@ -69,9 +69,9 @@ def test_s3_lease_refuses_expires_and_is_taken_over(s3_bucket, monkeypatch):
                 pass
     with run_lock(out):  # released on exit: free again at once
         pass
-    monkeypatch.setenv("SIGMA_LOCK_TTL", "2")
-    holder = _holder(out, {"SIGMA_LOCK_TTL": "2"})
-    time.sleep(2.5)  # longer than the TTL: only renewal keeps the lease
+    monkeypatch.setenv("SIGMA_LOCK_TTL", "4")
+    holder = _holder(out, {"SIGMA_LOCK_TTL": "4"})
+    time.sleep(5)  # longer than the TTL: only renewal (every TTL/4) keeps the lease
     with pytest.raises(LockError, match=f"pid {holder.pid}"):
         with run_lock(out):
             pass
@@ -79,7 +79,7 @@ def test_s3_lease_refuses_expires_and_is_taken_over(s3_bucket, monkeypatch):
     with pytest.raises(LockError, match="expires in"):  # a killed holder's lease lives until it expires
         with run_lock(out):
             pass
-    time.sleep(2.2)
+    time.sleep(4.2)
     with run_lock(out) as h:  # expired: taken over
         assert h["pid"] == os.getpid()
 
