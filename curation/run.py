@@ -111,8 +111,9 @@ def run(cfg: PipelineConfig, stages: list[str], progress: bool = True) -> dict:
         t0 = time.time()
         result = fn(cfg, out, progress) or {}
         dt = time.time() - t0
+        # nodes: {Ray node id: tasks} where the stage's plan / commit tasks ran (common.partstage)
         timings.append({"stage": name, "seconds": round(dt, 2), "rows_per_s": round(info["rows"] / max(dt, 1e-9), 1),
-                        "result": result})
+                        "nodes": result.get("nodes") or {}, "result": result})
         if name != "stats":
             check_invariants(out, info["rows"])
     summary = summarize(cfg, out, timings)

@@ -7,8 +7,8 @@ never reuses stale numbers. The npz holds the torchmetrics running sums (n, sum 
 could not be used (key + reason): bad images are reported, never fatal.
 
 Images are read from the img2dataset tars <output>/download/NNNNN.tar (our key rides in the json
-member) through curation.download.iter_images and decoded by common.images.decode_image (EXIF
-orientation, colour modes), the same decoder every other stage uses.
+member) through common.images.iter_download_images (local or object store) and decoded by
+common.images.decode_image (EXIF orientation, colour modes), the same decoder every other stage uses.
 """
 from __future__ import annotations
 
@@ -50,14 +50,14 @@ def _decode(data: bytes):
 
 def iter_reference_images(out: Path, keys: list[str]):
     """Yield (key, RGB image | None, error | None) for every benchmark key, grouped by tar."""
-    from curation.download import iter_images
+    from common.images import iter_download_images
 
     by_part: dict[int, set[str]] = defaultdict(set)
     for k in keys:
         by_part[int(k.split("_", 1)[0])].add(k)
     for part in sorted(by_part):
         wanted = by_part[part]
-        for k, data in iter_images(out, part):
+        for k, data in iter_download_images(out, part, set(wanted)):
             if k in wanted:
                 img, info = _decode(data)
                 wanted.discard(k)

@@ -36,7 +36,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
-    from common import manifest
+    from common import fs, manifest
     from curation.stats import build_report, extract_nouns
 
     args = parse_args(argv)
@@ -56,7 +56,7 @@ def main(argv=None) -> int:
         for cfg in cfgs:
             print(f"--- caption nouns: {cfg.name} ({cfg.out})", flush=True)
             print(json.dumps(extract_nouns(cfg, cfg.out, progress=not args.no_progress)), flush=True)
-        rep = build_report([c.out for c in cfgs], [c.name for c in cfgs], primary.stats, primary.out / "report",
+        rep = build_report([c.out for c in cfgs], [c.name for c in cfgs], primary.stats, fs.join(primary.out, "report"),
                            primary.select.aesthetic_min, paper=args.paper)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
