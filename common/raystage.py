@@ -14,13 +14,14 @@ from typing import Any, Callable
 
 def init_ray(ray_cfg=None, quiet: bool = True):
     """Embedded local Ray, or the cluster named by ray_cfg.address / $RAY_ADDRESS (`ray job submit`)."""
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    address = getattr(ray_cfg, "address", None) or os.environ.get("RAY_ADDRESS")
+    if not address:  # "0" pins an embedded Ray to the loopback address; it would refuse a cluster
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
 
     if ray.is_initialized():
         return ray
-    address = getattr(ray_cfg, "address", None) or os.environ.get("RAY_ADDRESS")
     kwargs: dict[str, Any] = {"configure_logging": True, "logging_level": "WARNING", "log_to_driver": not quiet}
     if address:
         ray.init(address=address, **kwargs)

@@ -12,9 +12,10 @@ import os
 import sys
 import time
 
-for _k, _v in {"NO_ALBUMENTATIONS_UPDATE": "1", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-               "RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false"}.items():
+for _k, _v in {"NO_ALBUMENTATIONS_UPDATE": "1", "RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false"}.items():
     os.environ.setdefault(_k, _v)
+if not os.environ.get("RAY_ADDRESS"):  # embedded Ray on the loopback address; never for a cluster's job
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 from common.config import ConfigError, save_resolved  # noqa: E402
 from curation.config import STAGES, PipelineConfig, load_pipeline  # noqa: E402

@@ -14,8 +14,9 @@ import json
 import os
 import sys
 
-for _k, _v in {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}.items():
-    os.environ.setdefault(_k, _v)
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+if not os.environ.get("RAY_ADDRESS"):  # embedded Ray on the loopback address; never for a cluster's job
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 from common.config import ConfigError, save_resolved  # noqa: E402
 from curation.config import load_pipeline  # noqa: E402

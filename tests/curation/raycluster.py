@@ -29,7 +29,9 @@ def free_port() -> int:
 
 
 def cluster_env() -> dict:
-    env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="token",
+    # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (the Makefile / conftest default: an embedded Ray on the
+    # loopback address) makes `ray start` refuse worker nodes, even on Linux.
+    env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="1", RAY_AUTH_MODE="token",
                RAY_AUTH_TOKEN=os.urandom(16).hex())
     env.pop("RAY_ADDRESS", None)
     env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"  # `python` in the job = this venv
