@@ -128,7 +128,8 @@ def _mtimes(paths) -> dict:
 
 STAGES_ALL = "download,score,dedup,select,caption,features,stats"
 # The stages whose commits the driver reports to common.faults (dedup and select join when they do).
-KILL_STAGES = ("download", "score", "caption", "features", "stats")
+# stats is killed on an s3 output in tests/curation/test_stats_stage.py.
+KILL_STAGES = ("download", "score", "caption", "features")
 
 
 @pytest.mark.slow
@@ -163,9 +164,6 @@ def test_sigkill_in_every_stage_then_rerun_resumes(demo_server, tiny_models, tmp
             sides = list(out.glob("shards/*/.shard-*.json"))
             assert sides and not list(out.glob("shards/*/index.json"))
             committed[stage] = _mtimes(p.with_name(p.name[1:-5] + ".tar") for p in sides)
-        elif stage == "stats":
-            committed[stage] = _mtimes(out.glob("stats/nouns/part-*.parquet"))
-            assert committed[stage]
     r = _run_cli(args)
     assert r.returncode == 0, r.stderr[-3000:]
     manifest.check_invariants(out, len(expect))

@@ -35,6 +35,12 @@ def _part(p: int, with_captions: bool = True) -> pa.Table:
     return pa.table(cols)
 
 
+def _tiled(p: int, reps: int) -> pa.Table:
+    """Part p with its 5 rows repeated `reps` times under distinct keys."""
+    t = pa.concat_tables([_part(p)] * reps)
+    return t.set_column(0, "key", pa.array([f"{p:05d}_{i:06d}" for i in range(t.num_rows)]))
+
+
 def _cfg(out: Path, **stats) -> PipelineConfig:
     stats = {"workers": 2, "num_cpus": 0.5, "batch_size": 3, "slices": {"pretty": "aesthetic >= 6"}, **stats}
     return PipelineConfig(name="t", output=str(out), stats=StatsConfig(**stats), select=SelectConfig(aesthetic_min=5.0))
@@ -165,8 +171,10 @@ def test_sigkill_on_an_s3_output_then_the_same_command_resumes(tmp_path, s3_buck
     from common import fs
 
     out = s3_bucket + "/run"
-    for p in range(6):
-        manifest.write_part(out, p, _part(p), "caption", "fp")
+    n_parts, reps = 8, 40  # big enough that tagging outlasts the first commit: the kill lands mid-stage
+    parts = {p: _tiled(p, reps) for p in range(n_parts)}
+    for p, t in parts.items():
+        manifest.write_part(out, p, t, "caption", "fp")
     cfg_file = tmp_path / "pipelines.yaml"
     cfg_file.write_text("pipelines:\n  t:\n    output: /nonexistent\n    stats: {workers: 1, batch_size: 2}\n")
     cmd = [sys.executable, "-m", "curation.stats", "--config", str(cfg_file), "--pipeline", "t", "--output", out,
@@ -176,20 +184,20 @@ def test_sigkill_on_an_s3_output_then_the_same_command_resumes(tmp_path, s3_buck
     r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == -signal.SIGKILL, r.stderr[-3000:]
     assert marker.read_text().split() == ["stats:1"]  # the kill happened, after one committed part
-    done = {p for p in range(6) if fs.exists(nouns_uri(out, p))}
-    assert 1 <= len(done) < 6
+    done = {p for p in range(n_parts) if fs.exists(nouns_uri(out, p))}
+    assert 1 <= len(done) < n_parts
     mtimes = {p: fs.info(nouns_uri(out, p)).mtime_ns for p in done}
     env.pop("SIGMA_KILL_AT")
     r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     ext = json.loads(next(ln for ln in r.stdout.splitlines() if ln.startswith("{")))
-    assert ext["parts_skipped"] == len(done) and ext["noun_rows"] == 6 * 8
+    want = pa.concat_tables([caption_rows(t) for t in parts.values()])
+    assert ext["parts_skipped"] == len(done) and ext["noun_rows"] == want.num_rows
     assert {p: fs.info(nouns_uri(out, p)).mtime_ns for p in done} == mtimes  # finished parts not redone
-    got = pa.concat_tables([fs.read_parquet(nouns_uri(out, p)) for p in range(6)])
+    got = pa.concat_tables([fs.read_parquet(nouns_uri(out, p)) for p in range(n_parts)])
     pairs = list(zip(got.column("key").to_pylist(), got.column("kind").to_pylist()))
-    want = pa.concat_tables([caption_rows(_part(p)) for p in range(6)])
     assert sorted(pairs) == sorted(zip(want.column("key").to_pylist(), want.column("kind").to_pylist()))
     assert len(set(pairs)) == len(pairs)
     rows = {(r["dataset"], r["caption"]): r for r in csv.DictReader(fs.read_text(fs.join(out, "report", "table1.csv"))
                                                                      .splitlines())}
-    assert int(rows[("all", "raw")]["volume"]) == 6 * 4 and fs.exists(fs.join(out, "config.resolved.yaml"))
+    assert int(rows[("all", "raw")]["volume"]) == n_parts * reps * 4 and fs.exists(fs.join(out, "config.resolved.yaml"))
