@@ -80,9 +80,9 @@ def test_never_contains_a_key_of_the_training_shards(fake_out):
     assert rows and not {r["key"] for r in rows} & set(in_shards)
     assert info["counts"]["ineligible"]["in_training_shards"] == len(in_shards)
     # the key list is exactly what the features stage reads as its exclusion list
-    from features.stage import load_exclusions
+    from features.plan import read_key_list
 
-    assert load_exclusions(str(bb.keys_path(out))) == {r["key"] for r in rows}
+    assert read_key_list(str(bb.keys_path(out))) == {r["key"] for r in rows}
     # shards rebuilt later WITHOUT the exclusion list: verifying the benchmark reports the leak
     write_shard(out, in_shards + [rows[0]["key"]], resolution=512)
     with pytest.raises(RuntimeError, match="in training shards"):
