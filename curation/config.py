@@ -10,7 +10,9 @@ from captioning.config import CaptionConfig
 from eval.config import EvalConfig
 from features.config import FeaturesConfig
 
-STAGES = ("download", "score", "dedup", "select", "caption", "features", "stats")
+# eval_split: the eval benchmark and its hold-out list (eval.build_benchmark), built after the
+# captions it needs and before features, which leaves every held-out key out of the shards.
+STAGES = ("download", "score", "dedup", "select", "caption", "eval_split", "features", "stats")
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,8 @@ def _stage_fn(name: str):
         from curation.select import run_select as fn
     elif name == "caption":
         from captioning.stage import run_caption as fn
+    elif name == "eval_split":
+        from eval.build_benchmark import run_eval_split as fn
     elif name == "features":
         from features.stage import run_features as fn
     elif name == "stats":
@@ -68,7 +70,8 @@ def resolve(args) -> tuple[PipelineConfig, list[str]]:
         if bad:
             raise ConfigError(f"--stages: unknown stage {bad[0]!r}; allowed: {', '.join(STAGES)}")
         stages = [s for s in STAGES if s in wanted]
-    load_pipeline(args.config, args.pipeline, overrides, check=stages)  # model paths of these stages
+    # model paths of these stages' config sections (eval_split loads no model)
+    load_pipeline(args.config, args.pipeline, overrides, check=[s for s in stages if s != "eval_split"])
     return cfg, stages
 
 

@@ -24,31 +24,21 @@ from features import buckets, shards
 
 MANIFEST_COLS = ["key", "url", "caption", "caption_short", "caption_long", "aesthetic", "width", "height",
                  "selected", "status"]
-HOLDOUT = "eval-holdout"  # exclusion source: common.holdout.excluded_keys(out), when that module exists
-BENCHMARK_KEYS = ("eval", "benchmark_keys.txt")  # eval.build_benchmark's key list (older layout)
+HOLDOUT = "eval-holdout"  # exclusion source: common.holdout.excluded_keys(out), the eval hold-out
 
 
 def exclusion_sources(out: str, fc) -> list[str]:
     """Where the keys never to put in a shard come from (checked on the driver, read by workers):
     `features.exclude_keys` (a text file, one key a line, or a parquet with a `key` column; local
-    or URI) plus, always, this output's eval hold-out: a benchmark image in a training shard would
-    flatter FID."""
+    or URI) plus, always, this output's eval hold-out (every benchmark version's exclusion list):
+    a benchmark image in a training shard would flatter FID."""
     sources = []
     if fc.exclude_keys:
         uri = fs.normalize(fc.exclude_keys)
         if not fs.exists(uri):
             raise ConfigError(f"features.exclude_keys: {fc.exclude_keys} does not exist")
         sources.append(uri)
-    try:
-        from common import holdout  # noqa: F401  (eval hold-out union over benchmark versions)
-
-        sources.append(HOLDOUT)
-    except ImportError:
-        pass
-    bench = fs.join(out, *BENCHMARK_KEYS)
-    if fs.exists(bench):
-        sources.append(bench)
-    return sources
+    return sources + [HOLDOUT]
 
 
 def read_key_list(uri: str) -> set[str]:
@@ -63,7 +53,7 @@ def load_exclusions(out: str, sources: list[str]) -> set[str]:
         if src == HOLDOUT:
             from common.holdout import excluded_keys
 
-            keys |= set(excluded_keys(out))
+            keys |= excluded_keys(out)
         else:
             keys |= read_key_list(src)
     return keys

@@ -200,10 +200,6 @@ def check_shard(uri, expect_hash: str, fingerprint: str, verify: str = "sha256")
     return side, None
 
 
-def shard_done(uri, expect_hash: str, fingerprint: str, verify: str = "sha256") -> dict | None:
-    return check_shard(uri, expect_hash, fingerprint, verify)[0]
-
-
 def clean_dir(d, keep: set[str]) -> list[str]:
     """Remove leftover temp files and shards (with sidecars) not in `keep`; returns what was removed."""
     d = _uri(d)
@@ -318,28 +314,44 @@ def iter_shard(uri, expect: dict | None = None) -> Iterator[dict]:
         raise ShardError(f"shard {uri}: {n} samples, the index says {expect['samples']}")
 
 
-def scan_shard(uri, expect: dict | None = None) -> list[tuple[str, dict[str, tuple[int, int]]]]:
-    """Header scan (no payload read): [(key, {suffix: (offset, size)})] in tar order, for readers
-    that fetch members by offset. Checked like iter_shard: size, complete samples, count."""
-    uri = _uri(uri)
-    if expect is not None:
-        _check_size(uri, expect)
+# --- random access (training): member spans from the tar headers, through common.fs -------------
+def scan_members(uri: str, buffer_bytes: int = 8 << 20) -> list[dict]:
+    """Every sample of one shard (local path or URI), in tar order, without reading its arrays:
+    {"key", "meta" (the decoded json member, None if absent), "members": {suffix: (offset, size)}}.
+    Reads the tar headers and json members through a buffered reader, so on an object store a run
+    of small members costs one ranged GET per `buffer_bytes`, not one per header. Callers check
+    the count against the shard's index entry (training.data does; iter_shard does it itself)."""
     groups: dict[str, dict] = {}
-    with fs.open_input(uri) as f:
-        try:
-            with tarfile.open(fileobj=f, mode="r:") as tar:
-                for m in tar:
-                    if m.isfile():
-                        key, suffix = _split(m.name)
-                        groups.setdefault(key, {})[suffix] = (m.offset_data, m.size)
-        except (tarfile.TarError, EOFError) as e:
-            raise ShardError(f"shard {uri}: unreadable or ends early ({e})") from e
-    bad = [k for k, mem in groups.items() if "json" not in mem or "latent.npy" not in mem]
-    if bad:
-        raise ShardError(f"shard {uri}: incomplete samples {bad[:3]}")
-    if expect is not None and len(groups) != expect["samples"]:
-        raise ShardError(f"shard {uri}: {len(groups)} samples, the index says {expect['samples']}")
-    return list(groups.items())
+    with fs.open_input(_uri(uri)) as raw:
+        fh = io.BufferedReader(raw, buffer_size=buffer_bytes)
+        with tarfile.open(fileobj=fh, mode="r:") as tar:
+            for m in tar:
+                if not m.isfile():
+                    continue
+                key, _, suffix = m.name.rsplit("/", 1)[-1].partition(".")
+                g = groups.setdefault(key, {"key": key, "meta": None, "members": {}})
+                g["members"][suffix] = (m.offset_data, m.size)
+        for g in groups.values():
+            if "json" in g["members"]:
+                off, size = g["members"]["json"]
+                fh.seek(off)
+                g["meta"] = json.loads(fh.read(size))
+    return list(groups.values())
+
+
+def open_shard(uri: str):
+    """A random-access handle of one shard for `read_member` (close it when done)."""
+    return fs.open_input(_uri(uri))
+
+
+def read_member(handle, span: tuple[int, int]) -> np.ndarray:
+    """The npy member at span (offset, size) of an open shard -> its array (T5 members are still
+    encoded: pass them through `decode_tokens`). One positional read (a ranged GET remotely)."""
+    off, size = span
+    data = handle.read_at(size, off)
+    if len(data) != size:
+        raise EOFError(f"member at {off}: {len(data)} of {size} bytes (truncated shard)")
+    return load_npy(data)
 
 
 def iter_samples(d) -> Iterator[dict]:
@@ -369,5 +381,5 @@ def shard_keys(out) -> set[str]:
     for res in fs.listdir(root):
         for name, _ in fs.list_files(fs.join(root, res)):
             if name.startswith("shard-") and name.endswith(".tar"):
-                keys.update(k for k, _ in scan_shard(fs.join(root, res, name)))
+                keys.update(g["key"] for g in scan_members(fs.join(root, res, name)))
     return keys

@@ -29,8 +29,7 @@ def _args(tiny: Path, urls: str, out: str) -> list[str]:
             "score.aesthetic_weights": f"{tiny}/aesthetic.pth", "caption.model": f"{tiny}/captioner",
             "caption.t5_tokenizer": f"{tiny}/t5", "caption.generation.max_new_tokens": 8,
             "features.vae": f"{tiny}/vae", "features.t5": f"{tiny}/t5", "stats.workers": 1}
-    args = ["--config", "pipelines.yaml", "--pipeline", "demo", "--input", urls, "--output", out, "--no-progress",
-            "--stages", "download,score,dedup,select,caption,features,stats"]
+    args = ["--config", "pipelines.yaml", "--pipeline", "demo", "--input", urls, "--output", out, "--no-progress"]
     for k, v in sets.items():
         args += ["--set", f"{k}={v}"]
     return args

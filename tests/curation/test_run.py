@@ -126,7 +126,7 @@ def _mtimes(paths) -> dict:
     return {str(p): os.stat(p).st_mtime_ns for p in paths}
 
 
-STAGES_ALL = "download,score,dedup,select,caption,features,stats"
+STAGES_ALL = "download,score,dedup,select,caption,eval_split,features,stats"
 # The stages whose commits the driver reports to common.faults (dedup and select join when they do).
 # stats is killed on an s3 output in tests/curation/test_stats_stage.py.
 KILL_STAGES = ("download", "score", "caption", "features")

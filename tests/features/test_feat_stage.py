@@ -174,8 +174,10 @@ def test_rerun_verifies_reused_shards_and_redoes_only_bad_ones(run1, tmp_path, f
     _cut_at_member_boundary(d / NAMES[2])
     with pytest.raises(shards.ShardError, match=NAMES[2]):  # readers refuse the cut tar
         list(shards.iter_samples(d))
-    with pytest.raises(shards.ShardError, match=NAMES[2]):
-        shards.scan_shard(d / NAMES[2], entry[NAMES[2]])
+    from training.data import ShardError, scan_shard  # the training reader refuses it too
+
+    with pytest.raises(ShardError, match=NAMES[2]):
+        scan_shard(str(d), entry[NAMES[2]])
     (d / NAMES[1]).unlink()
     with open(d / NAMES[3], "r+b") as f:  # one flipped byte inside a payload, size unchanged
         f.seek(2000)
@@ -199,20 +201,23 @@ def test_rerun_verifies_reused_shards_and_redoes_only_bad_ones(run1, tmp_path, f
 
 
 def test_exclusions_replan_only_their_part(run1, tmp_path, feature_models):
-    """features.exclude_keys and the output's own benchmark keys are both held out; only the part
-    that lost rows gets new shards."""
+    """features.exclude_keys and the output's eval hold-out (common.holdout: every benchmark
+    version's exclude.parquet) are both held out; only the part that lost rows gets new shards."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     out0, facts, _ = run1
     out = Path(shutil.copytree(out0, tmp_path / "run"))
     part0 = [k for k in facts["selected"] if k.startswith("00000_")]
     (tmp_path / "exclude.txt").write_text(f"# held out\n{part0[0]}\n")
-    bench = out / "eval" / "benchmark_keys.txt"  # written by eval.build_benchmark
-    bench.parent.mkdir(parents=True)
-    bench.write_text(part0[1] + "\n")
+    hold = out / "eval" / "benchmarks" / "v1-test" / "exclude.parquet"  # written by eval_split
+    hold.parent.mkdir(parents=True)
+    pq.write_table(pa.table({"key": [part0[1]], "reason": ["benchmark"]}), hold)
     before = _tars(out0, 256)
     s = run_features(features_cfg(out, feature_models, exclude_keys=str(tmp_path / "exclude.txt"),
                                   resolutions=[256]), out, progress=False)
-    assert s["excluded"] == 2 and s["exclude_keys"][0] == str(tmp_path / "exclude.txt")
-    assert str(bench) in s["exclude_keys"] and s["shards_written"] == 1
+    assert s["excluded"] == 2 and s["exclude_keys"] == [str(tmp_path / "exclude.txt"), plan.HOLDOUT]
+    assert s["shards_written"] == 1
     d = shards.shards_dir(out, 256)
     index = shards.read_index(d)
     keys = [x["key"] for x in shards.iter_samples(d)]
