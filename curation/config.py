@@ -158,7 +158,6 @@ class StatsConfig:
     pos: tuple[str, ...] = ("NOUN", "PROPN")  # Universal POS tags counted as nouns
     vn_min_count: int = 10  # VN counts nouns occurring MORE than this many times (paper: 10)
     max_chars: int = 20000  # longer captions are tagged on their first max_chars characters only
-    chunk_rows: int = 200_000  # captions handed to Ray per round (bounds driver memory)
 
     # Class constants (no annotation, so not config keys).
     UPOS = ("ADJ", "ADP", "ADV", "AUX", "CCONJ", "DET", "INTJ", "NOUN", "NUM", "PART", "PRON", "PROPN", "PUNCT",
@@ -168,8 +167,8 @@ class StatsConfig:
     def __post_init__(self):
         import re
 
-        if self.batch_size < 1 or self.workers < 1 or self.num_cpus <= 0 or self.chunk_rows < 1:
-            raise ConfigError("batch_size, workers and chunk_rows must be >= 1 and num_cpus > 0")
+        if self.batch_size < 1 or self.workers < 1 or self.num_cpus <= 0:
+            raise ConfigError("batch_size and workers must be >= 1 and num_cpus > 0")
         if self.vn_min_count < 0 or self.max_chars < 1:
             raise ConfigError("vn_min_count must be >= 0 and max_chars >= 1")
         bad = [t for t in self.pos if t not in self.UPOS]

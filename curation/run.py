@@ -12,9 +12,10 @@ import os
 import sys
 import time
 
-for _k, _v in {"NO_ALBUMENTATIONS_UPDATE": "1", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-               "RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false"}.items():
+for _k, _v in {"NO_ALBUMENTATIONS_UPDATE": "1", "RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false"}.items():
     os.environ.setdefault(_k, _v)
+if not os.environ.get("RAY_ADDRESS"):  # embedded Ray on the loopback address; never for a cluster's job
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 from common.config import ConfigError, save_resolved  # noqa: E402
 from curation.config import STAGES, PipelineConfig, load_pipeline  # noqa: E402
@@ -126,8 +127,9 @@ def _run_locked(cfg: PipelineConfig, stages: list[str], out: str, progress: bool
         t0 = time.time()
         result = fn(cfg, out, progress) or {}
         dt = time.time() - t0
+        # nodes: {Ray node id: tasks} where the stage's plan / commit tasks ran (common.partstage)
         timings.append({"stage": name, "seconds": round(dt, 2), "rows_per_s": round(info["rows"] / max(dt, 1e-9), 1),
-                        "result": result})
+                        "nodes": result.get("nodes") or {}, "result": result})
         if name != "stats":
             check_invariants(out, info["rows"])
     summary = summarize(cfg, out, timings)

@@ -15,8 +15,9 @@ import json
 import os
 import sys
 
-for _k, _v in {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}.items():
-    os.environ.setdefault(_k, _v)
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+if not os.environ.get("RAY_ADDRESS"):  # embedded Ray on the loopback address; never for a cluster's job
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 from common.config import ConfigError, save_resolved  # noqa: E402
 from common.runlock import run_lock  # noqa: E402
@@ -38,7 +39,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
-    from common import manifest
+    from common import fs, manifest
     from curation.stats import build_report, extract_nouns
 
     args = parse_args(argv)
@@ -67,12 +68,14 @@ def main(argv=None) -> int:
 
 
 def _run(args, cfgs, primary, extract_nouns, build_report) -> dict:
+    from common import fs
+
     save_resolved(primary, primary.out, extra={"entry_point": "curation.stats",
                                                "compared_with": [c.name for c in cfgs[1:]]})
     for cfg in cfgs:
         print(f"--- caption nouns: {cfg.name} ({cfg.out})", flush=True)
         print(json.dumps(extract_nouns(cfg, cfg.out, progress=not args.no_progress)), flush=True)
-    return build_report([c.out for c in cfgs], [c.name for c in cfgs], primary.stats, primary.out / "report",
+    return build_report([c.out for c in cfgs], [c.name for c in cfgs], primary.stats, fs.join(primary.out, "report"),
                         primary.select.aesthetic_min, paper=args.paper)
 
 

@@ -101,10 +101,10 @@ def make_output(out: Path, n_rows: int = 80, parts: int = 2, dim: int = 16, seed
 
 def write_shard(out: Path, keys: list[str], resolution: int = 256) -> Path:
     """A training shard written by the real features.shards writer (tiny dummy arrays)."""
-    from features.shards import npy_bytes, shards_dir
+    from features.shards import npy_bytes, shard_name, shards_dir
     from features.shards import write_shard as real_write
 
-    path = shards_dir(Path(out), resolution) / "shard-000000.tar"
+    path = Path(shards_dir(out, resolution)) / shard_name(0)
     lat = npy_bytes(np.zeros((8, 2, 2), np.float16))
     t5 = npy_bytes(np.zeros((3, 4), np.float16))
     samples = [{"key": k, "meta": {"key": k, "bucket": "1.0"}, "latent": lat, "t5_long": t5, "t5_short": t5}
