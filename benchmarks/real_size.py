@@ -373,11 +373,9 @@ def main(argv=None) -> None:
     results = {"device": dev, "reduced": dev != "cuda", "params": {k: v for k, v in p.items()}}
     with tempfile.TemporaryDirectory(prefix="real_size_") as tmp:
         work = Path(tmp)
-        from common.tiny_models import ensure_tiny_models
         from transformers import AutoTokenizer
 
-        tiny = ensure_tiny_models(HERE.parent / "models" / "tiny")  # the T5 tokenizer (see common.real_size)
-        AutoTokenizer.from_pretrained(str(tiny / "t5")).save_pretrained(work / "tok")
+        AutoTokenizer.from_pretrained(str(rs.tokenizer_dir(work))).save_pretrained(work / "tok")
         for name in [s.strip() for s in args.only.split(",") if s.strip()]:
             t0, c0 = time.perf_counter(), time.process_time()
             r = BENCHES[name](cfg, work, p, dev)

@@ -12,7 +12,7 @@ stage code loads it from; the stage's own class then loads it exactly as on a cl
                                                tokenizer of models/tiny/t5 (real token ids < 572)
             features.vae.prepare_batch,        SDXL VAE, configs/real_size/sdxl-vae.json
             VaeEncoder
-            features.stage._sample +           the shard writer and index of the features stage
+            features.stage.commit_shard +      the shard commit task and index of the features stage
             features.shards
   train     training.train.train               PixArt-XL/2, KV compression R=2 in layers 14-27: the
                                                `sigma-1024-kv` stage of pipelines.yaml, resolution
@@ -168,6 +168,17 @@ def write_t5(out: Path, tokenizer_dir: Path, layers: int | None = None, dtype: t
     return Path(out)
 
 
+def tokenizer_dir(tmp: Path) -> Path:
+    """The tiny sentencepiece T5 tokenizer: models/tiny/t5 when it is there (read only: the shared
+    tiny models are never rebuilt from here), else built into `tmp` by features.tiny."""
+    shared = REPO / "models" / "tiny" / "t5"
+    if (shared / "tokenizer_config.json").exists():
+        return shared
+    from features import tiny
+
+    return Path(tiny.build_t5(Path(tmp) / "tiny-t5"))
+
+
 # --- inputs ---------------------------------------------------------------------------------------
 def photos() -> list[tuple[str, bytes]]:
     """Original JPEG bytes of the two photos scikit-learn ships (640x427 each: one bucket)."""
@@ -296,29 +307,26 @@ def run_vae(cfg, vae_dir: Path, table) -> dict:
             "images_per_s": table.num_rows / run.seconds}
 
 
-def write_shards(cfg, table, shards_dir: Path, resolution: int, t5_dir: Path, vae_dir: Path) -> dict:
-    """The features stage's commit of one shard (features.stage._sample -> shards.write_shard) and
-    its index (shards.build_index -> write_index), as `run_features` writes them."""
+def write_shards(cfg, table, out: Path, resolution: int, t5_dir: Path, vae_dir: Path) -> tuple[str, dict]:
+    """The features stage's commit task of one shard (features.stage.commit_shard: tar + sidecar)
+    and the index its driver builds from the commit summary (shards.build_index -> write_index),
+    under `<out>/shards/<resolution>/`. Returns (that folder, the index)."""
     from features import shards
-    from features.stage import _sample
+    from features.stage import commit_shard
 
     fc = cfg.features
-    samples, failed = [], []
-    for row in table.to_pylist():
-        s, err = _sample(row)
-        if s is None:
-            failed.append({"key": row["key"], "error": err})
-        else:
-            samples.append(s)
-    side = shards.write_shard(Path(shards_dir) / shards.shard_name(0), samples,
-                              {"planned": table.num_rows, "failed": failed})
+    keys = table.column("key").to_pylist()
+    meta = {0: {"res": resolution, "part": 0, "idx": 0, "name": shards.shard_name(0, 0), "planned": len(keys),
+                "hash": shards.keys_hash(keys), "fp": "real-size-smoke"}}
+    summary = commit_shard(0, table, str(out), meta)
     dim = int(json.loads((Path(t5_dir) / "config.json").read_text())["d_model"])
-    index = shards.build_index(resolution, [side], vae={"name": str(vae_dir), "scale_factor": fc.scale_factor,
-                                                        "latent_channels": 4},
+    index = shards.build_index(resolution, [summary],
+                               vae={"name": str(vae_dir), "scale_factor": fc.scale_factor, "latent_channels": 4},
                                t5={"name": str(t5_dir), "max_length": fc.t5_max_length, "dim": dim,
-                                   "dtype": fc.text_dtype}, extra={"failed": failed})
-    shards.write_index(Path(shards_dir), index)
-    return index
+                                   "dtype": fc.text_dtype})
+    d = shards.shards_dir(str(out), resolution)
+    shards.write_index(d, index)
+    return d, index
 
 
 def train_config(shards_dir: Path, output: Path, null_caption: str, steps: int = 1, batch_size: int = 2,

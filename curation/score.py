@@ -17,6 +17,8 @@ from torch import nn
 from common.config import fingerprint
 from common.images import decode_image
 
+MISSING = "image missing from the download tar"
+
 
 class AestheticMLP(nn.Module):
     """LAION improved aesthetic predictor layout: state keys layers.{0,2,4,6,7}.{weight,bias}.
@@ -99,7 +101,7 @@ class Scorer:
         tensors, ok_idx = [], []
         for i, data in enumerate(images):
             if data is None:  # the manifest says downloaded, the tar does not have it
-                error[i] = "image missing from the download tar"
+                error[i] = MISSING
                 continue
             img, info = decode_image(data, self.max_pixels, draft=self.draft)
             width[i], height[i], mode_in[i] = info["width"], info["height"], info["mode_in"]
@@ -169,6 +171,15 @@ def finish_part(part: int, scored: pa.Table | None, out: str, fp: str) -> dict:
     merged = manifest.merge_columns(base, scored.drop_columns(["embedding"]))
     status, error = merged.column("status").to_pylist(), merged.column("error").to_pylist()
     dstat, serr = merged.column("download_status").to_pylist(), merged.column("score_error").to_pylist()
+    if MISSING in serr:  # say why: a truncated or corrupt tar (named), found only on this rare path
+        from curation.integrity import tar_problem
+
+        why = tar_problem(out, part)
+        if why:
+            serr = [f"{MISSING}: {why}; rerun the download stage to fetch the part again" if se == MISSING else se
+                    for se in serr]
+            merged = merged.set_column(merged.column_names.index("score_error"), "score_error",
+                                       pa.array(serr, pa.string()))
     for i, (ds, se) in enumerate(zip(dstat, serr)):
         if ds == "success" and status[i] in ("ok", "failed_decode"):
             status[i], error[i] = ("failed_decode", se) if se else ("ok", None)
