@@ -8,7 +8,9 @@
   winner), with an expiry that a daemon thread of the holder renews (`If-Match: <etag>`, so a
   lease taken over after expiry is noticed). A SIGKILLed holder's lease blocks reruns until it
   expires (SIGMA_LOCK_TTL seconds, default 60); an expired lease is taken over with `If-Match`
-  on its etag (one winner). If renewal fails the holder is interrupted (KeyboardInterrupt).
+  on its etag (one winner). A lease whose holder ran on this host and whose process is gone
+  (SIGKILLed, crashed) is taken over at once, the same way. If renewal fails the holder is
+  interrupted (KeyboardInterrupt).
 - gs:// outputs: no lock (not implemented; a warning says so).
 A second run is refused with LockError (a ConfigError: exit 2) naming the holder.
 """
@@ -92,6 +94,19 @@ def _local_lock(out: str, command: str) -> Iterator[dict]:
         f.close()  # releases the flock
 
 
+def _dead_here(h: dict) -> bool:
+    """The holder ran on this host and its process no longer exists."""
+    if h.get("host") != socket.gethostname() or not isinstance(h.get("pid"), int):
+        return False
+    try:
+        os.kill(h["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
 def _s3_client():
     import botocore.session
 
@@ -125,7 +140,7 @@ def _s3_lease(out: str, command: str) -> Iterator[dict]:
         got = client.get_object(Bucket=bucket, Key=key)
         cur = json.loads(got["Body"].read() or b"{}")
         left = float(cur.get("expires", 0)) - time.time()
-        if left > 0:
+        if left > 0 and not _dead_here(cur):
             raise LockError(f"output {out} is in use by another run: {_describe(cur)}; lease {out}/{LOCK_NAME} "
                             f"expires in {left:.0f} s unless renewed") from None
         try:  # expired: take it over, one winner

@@ -76,7 +76,16 @@ def test_s3_lease_refuses_expires_and_is_taken_over(s3_bucket, monkeypatch):
         with run_lock(out):
             pass
     _kill(holder)
-    with pytest.raises(LockError, match="expires in"):  # a killed holder's lease lives until it expires
+    with run_lock(out) as h:  # its holder ran here and is gone: taken over at once, no wait for expiry
+        assert h["pid"] == os.getpid()
+    # A holder on another host cannot be checked: its lease blocks until it expires, then is taken over.
+    import botocore.session
+
+    bucket, _, prefix = out.split("://", 1)[1].partition("/")
+    lease = {"host": "another-host", "pid": 1, "started": "?", "command": "elsewhere", "expires": time.time() + 4}
+    botocore.session.get_session().create_client("s3").put_object(
+        Bucket=bucket, Key=f"{prefix}/_lock.json", Body=json.dumps(lease).encode())
+    with pytest.raises(LockError, match="host another-host .* expires in"):
         with run_lock(out):
             pass
     time.sleep(4.2)
