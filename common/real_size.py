@@ -255,10 +255,12 @@ def run_score(cfg, table, aesthetic: Path, seed: int = 0, warmup: bool = False) 
             "images_per_s": ok / run.seconds}
 
 
-def run_t5(cfg, t5_dir: Path, rows: list[dict], reference: int | None = 0) -> dict:
+def run_t5(cfg, t5_dir: Path, rows: list[dict], reference: int | None = 0, null_file: Path | None = None) -> dict:
     """features.t5.T5Embedder with the pipeline's features settings; with `reference`, also that
     caption the OFFICIAL way (tools/extract_features.py: one caption, padded to max_length, T5
-    forward, fp16) as an independent reference of the stored valid tokens."""
+    forward, fp16) as an independent reference of the stored valid tokens; with `null_file`, also
+    the null caption T5("") padded to max_length (training.null) written there, as a training
+    stage caches it (saves the stage a second T5 load)."""
     import pyarrow as pa
 
     from features.t5 import T5Embedder
@@ -281,6 +283,10 @@ def run_t5(cfg, t5_dir: Path, rows: list[dict], reference: int | None = 0) -> di
                           truncation=True, return_tensors="pt")
             hid = emb.model(tok.input_ids.to(emb.device), attention_mask=tok.attention_mask.to(emb.device))[0]
             ref = {"emb": hid.to(torch.float16).cpu().numpy()[0], "mask": tok.attention_mask.numpy()[0]}
+    if null_file is not None:
+        from training.null import encode_null, write_null
+
+        write_null(str(null_file), encode_null(emb.tok, emb.model, fc.t5_max_length))
     del emb
     free()
     return {"table": out, **info, "reference": ref, "load": load.report(), "run": run.report(),
