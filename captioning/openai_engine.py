@@ -92,6 +92,9 @@ class OpenAIClient:
 
 
 class OpenAICaptioner(CaptionWorker):
+    """One request per image, so a failing request fails only its row: this worker replaces the
+    base class's batch-then-row-by-row fallback (`_generate_safe`) and needs no `generate`."""
+
     def __init__(self, cfg: CaptionConfig, num_gpus: float = 0.0):
         super().__init__(cfg)
         self.client = OpenAIClient(cfg)
@@ -104,10 +107,3 @@ class OpenAICaptioner(CaptionWorker):
             else:
                 res.append((r[0], r[1], None))
         return res
-
-    def generate(self, images: list, seed: int) -> list[tuple[str, int]]:
-        out = self.client.map(images, seed)
-        for r in out:
-            if isinstance(r, Exception):
-                raise r
-        return out

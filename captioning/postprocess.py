@@ -6,6 +6,7 @@ whichever engine produced the text.
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections import Counter
 from dataclasses import dataclass
 
@@ -23,7 +24,13 @@ _BOILERPLATE = re.compile(
     re.IGNORECASE,
 )
 _SENTENCE_END = re.compile(r"[.!?][\"')\]]*$")
-_FIRST_SENTENCE = re.compile(r"^(.+?[.!?])(?:\s|$)")
+# A candidate sentence end: Latin terminators (closing quotes / brackets included) before whitespace,
+# or a CJK terminator. `first_sentence` then looks at what follows.
+_SENTENCE_CANDIDATE = re.compile(r"(?P<punct>[.!?]+[\"'”’)\]]*)(?=\s)|(?P<cjk>[。！？]+[」』）]*)")
+_ABBREVIATIONS = {"mr", "mrs", "ms", "dr", "prof", "sr", "jr", "st", "mt", "ft", "vs", "no", "fig", "approx",
+                  "inc", "ltd", "co", "corp", "dept", "gen", "capt", "lt", "sgt", "rev", "hon", "ave", "blvd",
+                  "rd", "jan", "feb", "mar", "apr", "jun", "jul", "aug", "sep", "sept", "oct", "nov", "dec"}
+_CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff]")
 _URL = re.compile(r"^(?:[a-z]+://|www\.)\S+$", re.IGNORECASE)
 _FILENAME = re.compile(r"^[\w\-. ()\[\]]+\.(?:jpe?g|png|gif|webp|bmp|tiff?|heic|avif|svg)$", re.IGNORECASE)
 _JUNK_WORDS = {"image", "photo", "picture", "img", "untitled", "null", "none", "nan", "n/a", "thumbnail", "default"}
@@ -36,13 +43,29 @@ def normalize_whitespace(text: str) -> str:
     return re.sub(r"\s+", " ", _CONTROL.sub("", text or "")).strip()
 
 
+# Brand / product words that start lowercase by convention ("iPhone", "eBay"): a caption opening with
+# one of them (in any case) is not re-capitalised after its boilerplate is removed.
+_KEEP_CASE = {"iphone", "ipad", "ipod", "imac", "ios", "ipados", "macos", "itunes", "icloud", "ebay", "ebook",
+              "ereader", "esports", "email"}
+
+
+def recapitalise(text: str) -> str:
+    """Upper-case the first letter only when the first word is entirely lowercase and not a known
+    lowercase-first word: "a dog" -> "A dog", but "iPhone 15" / "eBay" / "mRNA" / "pH" stay."""
+    m = re.match(r"[^\W\d_][\w'-]*", text)
+    if not m:
+        return text
+    word = m.group(0)
+    if not word.islower() or word.lower().strip("'-") in _KEEP_CASE:
+        return text
+    return text[0].upper() + text[1:]
+
+
 def strip_boilerplate(text: str) -> str:
-    """Drop one boilerplate opening and re-capitalise what follows."""
+    """Drop one boilerplate opening and re-capitalise what follows (see `recapitalise`)."""
     out = _BOILERPLATE.sub("", text, count=1)
-    if out is not text and out != text:
-        out = out.lstrip(" ,:;-")
-        if out:
-            out = out[0].upper() + out[1:]
+    if out != text:
+        out = recapitalise(out.lstrip(" ,:;-"))
     return out
 
 
@@ -87,12 +110,48 @@ def is_junk_alt(alt: str | None) -> bool:
     # Camera file stems like IMG_1234 / DSC01234 / 20190101_123456.
     if re.fullmatch(r"(?:img|dsc|dscn|dcim|pic|photo)?[_\- ]?\d{3,}(?:[_\-]\d+)*", s, re.IGNORECASE):
         return True
-    return not re.search(r"[A-Za-z]{2,}", s)
+    return not _has_words(s)
+
+
+def _has_words(s: str) -> bool:
+    """Letters of any script: at least two (Latin, Cyrillic, Greek, Arabic, Hebrew, Devanagari, ...;
+    vowel signs are marks, not letters, so they are not needed), or one CJK / kana / hangul character
+    (one is a word there). Digits, punctuation, symbols and emoji alone are not words."""
+    letters = 0
+    for ch in s:
+        if unicodedata.category(ch).startswith("L"):
+            if _CJK.match(ch):
+                return True
+            letters += 1
+            if letters >= 2:
+                return True
+    return False
 
 
 def first_sentence(text: str) -> str:
-    m = _FIRST_SENTENCE.match(text or "")
-    return (m.group(1) if m else (text or "")).strip()
+    """The first sentence of a (long) caption. A '.', '!' or '?' (closing quotes / brackets kept)
+    ends it when whitespace and then an upper-case letter, a digit or an opening quote follow, and the
+    word before a '.' is not an abbreviation ("Mr.", "Dr.", "St.", "vs."), a dotted one ("e.g.",
+    "i.e.", "U.S.", "a.m.") or an initial ("J. R. R. Tolkien"); decimals ("3.5") have no space after
+    the point. CJK full stops (。！？) end a sentence without a space. No end found: the whole text."""
+    text = (text or "").strip()
+    for m in _SENTENCE_CANDIDATE.finditer(text):
+        if m.group("cjk"):
+            return text[:m.end()].strip()
+        nxt = text[m.end():].lstrip().lstrip("\"'“‘([")[:1]
+        if not nxt or nxt.islower() or not (nxt.isalpha() or nxt.isdigit()):
+            continue  # "e.g. a dog", "... - ...": no new sentence starts here (uncased scripts pass)
+        if m.group("punct").startswith(".") and _is_abbreviation(text[:m.start("punct")]):
+            continue
+        return text[:m.end("punct")].strip()
+    return text
+
+
+def _is_abbreviation(before: str) -> bool:
+    """Does the text before a '.' end with an abbreviation, a dotted abbreviation or an initial?"""
+    word = re.split(r"[\s(\[\"'“‘]", before)[-1]
+    return (word.lower() in _ABBREVIATIONS or bool(re.fullmatch(r"(?:[^\W\d_]\.)+[^\W\d_]", word))
+            or bool(re.fullmatch(r"[^\W\d_]", word) and word.isupper()))
 
 
 @dataclass

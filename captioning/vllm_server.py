@@ -21,13 +21,12 @@ VENV = Path(os.environ.get("SIGMA_VLLM_VENV", REPO / ".venv-vllm"))
 
 
 def ensure_venv(venv: Path = VENV, timeout: float = 600) -> Path:
-    """Build the vLLM venv if missing (~90 s); returns its python."""
-    py = venv / "bin" / "python"
-    if not (venv / ".installed").exists():
-        env = {k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV"}
-        subprocess.run(["bash", str(REPO / "captioning" / "scripts" / "make_vllm_venv.sh"), str(venv)], check=True,
-                       env=env, timeout=timeout)
-    return py
+    """Build the vLLM venv if missing or built with other pins (~2.5 min); returns its python.
+    The script returns at once when `<venv>/.installed` records its current pins."""
+    env = {k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV"}
+    subprocess.run(["bash", str(REPO / "captioning" / "scripts" / "make_vllm_venv.sh"), str(venv)], check=True,
+                   env=env, timeout=timeout, stdout=subprocess.DEVNULL)
+    return venv / "bin" / "python"
 
 
 def free_port() -> int:

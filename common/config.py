@@ -237,13 +237,29 @@ def resolve_path(value: str, base: Path | None = None) -> Path:
     return p if p.is_absolute() or base is None else base / p
 
 
+REDACTED = "<redacted>"
+
+
+def redact(obj: Any, key: str = "") -> Any:
+    """Plain data with the values of every environment-variable mapping (keys named `env`,
+    `*_env`, `env_vars` or `*_env_vars`) replaced by REDACTED: they carry tokens and passwords."""
+    if isinstance(obj, dict):
+        if key == "env" or key.endswith(("_env", "env_vars")):
+            return {k: REDACTED for k in obj}
+        return {k: redact(v, str(k)) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [redact(v, key) for v in obj]
+    return obj
+
+
 def save_resolved(cfg: Any, output_dir: str | os.PathLike, name: str = "config.resolved.yaml", extra: dict | None = None) -> str:
-    """Write the resolved config beside an output (local folder or URI), atomically; returns its path."""
+    """Write the resolved config beside an output (local folder or URI), atomically; returns its path.
+    Environment-variable mappings are written with their values redacted (see `redact`)."""
     from common import fs
 
-    doc = {"resolved": to_dict(cfg)}
+    doc = {"resolved": redact(to_dict(cfg))}
     if extra:
-        doc.update(extra)
+        doc.update(redact(extra))
     target = fs.join(fs.normalize(output_dir), name)
     fs.write_text(target, yaml.safe_dump(doc, sort_keys=False))
     return target

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import io
 import json
+import re
+import sys
 import tarfile
 import warnings
+import zlib
 from typing import Iterator
 
 import numpy as np
@@ -23,9 +26,29 @@ def _sniff(data: bytes) -> str | None:
     head = data[:512].lstrip().lower()
     if head.startswith((b"<!doctype html", b"<html", b"<head", b"<body")) or b"<html" in head:
         return "not an image: HTML page"
+    if head.startswith(b"<svg") or (head.startswith((b"<?xml", b"<!doctype svg")) and b"<svg" in data[:4096].lower()):
+        return "unsupported image format: SVG (vector graphics; no rasteriser in the pipeline)"
     if head.startswith((b"{", b"[")):
         return "not an image: JSON"
+    if data[4:8] == b"ftyp":  # ISO-BMFF: HEIC (HEVC inside) has no decoder here; AVIF does
+        size = int.from_bytes(data[:4], "big")
+        brands = {data[i:i + 4] for i in range(8, min(max(size, 16), 256), 4)} - {b"\x00\x00\x00\x00"}
+        if brands & _HEIC_BRANDS and not brands & {b"avif", b"avis"}:
+            return "unsupported image format: HEIC/HEIF (HEVC-coded; no HEIF decoder installed)"
     return None
+
+
+_HEIC_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis"}
+
+
+def _unidentified(data: bytes) -> str:
+    """The reason for bytes Pillow cannot open (never Pillow's message: it embeds a BytesIO repr)."""
+    if data[4:8] == b"ftyp":
+        brand = data[8:12].decode("ascii", "replace")
+        return f"unsupported image format: ISO media file (brand {brand!r})"
+    if data[:2] == b"\x1f\x8b":
+        return "not an image: gzip-compressed data"
+    return f"cannot identify image format (first bytes {data[:8].hex(' ')})"
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:
@@ -45,6 +68,11 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB") if im.mode != "RGB" else im
 
 
+def _clean(e: Exception) -> str:
+    """An exception's message without object reprs (`<_io.BytesIO object at 0x...>`), bounded."""
+    return re.sub(r"<[\w.]+ object at 0x[0-9a-fA-F]+>", "the data", str(e))[:200]
+
+
 def probe_image(data: bytes | None, max_pixels: int = DEFAULT_MAX_PIXELS):
     """Open without decoding pixels: (PIL image | None, info). Checks the bomb limit before load."""
     info = {"width": None, "height": None, "mode_in": None, "format": None, "exif_transposed": False, "error": None}
@@ -62,8 +90,11 @@ def probe_image(data: bytes | None, max_pixels: int = DEFAULT_MAX_PIXELS):
     except Image.DecompressionBombError as e:
         info["error"] = f"decompression bomb: {e}"
         return None, info
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        info["error"] = f"cannot identify image: {str(e)[:200]}"
+    except UnidentifiedImageError:
+        info["error"] = _unidentified(data)
+        return None, info
+    except (OSError, ValueError, SyntaxError) as e:
+        info["error"] = f"cannot identify image: {_clean(e)}"
         return None, info
     info["mode_in"], info["format"] = im.mode, im.format
     w, h = im.size
@@ -100,7 +131,7 @@ def decode_image(data: bytes | None, max_pixels: int = DEFAULT_MAX_PIXELS, draft
         info["error"] = f"decompression bomb: {e}"
         return None, info
     except (OSError, ValueError, SyntaxError, MemoryError) as e:
-        info["error"] = f"decode failed: {str(e)[:200]}"
+        info["error"] = f"decode failed: {_clean(e)}"
         return None, info
     return rgb, info
 
@@ -118,12 +149,27 @@ def download_tar(out: str, part: int) -> str:
 
 def iter_download_images(out: str, part: int, keys: set[str] | None = None) -> Iterator[tuple[str, bytes]]:
     """(key, original image bytes) of the downloaded images of part `part`, in tar order; only
-    `keys` when given. Nothing when the part has no tar (every download of it failed)."""
+    `keys` when given. Nothing when the part has no tar (every download of it failed). A truncated
+    or corrupt tar ends the iteration early with a warning on stderr, never an exception: the rows
+    not yielded are the callers' "missing from the tar" rows (download_tar_problem says why)."""
     from common import fs
 
     uri = download_tar(out, part)
     if not fs.exists(uri):
         return
+    try:
+        yield from _iter_tar(uri, keys)
+    except _TAR_ERRORS as e:
+        print(f"warning: download tar {uri} is unreadable from here on ({_clean(e)}); its remaining "
+              "images are treated as missing", file=sys.stderr, flush=True)
+
+
+_TAR_ERRORS = (tarfile.TarError, EOFError, OSError, ValueError, zlib.error)
+
+
+def _iter_tar(uri: str, keys: set[str] | None) -> Iterator[tuple[str, bytes]]:
+    from common import fs
+
     pending: dict[str, dict] = {}
     with fs.open_input(uri) as f, tarfile.open(fileobj=f, mode="r:") as tar:
         for member in tar:
@@ -134,6 +180,8 @@ def iter_download_images(out: str, part: int, keys: set[str] | None = None) -> I
             if ext != "json" and ext not in IMAGE_EXTS:
                 continue
             data = tar.extractfile(member).read()
+            if len(data) != member.size:
+                raise tarfile.ReadError(f"unexpected end of data in {member.name}")
             entry = pending.setdefault(base, {})
             if ext == "json":
                 entry["key"] = json.loads(data).get(KEY_FIELD)
@@ -143,3 +191,19 @@ def iter_download_images(out: str, part: int, keys: set[str] | None = None) -> I
                 del pending[base]
                 if keys is None or entry["key"] in keys:
                     yield entry["key"], entry["image"]
+
+
+def download_tar_problem(out: str, part: int) -> str | None:
+    """Why part's download tar cannot be read to the end (naming the file), or None."""
+    from common import fs
+
+    uri = download_tar(out, part)
+    if not fs.exists(uri):
+        return f"download tar {uri} is missing"
+    n = 0
+    try:
+        for _ in _iter_tar(uri, None):
+            n += 1
+    except _TAR_ERRORS as e:
+        return f"download tar {uri} is corrupt after {n} images ({_clean(e)})"
+    return None

@@ -6,9 +6,17 @@ rerun skips parts whose stage fingerprint matches (resume) and recomputes stale 
 changed), and a small per-part summary (rows, statuses, selected) so that the driver can report a
 whole run from the parquet footers alone, never reading row data. Parts are written by the Ray
 worker that computed them, each as one atomic commit (common.fs.write_parquet).
+
+Integrity: every part written records its size and sha256 in a sidecar
+`manifest/_sums/part-NNNNN.json`, written just before the part (with the previous record kept,
+so a kill between the two writes leaves a part that still verifies). `read_part` checks the bytes
+it read against it and raises CorruptPartError naming the file; `part_problem` says why a part
+cannot be trusted (the download stage rebuilds such parts). Parts without a record (written by
+older code or by hand) are read unverified.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import re
@@ -18,6 +26,7 @@ from typing import Iterable
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from common import fs
 
@@ -26,6 +35,11 @@ EMBEDDINGS = "embeddings"
 _META_KEY = b"sigma.stages"
 _SUMMARY_KEY = b"sigma.summary"
 _PART_RE = re.compile(r"^part-(\d{5,})\.parquet$")  # 5 digits, more from part 100000 on
+SUMS = "_sums"
+
+
+class CorruptPartError(ValueError):
+    """A manifest part that is unreadable or differs from the size/sha256 recorded when written."""
 
 
 def part_name(part: int) -> str:
@@ -64,11 +78,49 @@ def manifest_dataset(out: str):
     return pads.dataset([fs.resolve(f)[1] for f in files], schema=schema, filesystem=fsys, format="parquet")
 
 
+def sums_uri(out: str, part: int) -> str:
+    return fs.join(fs.normalize(out), MANIFEST, SUMS, f"part-{part:05d}.json")
+
+
+def _record(data: bytes) -> dict:
+    return {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def _read_sums(out: str, part: int) -> dict | None:
+    try:
+        return fs.read_json(sums_uri(out, part))
+    except (OSError, ValueError):
+        return None
+
+
+def _mismatch(uri: str, data: bytes, rec: dict) -> str | None:
+    got = _record(data)
+    accepted = [rec] + ([rec["previous"]] if rec.get("previous") else [])
+    if any(got["size"] == r["size"] and got["sha256"] == r["sha256"] for r in accepted):
+        return None
+    if all(got["size"] != r["size"] for r in accepted):
+        return f"{uri}: {got['size']} bytes, {rec['size']} recorded when it was written (truncated or overwritten)"
+    return f"{uri}: sha256 differs from the one recorded when it was written (corrupt)"
+
+
+def part_problem(out: str, part: int) -> str | None:
+    """Why part `part` cannot be trusted (missing, no record, size or sha256 mismatch), or None."""
+    uri = part_uri(out, part)
+    try:
+        data = fs.read_bytes(uri)
+    except OSError:
+        return f"{uri}: missing"
+    rec = _read_sums(out, part)
+    if rec is None:
+        return f"{uri}: no size/sha256 record ({sums_uri(out, part)}), cannot be verified"
+    return _mismatch(uri, data, rec)
+
+
 def _meta(out: str, part: int) -> dict:
     uri = part_uri(out, part)
     try:
         meta = fs.read_parquet_schema(uri).metadata or {}
-    except (FileNotFoundError, OSError):
+    except (OSError, ValueError, pa.ArrowException):  # missing, or unreadable: not done
         return {}
     return meta
 
@@ -88,12 +140,23 @@ def stage_done(out: str, part: int, stage: str, fp: str) -> bool:
 
 
 def read_part(out: str, part: int, columns: list[str] | None = None) -> pa.Table:
-    """One part (optionally only `columns` that exist in it), without the footer metadata."""
+    """One part (optionally only `columns` that exist in it), without the footer metadata.
+    Verified against its size/sha256 record: CorruptPartError names the file otherwise."""
     uri = part_uri(out, part)
-    if columns is not None:
-        have = set(fs.read_parquet_schema(uri).names)
-        columns = [c for c in columns if c in have]
-    return fs.read_parquet(uri, columns=columns).replace_schema_metadata(None)
+    data = fs.read_bytes(uri)
+    rec = _read_sums(out, part)
+    problem = _mismatch(uri, data, rec) if rec is not None else None
+    if problem:
+        raise CorruptPartError(f"{problem}; rerun the download stage, it rebuilds corrupt parts")
+    try:
+        if columns is not None:
+            have = set(pq.read_schema(pa.BufferReader(data)).names)
+            columns = [c for c in columns if c in have]
+        table = pq.read_table(pa.BufferReader(data), columns=columns)
+    except (pa.ArrowException, ValueError) as e:
+        raise CorruptPartError(f"{uri}: unreadable parquet ({str(e).splitlines()[0]}); rerun the download "
+                               "stage, it rebuilds corrupt parts") from None
+    return table.replace_schema_metadata(None)
 
 
 def summarize_table(table: pa.Table) -> dict:
@@ -133,7 +196,13 @@ def write_part(out: str, part: int, table: pa.Table, stage: str, fp: str, keep: 
     summary = summarize_table(table)
     table = table.replace_schema_metadata({_META_KEY: json.dumps(stages).encode(),
                                            _SUMMARY_KEY: json.dumps(summary).encode()})
-    fs.write_parquet(part_uri(out, part), table)
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    data = buf.getvalue()
+    old = _read_sums(out, part)
+    prev = {"size": old["size"], "sha256": old["sha256"]} if old else None
+    fs.write_json(sums_uri(out, part), {**_record(data), "previous": prev})  # before the part: see module doc
+    fs.write_bytes(part_uri(out, part), data)
     return summary
 
 

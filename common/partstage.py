@@ -45,6 +45,8 @@ def _node_id() -> str | None:
     try:
         import ray
 
+        if not ray.is_initialized():  # get_runtime_context() would start a local Ray
+            return None
         return ray.get_runtime_context().get_node_id()
     except Exception:  # noqa: BLE001 - outside Ray (tests calling a commit directly)
         return None
@@ -178,8 +180,8 @@ def commit_groups(ds, expected: dict[int, int], commit: Callable[..., dict | Non
             drain(1)
         in_flight[remote.remote(commit_ref, g, pieces.pop(g, []), expected[g], kw_ref)] = g
 
-    def drain(n: int) -> None:
-        ready, _ = ray.wait(list(in_flight), num_returns=min(n, len(in_flight)))
+    def drain(n: int, timeout: float | None = None) -> None:
+        ready, _ = ray.wait(list(in_flight), num_returns=min(n, len(in_flight)), timeout=timeout)
         for ref in ready:
             g = in_flight.pop(ref)
             done[g] = ray.get(ref)
@@ -202,6 +204,8 @@ def commit_groups(ds, expected: dict[int, int], commit: Callable[..., dict | Non
             bar.update(n)
             if counts[g] == expected.get(g, -1):
                 submit(g)
+        if in_flight:  # learn about finished commits as they happen (reports, fault injection)
+            drain(len(in_flight), timeout=0)
     bar.close()
     while in_flight:
         drain(len(in_flight))

@@ -21,12 +21,14 @@ def _builders():
     from features import tiny as features_tiny
     from captioning import tiny as captioning_tiny
     from training import tiny as training_tiny
+    from eval import tiny as eval_tiny
 
     return [
         ("curation", curation_tiny.build),
         ("features", features_tiny.build),
         ("captioning", captioning_tiny.build),
         ("training", training_tiny.build),
+        ("eval", eval_tiny.build),  # reward-model twins (ImageReward, HPSv2, PickScore)
     ]
 
 

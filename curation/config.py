@@ -11,7 +11,18 @@ from captioning.config import CaptionConfig
 from eval.config import EvalConfig
 from features.config import FeaturesConfig
 
-STAGES = ("download", "score", "dedup", "select", "caption", "features", "stats")
+# eval_split: the eval benchmark and its hold-out list (eval.build_benchmark), built after the
+# captions it needs and before features, which leaves every held-out key out of the shards.
+STAGES = ("download", "score", "dedup", "select", "caption", "eval_split", "features", "stats")
+# Manifest columns the stages write (and img2dataset's own metadata names): an input column of the
+# same name would collide with them. Also every name starting with these prefixes.
+RESERVED_COLUMNS = frozenset({
+    "key", "url", "caption", "status", "error", "download_status", "download_error", "sha256", "width", "height",
+    "aspect_ratio", "aesthetic", "mode_in", "exif_transposed", "score_error", "embedding", "duplicate_of",
+    "dup_kind", "dup_similarity", "selected", "reject_reason", "image", "sigma_key",
+    "original_width", "original_height", "error_message", "exif", "md5", "sha512", "txt", "json",
+})
+RESERVED_PREFIXES = ("caption_", "dup_", "_")
 
 
 @dataclass(frozen=True)
@@ -28,14 +39,31 @@ class InputConfig:
             raise ConfigError(f"format: got {self.format!r}, allowed: auto | parquet | csv | jsonl | txt")
         if not 1 <= self.part_size <= 999_999:
             raise ConfigError(f"part_size: got {self.part_size}, allowed: 1..999999")
+        for c in self.extra_cols:
+            if c in RESERVED_COLUMNS or c.startswith(RESERVED_PREFIXES):
+                raise ConfigError(f"extra_cols: {c!r} is a column the pipeline writes itself (reserved: "
+                                  f"{', '.join(sorted(RESERVED_COLUMNS))} and names starting with "
+                                  f"{', '.join(RESERVED_PREFIXES)}); rename it in the URL list")
+        if len(set(self.extra_cols)) != len(self.extra_cols):
+            raise ConfigError(f"extra_cols: a column is listed twice: {list(self.extra_cols)}")
 
 
 @dataclass(frozen=True)
 class DownloadConfig:
     processes: int = 2
     threads: int = 16
-    timeout: float = 10.0
+    timeout: float = 10.0  # seconds without progress on one socket operation
     retries: int = 0
+    # Crawler policy (curation/crawl.py): a wall-clock bound per request (DNS, connect, redirects,
+    # body), a body-size bound (raw and after gzip/deflate decoding), redirects followed (http(s) only).
+    deadline: float = 30.0
+    max_bytes: int = 64 << 20
+    max_redirects: int = 5
+    # Loopback, private, link-local, ... addresses are refused after DNS resolution (and on every
+    # redirect) unless this is true (a local test server) or the address is in allowed_networks.
+    allow_private_addresses: bool = False
+    allowed_networks: tuple[str, ...] = ()  # CIDRs, e.g. ["10.20.0.0/16"] for an internal image store
+    verify: str = "sha256"  # sha256 | size: how a rerun checks the download tars it reuses
     max_side: int | None = None  # None keeps originals; else downscale only if bigger
     reencode: bool = False  # False keeps the original bytes (and their sha256)
     encode_format: str = "jpg"
@@ -49,8 +77,25 @@ class DownloadConfig:
             raise ConfigError(f"distributor: got {self.distributor!r}, allowed: multiprocessing | ray")
         if self.encode_format not in ("jpg", "png", "webp"):
             raise ConfigError(f"encode_format: got {self.encode_format!r}, allowed: jpg | png | webp")
-        if self.processes < 1 or self.threads < 1 or self.timeout <= 0 or self.retries < 0:
-            raise ConfigError("processes/threads must be >= 1, timeout > 0, retries >= 0")
+        if self.processes < 1 or self.threads < 1 or self.retries < 0:
+            raise ConfigError("processes/threads must be >= 1, retries >= 0")
+        for name in ("timeout", "deadline"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and 0 < v <= 86400):
+                raise ConfigError(f"{name}: got {v}, allowed: a finite number of seconds, 0 < {name} <= 86400")
+        if self.max_bytes < 1:
+            raise ConfigError(f"max_bytes: got {self.max_bytes}, allowed: >= 1")
+        if not 0 <= self.max_redirects <= 30:
+            raise ConfigError(f"max_redirects: got {self.max_redirects}, allowed: 0..30")
+        if self.verify not in ("sha256", "size"):
+            raise ConfigError(f"verify: got {self.verify!r}, allowed: sha256 | size")
+        import ipaddress
+
+        for net in self.allowed_networks:
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError:
+                raise ConfigError(f"allowed_networks: {net!r} is not a CIDR network (e.g. 10.20.0.0/16)") from None
 
 
 @dataclass(frozen=True)
@@ -65,6 +110,8 @@ class ScoreConfig:
     def __post_init__(self):
         if self.precision not in ("auto", "fp32", "fp16", "bf16"):
             raise ConfigError(f"precision: got {self.precision!r}, allowed: auto | fp32 | fp16 | bf16")
+        if self.max_pixels < 1:
+            raise ConfigError(f"max_pixels: got {self.max_pixels}, allowed: >= 1 (pixels of the largest image decoded)")
 
 
 @dataclass(frozen=True)
@@ -140,7 +187,6 @@ class StatsConfig:
     pos: tuple[str, ...] = ("NOUN", "PROPN")  # Universal POS tags counted as nouns
     vn_min_count: int = 10  # VN counts nouns occurring MORE than this many times (paper: 10)
     max_chars: int = 20000  # longer captions are tagged on their first max_chars characters only
-    chunk_rows: int = 200_000  # captions handed to Ray per round (bounds driver memory)
 
     # Class constants (no annotation, so not config keys).
     UPOS = ("ADJ", "ADP", "ADV", "AUX", "CCONJ", "DET", "INTJ", "NOUN", "NUM", "PART", "PRON", "PROPN", "PUNCT",
@@ -150,8 +196,8 @@ class StatsConfig:
     def __post_init__(self):
         import re
 
-        if self.batch_size < 1 or self.workers < 1 or self.num_cpus <= 0 or self.chunk_rows < 1:
-            raise ConfigError("batch_size, workers and chunk_rows must be >= 1 and num_cpus > 0")
+        if self.batch_size < 1 or self.workers < 1 or self.num_cpus <= 0:
+            raise ConfigError("batch_size and workers must be >= 1 and num_cpus > 0")
         if self.vn_min_count < 0 or self.max_chars < 1:
             raise ConfigError("vn_min_count must be >= 0 and max_chars >= 1")
         bad = [t for t in self.pos if t not in self.UPOS]

@@ -54,11 +54,10 @@ def main(argv=None) -> int:
     with dd.DemoServer(items) as srv:
         expect = dd.write_url_list(srv, items, data / "urls.parquet")
         print(f"serving {len(items)} sample files on {srv.base}; {len(expect)} URL rows -> {data / 'urls.parquet'}")
-        step("curation: download, score, dedup, select, caption",
-             ["curation.run", *cfg, "--stages", "download,score,dedup,select,caption"], timings)
-    step("eval: build the held-out benchmark (its keys never enter training shards)",
-         ["eval.build_benchmark", *cfg], timings)
-    step("features: VAE latents + T5 embeddings into bucketed shards (benchmark keys excluded)",
+        step("curation: download, score, dedup, select, caption, eval_split (the held-out eval benchmark: its "
+             "rows, byte copies, near copies and prompt twins never enter training)",
+             ["curation.run", *cfg, "--stages", "download,score,dedup,select,caption,eval_split"], timings)
+    step("features: VAE latents + T5 embeddings into bucketed shards (every held-out key excluded)",
          ["curation.run", *cfg, "--stages", "features"], timings)
     tr = ["training.launch", "--config", args.config, "--stage"]
     step("training: weak-to-strong stage 1 (256 px, Ray Train)", [*tr, "demo-256"], timings)
@@ -68,15 +67,24 @@ def main(argv=None) -> int:
          ["training.sample", "--checkpoint", "runs/demo/train/demo-512-kv", "--t5", "models/tiny/t5",
           "--vae", "models/tiny/vae", "--prompt", "a red circle on a blue background", "--height", "512",
           "--width", "512", "--steps", "10", "--device", "cpu", "--out", str(out / "report" / "samples")], timings)
-    step("eval: generate the benchmark prompts with the 256 px checkpoint",
-         ["eval.generate", *cfg, "--stage", "demo-256"], timings)
-    step("eval: FID / CLIP-Score against the benchmark", ["eval.score", *cfg, "--stage", "demo-256"], timings)
+    for stage in ("demo-256", "demo-512-kv"):
+        step(f"eval: generate the benchmark prompts with the {stage} checkpoint",
+             ["eval.generate", *cfg, "--stage", stage, "--name", stage], timings)
+    step("eval: pairwise preference page (randomised sides; serve it with `python -m eval.preference serve`)",
+         ["eval.preference", "build", *cfg, "--a", "demo-512-kv", "--b", "demo-256"], timings)
+    step("eval: FID (protocol, bootstrap CI), KID, CLIP-Score, reward models, per-stratum tables",
+         ["eval.score", *cfg, "--run", "demo-256", "--run", "demo-512-kv"], timings)
     step("caption statistics (PixArt-Sigma Table 1 layout, with the paper's rows)",
          ["curation.stats", *cfg, "--paper", "--no-progress"], timings)
     print("\n=== demo finished in %.0f s" % (time.time() - t_start))
     for title, dt in timings:
         print(f"  {dt:7.1f} s  {title}")
+    report = out / "eval" / "report.md"
+    if report.exists():  # the eval report: protocol, CIs, per-stratum table, the preference page
+        print(f"\n=== {report}\n" + "\n".join(report.read_text().splitlines()[:60]))
     print(f"outputs: {out}  (manifest/, shards/, report/, eval/, train/)")
+    print(f"\nbrowse the run (grid, filters, duplicates, what-if selection, report) at http://127.0.0.1:8000/ :\n"
+          f"  python -m curation.browse --output {out.relative_to(REPO)}")
     return 0
 
 

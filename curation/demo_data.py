@@ -34,6 +34,7 @@ class Item:
     status: int = 200
     delay: float = 0.0
     expect: str = "ok"  # the manifest status the tests expect for this row
+    near_dup_of: str | None = None  # a planted near duplicate: the item it copies (dedup must pair them)
 
 
 def _jpeg(img: Image.Image, **kw) -> bytes:
@@ -117,22 +118,87 @@ def bad_items() -> list[Item]:
     ]
 
 
-def demo_items(n_synthetic: int = 24, seed: int = 0) -> list[Item]:
+# What bad_items() already shows (colour pairs; shape on background): the generated sample
+# avoids both, so that distinct rows look distinct.
+RESERVED_PAIRS = [{"red", "blue"}, {"green", "white"}, {"yellow", "black"}, {"orange", "white"}, {"purple", "white"}]
+RESERVED_BACKGROUNDS = {("circle", "black"), ("square", "white"), ("stripes", "white")}
+
+
+def _synthetic_specs(n: int, rng) -> list[tuple[str, str, str]]:
+    """(colour, background, shape) for n generated images: every item has its own pair of
+    colours and no two share a shape on the same background (a small seeded search; with 7 free
+    backgrounds per shape that holds for up to 21 items, later ones repeat the first)."""
+    names = list(COLOURS)
+    pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:] if {a, b} not in RESERVED_PAIRS]
+    pairs = [pairs[i] for i in rng.permutation(len(pairs))]
+    pairs = [p if rng.random() < 0.5 else p[::-1] for p in pairs]  # preferred (colour, background)
+    k = min(n, len(COLOURS) * len(SHAPES) - len(RESERVED_BACKGROUNDS))
+
+    def search(i, free, used):
+        if i == k:
+            return []
+        shape = SHAPES[i % len(SHAPES)]
+        for j, p in enumerate(free):
+            for c, bg in (p, p[::-1]):
+                if (shape, bg) not in used:
+                    rest = search(i + 1, free[:j] + free[j + 1:], used | {(shape, bg)})
+                    if rest is not None:
+                        return [(c, bg, shape)] + rest
+        return None
+
+    specs = search(0, pairs, frozenset(RESERVED_BACKGROUNDS))
+    return [specs[i % k] for i in range(n)]
+
+
+def planted_near_duplicates(items: list[Item]) -> list[Item]:
+    """Copies a person would call duplicates: smaller, re-encoded, slightly cropped or edited;
+    each smaller than its original (a size-first rank keeps the original) and still at least
+    256 px on its short side (the demo's select.min_side), so dedup, not size, must drop it."""
+    from PIL import ImageEnhance
+
+    def img(name):
+        it = next((x for x in items if x.name == name), None)
+        return None if it is None else Image.open(io.BytesIO(it.body)).convert("RGB")
+
+    out = []
+    if (a := img("photo_coffee.jpg")) is not None:  # 3/4 size, quality 70
+        out.append(Item("photo_coffee_small.jpg", _jpeg_q(a.resize((a.width * 3 // 4, a.height * 3 // 4), Image.BILINEAR), 70),
+                        "a photo: coffee, small copy", near_dup_of="photo_coffee.jpg"))
+    if (a := img("photo_chelsea.jpg")) is not None:  # 5 % off the left and the top
+        w, h = a.size
+        out.append(Item("photo_chelsea_crop.jpg", _jpeg_q(a.crop((w // 20, h // 20, w, h)), 85),
+                        "a photo: chelsea, cropped", near_dup_of="photo_chelsea.jpg"))
+    if (a := img("photo_astronaut.jpg")) is not None:  # brighter, more contrast, 90 %
+        e = ImageEnhance.Contrast(ImageEnhance.Brightness(a).enhance(1.05)).enhance(1.05)
+        out.append(Item("photo_astronaut_edit.jpg", _jpeg_q(e.resize((a.width * 9 // 10, a.height * 9 // 10)), 80),
+                        "a photo: astronaut, edited", near_dup_of="photo_astronaut.jpg"))
+    if (a := img("gen_001.jpg")) is not None:  # a generated image at 85 % size
+        out.append(Item("gen_001_small.jpg", _jpeg_q(a.resize((a.width * 17 // 20, a.height * 17 // 20)), 75),
+                        "a smaller copy", near_dup_of="gen_001.jpg"))
+    return out
+
+
+def _jpeg_q(img: Image.Image, quality: int) -> bytes:
+    b = io.BytesIO()
+    img.save(b, "JPEG", quality=quality)
+    return b.getvalue()
+
+
+def demo_items(n_synthetic: int = 21, seed: int = 0, near_duplicates: bool = True) -> list[Item]:
+    """Photos, n_synthetic generated images (pairwise distinct), then the planted near
+    duplicates (Item.near_dup_of names the original)."""
     rng = np.random.default_rng(seed)
     items = []
     for name, img in photos():
         items.append(Item(f"photo_{name}.jpg", _jpeg(img), f"a photo: {name.replace('_', ' ')}"))
-    names = list(COLOURS)
     aspects = [(320, 320), (448, 320), (320, 448), (512, 288), (288, 512), (384, 384)]
-    for i in range(n_synthetic):
-        c, b = rng.choice(names, 2, replace=False)
-        shape = SHAPES[i % len(SHAPES)]
+    for i, (c, b, shape) in enumerate(_synthetic_specs(n_synthetic, rng)):
         size = aspects[i % len(aspects)]
         cap = f"a {c} {shape} on a {b} background" if shape != "stripes" else f"{c} and {b} stripes"
         if i % 8 == 7:
             cap = ["", f"IMG_{1000 + i}.JPG", f"https://example.com/img/{i}.jpg"][i % 3]  # junk alt text
         items.append(Item(f"gen_{i:03d}.jpg", _jpeg(synthetic(c, b, shape, size, 100 + i)), cap))
-    return items
+    return items + (planted_near_duplicates(items) if near_duplicates else [])
 
 
 class _Handler(BaseHTTPRequestHandler):

@@ -1,33 +1,34 @@
 """Download stage: img2dataset as a library, then one manifest part per img2dataset shard.
 
-Only module that reads img2dataset's per-shard parquet and stats under `<output>/download/`
-(the image tars are read through common.images). Input part i has at most part_size rows and
-img2dataset shards each input file separately with number_sample_per_shard = part_size, so shard
-i == part i; our key rides along as `sigma_key`. img2dataset writes straight to the output
-filesystem (fsspec: local or s3://); its `_stats.json` is written last per shard: it is the
-"shard done" marker, and incremental mode skips such shards on rerun. Manifest parts are then
-built by Ray tasks, one per part, each writing its own part.
+Only module that reads img2dataset's per-shard parquet under `<output>/download/` (the image tars
+are read through common.images, the shard records through curation.integrity). Input part i has
+at most part_size rows and img2dataset shards each input file separately with
+number_sample_per_shard = part_size, so shard i == part i; our key rides along as `sigma_key`.
+img2dataset writes straight to the output filesystem (fsspec: local or s3://); its `_stats.json`
+is written last per shard: it is the "shard done" marker, and incremental mode skips such shards.
+Each request goes through curation.crawl's policy (installed in img2dataset's workers by
+curation.i2d). A run first checks every part (Ray task per part: shard fingerprint, sizes and
+sha256, manifest part checksum), deletes what must be fetched again, runs img2dataset for the
+missing shards, then builds the manifest parts that need it (Ray task per part).
 """
 from __future__ import annotations
 
 import contextlib
 import io
 import os
+import sys
 
 import pyarrow as pa
 
 from common import fs, manifest
-from common.config import fingerprint
-from common.images import DOWNLOAD
+from common.config import fingerprint, to_dict
+from curation import crawl, integrity
 from curation.inputs import KEY_COL, input_info, input_rows, read_input_part
 
 
-def download_dir(out: str) -> str:
-    return fs.join(fs.normalize(out), DOWNLOAD)
-
-
-def shard_done(out: str, part: int) -> bool:
-    return fs.exists(fs.join(download_dir(out), f"{part:05d}_stats.json"))
+_SHOW = 20  # reasons printed / returned (a settings change redoes every part)
+download_dir = integrity.download_dir
+shard_done = integrity.shard_done
 
 
 def img2dataset_kwargs(cfg, out: str) -> dict:
@@ -67,19 +68,19 @@ def img2dataset_kwargs(cfg, out: str) -> dict:
     )
 
 
+def policy_of(d) -> crawl.Policy:
+    return crawl.Policy(timeout=d.timeout, deadline=d.deadline, max_bytes=d.max_bytes, max_redirects=d.max_redirects,
+                        allow_private=d.allow_private_addresses, allowed_networks=tuple(d.allowed_networks))
+
+
 def run_img2dataset(cfg, out: str) -> None:
     import img2dataset
 
-    with contextlib.redirect_stdout(io.StringIO()) if os.environ.get("SIGMA_QUIET") else contextlib.nullcontext():
+    from curation.i2d import patched
+
+    quiet = contextlib.redirect_stdout(io.StringIO()) if os.environ.get("SIGMA_QUIET") else contextlib.nullcontext()
+    with quiet, patched(policy_of(cfg.download)):
         img2dataset.download(**img2dataset_kwargs(cfg, out))
-
-
-def _url_problem(url: str | None) -> str | None:
-    if url is None or not url.strip():
-        return "empty URL"
-    if not url.strip().lower().startswith(("http://", "https://")):
-        return f"not an http(s) URL: {url[:80]!r}"
-    return None
 
 
 def build_manifest_part(out: str, part: int) -> pa.Table:
@@ -94,7 +95,7 @@ def build_manifest_part(out: str, part: int) -> pa.Table:
     status, error = [], []
     for url, dst, derr in zip(table.column("url").to_pylist(), table.column("download_status").to_pylist(),
                               table.column("download_error").to_pylist()):
-        problem = _url_problem(url)
+        problem = crawl.url_problem(url)
         if problem:
             status.append("invalid_input"), error.append(problem)
         elif dst == "success":
@@ -109,29 +110,44 @@ def build_manifest_part(out: str, part: int) -> pa.Table:
 
 
 def commit_part(part: int, out: str, fp: str) -> dict:
-    """On a worker: build and write one manifest part. A fresh download invalidates every later
-    stage of the part, so its metadata starts anew."""
+    """On a worker: record the shard's sizes and checksums, then build and write one manifest
+    part. A fresh download invalidates every later stage of the part, so its metadata starts anew."""
     if not shard_done(out, part):
         raise RuntimeError(f"img2dataset did not finish shard {part}; rerun the same command to resume")
+    integrity.record(out, part, fp)
     return manifest.write_part(out, part, build_manifest_part(out, part), "download", fp, keep={},
                                expected_rows=input_rows(out, part))
 
 
+def download_fingerprint(cfg, info: dict) -> str:
+    """What decides the downloaded bytes: every download setting except how the work is spread."""
+    d = {k: v for k, v in to_dict(cfg.download).items() if k not in ("processes", "threads", "distributor", "verify")}
+    return fingerprint({"download": d, "input": info.get("hash"), "part_size": cfg.input.part_size})
+
+
 def run_download(cfg, out: str, progress: bool = True) -> dict:
-    from common.partstage import nodes_of, pending_parts, run_tasks
+    """Check every part (img2dataset shard and manifest part: fingerprint, size, sha256), fetch the
+    shards that are missing, stale or corrupt, then (re)build the manifest parts that need it."""
+    from common.partstage import nodes_of, run_tasks
 
     out = fs.normalize(out)
     info = input_info(out)
-    fp = fingerprint({"download": cfg.download, "input": info.get("hash"), "part_size": cfg.input.part_size})
+    fp = download_fingerprint(cfg, info)
     parts = list(range(info["parts"]))
-    # Parts not yet in the manifest are pending too (pending_parts only sees existing ones).
-    existing = set(manifest.list_parts(out))
-    todo = sorted(set(pending_parts(out, "download", fp, [p for p in parts if p in existing]))
-                  | {p for p in parts if p not in existing})
-    if any(not shard_done(out, p) for p in todo):
+    checks = run_tasks(integrity.check_part, parts, kwargs={"out": out, "fp": fp, "verify": cfg.download.verify},
+                       desc="download check", progress=progress)
+    redone = {c["part"]: c["reason"] for c in checks if c["reason"]}
+    for i, (p, reason) in enumerate(sorted(redone.items())):
+        if i == _SHOW:
+            print(f"download: ... and {len(redone) - _SHOW} more parts redone", file=sys.stderr, flush=True)
+            break
+        print(f"download: part {p} is redone: {reason}", file=sys.stderr, flush=True)
+    if any(c["fetch"] for c in checks):
         run_img2dataset(cfg, out)
+    todo = [c["part"] for c in checks if c["commit"]]
     done = run_tasks(commit_part, todo, kwargs={"out": out, "fp": fp}, desc="download manifest",
                      progress=progress, stage="download")
     s = manifest.run_summary(out)
-    return {"parts": len(parts), "parts_written": len(done), "rows": s["rows"], "status": s["status"],
-            "nodes": nodes_of(done)}
+    return {"parts": len(parts), "parts_written": len(done), "parts_fetched": sum(c["fetch"] for c in checks),
+            "parts_redone": len(redone), "redone": dict(sorted(redone.items())[:_SHOW]), "rows": s["rows"],
+            "status": s["status"], "nodes": nodes_of(done)}

@@ -12,9 +12,10 @@ import os
 import sys
 import time
 
-for _k, _v in {"NO_ALBUMENTATIONS_UPDATE": "1", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-               "RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false"}.items():
+for _k, _v in {"NO_ALBUMENTATIONS_UPDATE": "1", "RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false"}.items():
     os.environ.setdefault(_k, _v)
+if not os.environ.get("RAY_ADDRESS"):  # embedded Ray on the loopback address; never for a cluster's job
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 from common.config import ConfigError, save_resolved  # noqa: E402
 from curation.config import STAGES, PipelineConfig, load_pipeline  # noqa: E402
@@ -32,6 +33,8 @@ def _stage_fn(name: str):
         from curation.select import run_select as fn
     elif name == "caption":
         from captioning.stage import run_caption as fn
+    elif name == "eval_split":
+        from eval.build_benchmark import run_eval_split as fn
     elif name == "features":
         from features.stage import run_features as fn
     elif name == "stats":
@@ -61,13 +64,17 @@ def resolve(args) -> tuple[PipelineConfig, list[str]]:
         overrides.append(f"output={args.output}")
     cfg = load_pipeline(args.config, args.pipeline, overrides, check=False)
     stages = list(cfg.stages)
-    if args.stages:
+    if args.stages is not None:
         wanted = [s.strip() for s in args.stages.split(",") if s.strip()]
+        if not wanted:
+            raise ConfigError(f"--stages {args.stages!r}: no stage named; give e.g. --stages select,stats "
+                              f"(allowed: {', '.join(STAGES)})")
         bad = [s for s in wanted if s not in STAGES]
         if bad:
             raise ConfigError(f"--stages: unknown stage {bad[0]!r}; allowed: {', '.join(STAGES)}")
         stages = [s for s in STAGES if s in wanted]
-    load_pipeline(args.config, args.pipeline, overrides, check=stages)  # model paths of these stages
+    # model paths of these stages' config sections (eval_split loads no model)
+    load_pipeline(args.config, args.pipeline, overrides, check=[s for s in stages if s != "eval_split"])
     return cfg, stages
 
 
@@ -92,18 +99,27 @@ def print_summary(s: dict) -> None:
 
 
 def run(cfg: PipelineConfig, stages: list[str], progress: bool = True) -> dict:
+    """Everything is validated (config, lock, URL list, stage order) before the resolved config is
+    saved and the first stage starts: a refused run changes nothing in the output."""
+    from common import fs
+    from common.runlock import run_lock
+
+    out = fs.normalize(cfg.output)
+    with run_lock(out):
+        return _run_locked(cfg, stages, out, progress)
+
+
+def _run_locked(cfg: PipelineConfig, stages: list[str], out: str, progress: bool) -> dict:
     from common import fs
     from common.manifest import check_invariants, list_parts
     from common.raystage import init_ray
     from curation.inputs import prepare_inputs
 
-    out = fs.normalize(cfg.output)
-    fs.makedirs(out)
-    save_resolved(cfg, out, extra={"stages_run": stages})
     init_ray(cfg.ray)
     info = prepare_inputs(cfg.input, out, progress=progress)
     if "download" not in stages and not list_parts(out):
         raise ConfigError(f"{out} has no manifest yet: run the download stage first")
+    save_resolved(cfg, out, extra={"stages_run": stages})
     timings = []
     for name in stages:
         fn = _stage_fn(name)
@@ -111,8 +127,9 @@ def run(cfg: PipelineConfig, stages: list[str], progress: bool = True) -> dict:
         t0 = time.time()
         result = fn(cfg, out, progress) or {}
         dt = time.time() - t0
+        # nodes: {Ray node id: tasks} where the stage's plan / commit tasks ran (common.partstage)
         timings.append({"stage": name, "seconds": round(dt, 2), "rows_per_s": round(info["rows"] / max(dt, 1e-9), 1),
-                        "result": result})
+                        "nodes": result.get("nodes") or {}, "result": result})
         if name != "stats":
             check_invariants(out, info["rows"])
     summary = summarize(cfg, out, timings)

@@ -17,6 +17,8 @@ from torch import nn
 from common.config import fingerprint
 from common.images import decode_image
 
+MISSING = "image missing from the download tar"
+
 
 class AestheticMLP(nn.Module):
     """LAION improved aesthetic predictor layout: state keys layers.{0,2,4,6,7}.{weight,bias}.
@@ -60,6 +62,14 @@ def load_clip(model_name: str, pretrained: str | None, device: str = "cpu", prec
     return model.eval(), preprocess, open_clip.get_tokenizer(model_name)
 
 
+def clip_input_dtype(precision: str) -> torch.dtype:
+    """dtype of the images fed to an open_clip model created with `precision`. fp16 / bf16 cast the
+    weights that see the input but keep LayerNorms, positional and class embeddings fp32, so the
+    first parameter's dtype does not tell (ViT-L-14's is the fp32 positional embedding)."""
+    return {"fp16": torch.float16, "pure_fp16": torch.float16,
+            "bf16": torch.bfloat16, "pure_bf16": torch.bfloat16}.get(precision, torch.float32)
+
+
 def pick_device_precision(precision: str, num_gpus: float) -> tuple[str, str]:
     device = "cuda" if num_gpus and torch.cuda.is_available() else "cpu"
     if precision == "auto":
@@ -74,7 +84,7 @@ class Scorer:
                  max_pixels: int, precision: str = "auto", num_gpus: float = 0.0):
         self.device, prec = pick_device_precision(precision, num_gpus)
         self.model, self.preprocess, _ = load_clip(clip_model, clip_pretrained, self.device, prec)
-        self.dtype = next(self.model.parameters()).dtype
+        self.dtype = clip_input_dtype(prec)
         dim = self.model.visual.output_dim
         self.mlp = load_aesthetic(aesthetic_weights, dim).to(self.device)
         self.max_pixels = max_pixels
@@ -91,7 +101,7 @@ class Scorer:
         tensors, ok_idx = [], []
         for i, data in enumerate(images):
             if data is None:  # the manifest says downloaded, the tar does not have it
-                error[i] = "image missing from the download tar"
+                error[i] = MISSING
                 continue
             img, info = decode_image(data, self.max_pixels, draft=self.draft)
             width[i], height[i], mode_in[i] = info["width"], info["height"], info["mode_in"]
@@ -161,6 +171,15 @@ def finish_part(part: int, scored: pa.Table | None, out: str, fp: str) -> dict:
     merged = manifest.merge_columns(base, scored.drop_columns(["embedding"]))
     status, error = merged.column("status").to_pylist(), merged.column("error").to_pylist()
     dstat, serr = merged.column("download_status").to_pylist(), merged.column("score_error").to_pylist()
+    if MISSING in serr:  # say why: a truncated or corrupt tar (named), found only on this rare path
+        from curation.integrity import tar_problem
+
+        why = tar_problem(out, part)
+        if why:
+            serr = [f"{MISSING}: {why}; rerun the download stage to fetch the part again" if se == MISSING else se
+                    for se in serr]
+            merged = merged.set_column(merged.column_names.index("score_error"), "score_error",
+                                       pa.array(serr, pa.string()))
     for i, (ds, se) in enumerate(zip(dstat, serr)):
         if ds == "success" and status[i] in ("ok", "failed_decode"):
             status[i], error[i] = ("failed_decode", se) if se else ("ok", None)

@@ -1,66 +1,50 @@
-"""`python -m eval.build_benchmark --config pipelines.yaml --pipeline NAME`: the eval benchmark.
+"""The eval benchmark and its hold-out list: the `eval_split` stage of curation.run (between caption
+and features), also `python -m eval.build_benchmark --config pipelines.yaml --pipeline NAME`.
 
-From the curated manifest, choose `eval.n` (image, prompt) pairs the way PixArt-Sigma's internal
-30K set is described (high aesthetic, both captions), and make the choice reproducible and leak-free:
+Prompt sets (`eval.benchmark`): `ours` draws `eval.n` (image, prompt) pairs from the curated
+manifest the way PixArt-Sigma's internal 30K set is described (high aesthetic, both captions; see
+eval.stratify for the draw); `mjhq-30k` / `coco-30k` read a published set (eval.sources).
 
-1. eligible rows: status ok, selected (when the select stage ran), aesthetic scored, a long AND a
-   short caption, a CLIP image embedding, and not already in a training shard;
-2. high aesthetic: `aesthetic >= eval.aesthetic_min`, or the `eval.aesthetic_quantile` of eligible rows;
-3. strata = aspect bucket (nearest PixArt ratio key) x caption-length bin (quantiles of prompt words);
-   each stratum gets a share of N proportional to its size (largest remainder);
-4. inside a stratum rows are drawn in the order of sha256(seed:key) -- independent of part order
-   or row order, so the same manifest always gives the same draw;
-5. greedy acceptance in that order: no prompt seen before (case/space-normalised), no CLIP
-   cosine >= eval.dedup_threshold to an accepted row; strata short of rows are filled afterwards.
-
-Outputs (atomic), all under <output>/eval/:
-  benchmark/<version>/benchmark.parquet   key, prompt, prompt_long, prompt_short, image, sha256,
-                                          aesthetic, bucket, width, height, length_bin, clip_tokens
-  benchmark/<version>/benchmark.json      checksum (sha256 of the canonical rows), counts,
-                                          selection config, prompt-length distribution
-  benchmark_keys.txt                      one key per line: the features stage's `exclude_keys`
-A version is immutable: rebuilding verifies the existing one (checksum, no key in the training
-shards) instead of redrawing; --force redraws (the draw itself is deterministic: same manifest,
-same config -> same checksum).
+Every version is immutable and lives in `<out>/eval/benchmarks/<label>-<fp>/` where fp is the
+fingerprint of the selection settings (EvalConfig.selection): a changed config builds a NEW
+version beside the old one, the same config finds and verifies the existing one. Files, in the
+order written (the last one marks the version complete):
+  exclude.parquet   what training must never see (eval.leaks; read by common.holdout for features)
+  benchmark.parquet key, prompt, prompt_long, prompt_short, image, sha256, aesthetic, bucket,
+                    width, height, length_bin, clip_tokens, category
+  benchmark.json    checksum (sha256 of the canonical rows), counts, the selection report
+                    (aesthetic cut and its relaxation, rejections, why short), hold-out summary
+Honest sizes: fewer pairs than `eval.n` is an error unless `eval.allow_smaller` / --allow-smaller.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
-import os
-import tarfile
-from pathlib import Path
 
 import numpy as np
 
+from common import fs, holdout
+from common.config import fingerprint
 from eval.clipscore import clip_token_counts, length_summary
-from eval.stratify import load_candidates, nearest_bucket, normalise_prompt, quotas, select  # noqa: F401
+from eval.stratify import length_bins
 
-FORMAT = "sigma-eval-benchmark/1"
-EVAL_DIR = "eval"
-KEYS_FILE = "benchmark_keys.txt"
+FORMAT = "sigma-eval-benchmark/2"
 COLUMNS = ["key", "prompt", "prompt_long", "prompt_short", "image", "sha256", "aesthetic", "bucket",
-           "width", "height", "length_bin", "clip_tokens"]
+           "width", "height", "length_bin", "clip_tokens", "category"]
 
 
-def benchmark_dir(out: Path, version: str) -> Path:
-    return Path(out) / EVAL_DIR / "benchmark" / version
+class BenchmarkError(RuntimeError):
+    """The benchmark cannot be built as configured (too few rows, ...): the message says why."""
 
 
-def keys_path(out: Path) -> Path:
-    return Path(out) / EVAL_DIR / KEYS_FILE
+def version_id(ecfg) -> str:
+    return f"{ecfg.version}-{fingerprint({'format': FORMAT, **ecfg.selection()})[:8]}"
 
 
-def training_shard_keys(out: Path) -> set[str]:
-    """Keys already in any training shard (<output>/shards/*/shard-*.tar): tar headers only."""
-    keys: set[str] = set()
-    for tar in sorted((Path(out) / "shards").glob("*/shard-*.tar")):
-        with tarfile.open(tar, "r:") as tf:
-            for m in tf:
-                if m.isfile():
-                    keys.add(m.name.rsplit("/", 1)[-1].partition(".")[0])
-    return keys
+def benchmark_dir(out: str, version: str) -> str:
+    return holdout.version_dir(out, version)
 
 
 def checksum(rows: list[dict]) -> str:
@@ -72,133 +56,192 @@ def checksum(rows: list[dict]) -> str:
     return h.hexdigest()
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def write_benchmark(out: Path, version: str, rows: list[dict], info: dict) -> None:
+def _table(rows: list[dict]):
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
+    types = {"aesthetic": pa.float64(), "width": pa.int64(), "height": pa.int64(), "length_bin": pa.int32(),
+             "clip_tokens": pa.int32()}
+    return pa.table({c: pa.array([r.get(c) for r in rows], type=types.get(c, pa.string())) for c in COLUMNS})
+
+
+def read_benchmark(out: str, version: str) -> tuple[list[dict], dict]:
+    """(rows sorted by key, info json). Raises if absent or if the checksum does not match."""
     d = benchmark_dir(out, version)
-    d.mkdir(parents=True, exist_ok=True)
-    table = pa.table({c: pa.array([r.get(c) for r in rows],
-                                  type={"aesthetic": pa.float64(), "width": pa.int64(), "height": pa.int64(),
-                                        "length_bin": pa.int32(), "clip_tokens": pa.int32()}.get(c, pa.string()))
-                      for c in COLUMNS})
-    tmp = d / f".benchmark.parquet.tmp{os.getpid()}"
-    pq.write_table(table, tmp)
-    os.replace(tmp, d / "benchmark.parquet")
-    _atomic_text(d / "benchmark.json", json.dumps(info, indent=2, sort_keys=True))
-    _atomic_text(keys_path(out), "".join(f"{r['key']}\n" for r in rows))
-
-
-def read_benchmark(out: Path, version: str) -> tuple[list[dict], dict]:
-    """(rows in benchmark order, info json). Raises if the checksum does not match the rows."""
-    import pyarrow.parquet as pq
-
-    d = benchmark_dir(out, version)
-    if not (d / "benchmark.json").exists():
-        raise FileNotFoundError(f"{d}: no benchmark (run python -m eval.build_benchmark first)")
-    info = json.loads((d / "benchmark.json").read_text())
-    rows = pq.read_table(d / "benchmark.parquet").to_pylist()
+    if not fs.isfile(fs.join(d, "benchmark.json")):
+        raise FileNotFoundError(f"{d}: no benchmark (run the eval_split stage or python -m eval.build_benchmark)")
+    info = fs.read_json(fs.join(d, "benchmark.json"))
+    rows = fs.read_parquet(fs.join(d, "benchmark.parquet")).to_pylist()
     if checksum(rows) != info["checksum"]:
         raise ValueError(f"{d}: benchmark.parquet does not match the checksum in benchmark.json")
     return rows, info
 
 
-def build(cfg, force: bool = False) -> dict:
-    """Build the benchmark of pipeline config `cfg` (or verify an existing version); its info dict.
+def current(cfg) -> tuple[str, list[dict], dict]:
+    """(version, rows, info) of the benchmark that the pipeline's current eval config selects."""
+    v = version_id(cfg.eval)
+    rows, info = read_benchmark(cfg.out, v)
+    return v, rows, info
 
-    An existing version is never silently replaced: it is re-read, its checksum verified and its
-    keys checked against the training shards (a leak is an error). Once features has run, the
-    eligible set shrinks (training keys are excluded), so rebuilding would pick different rows;
-    --force rebuilds anyway.
-    """
-    out, ecfg = Path(cfg.output), cfg.eval
-    exclude = training_shard_keys(out)
-    if (benchmark_dir(out, ecfg.version) / "benchmark.json").exists() and not force:
-        rows, info = read_benchmark(out, ecfg.version)
-        leaked = sorted({r["key"] for r in rows} & exclude)
-        if leaked:
-            raise RuntimeError(f"benchmark {ecfg.version}: {len(leaked)} keys are in training shards "
-                               f"(e.g. {leaked[:3]}); rebuild the shards with features.exclude_keys = "
-                               f"{keys_path(out)}")
-        _atomic_text(keys_path(out), "".join(f"{r['key']}\n" for r in rows))
-        return dict(info, unchanged=True)
-    cand, counts = load_candidates(out, ecfg, exclude)
-    chosen, sel = select(out, cand, ecfg)
-    tok = None
-    if chosen:
-        from open_clip.tokenizer import SimpleTokenizer
 
-        tok = SimpleTokenizer()
+def training_keys(out: str) -> set[str]:
+    """Keys already in a training shard (features.shards is the only shard reader)."""
+    from features.shards import shard_keys
+
+    return shard_keys(out)
+
+
+def _draw_ours(out: str, ecfg, training: set[str], progress: bool) -> tuple[list[dict], dict, dict]:
+    from eval.stratify import draw, load_candidates
+
+    cand, counts = load_candidates(out, ecfg, training, progress)
+    if counts["eligible"] < ecfg.n and not ecfg.allow_smaller:
+        raise BenchmarkError(f"only {counts['eligible']} eligible rows for n = {ecfg.n} (ineligible: "
+                             f"{counts['ineligible']}); curate more data, lower eval.n, or pass --allow-smaller"
+                             + (" (rows already in training shards are never eligible: run the eval_split stage "
+                                "BEFORE features)" if counts["ineligible"].get("in_training_shards") else ""))
+    if counts["eligible"] == 0:
+        raise BenchmarkError(f"no eligible benchmark rows: {counts}")
+    chosen, sel = draw(out, cand, ecfg)
+    for r in chosen:
+        r["category"] = None
+    return chosen, sel, counts
+
+
+def _draw_source(ecfg) -> tuple[list[dict], dict, dict]:
+    from eval.sources import load_source
+
+    rows = load_source(ecfg)
+    words = np.array([len(r["prompt"].split()) for r in rows], np.int64)
+    lbin, edges = length_bins(words, ecfg.length_bins)
+    for r, b in zip(rows, lbin):
+        r["length_bin"] = int(b)
+    cats: dict[str, int] = {}
+    for r in rows:
+        cats[str(r.get("category"))] = cats.get(str(r.get("category")), 0) + 1
+    sel = {"source": ecfg.benchmark, "path": ecfg.benchmark_path, "length_bin_edges_words": [float(e) for e in edges],
+           "categories": cats, "short_because": None if len(rows) >= ecfg.n else
+           f"the {ecfg.benchmark} folder holds {len(rows)} usable prompts"}
+    return rows, sel, {"source_rows": len(rows)}
+
+
+def build(cfg, progress: bool = False) -> dict:
+    """Build the benchmark + exclusion list of `cfg` (or verify the existing version); its info."""
+    out, ecfg = cfg.out, cfg.eval
+    vid = version_id(ecfg)
+    d = benchmark_dir(out, vid)
+    training = training_keys(out)
+    if fs.isfile(fs.join(d, "benchmark.json")):
+        rows, info = read_benchmark(out, vid)
+        if not fs.isfile(holdout.exclude_uri(out, vid)):
+            raise BenchmarkError(f"{d}: benchmark without exclude.parquet (tampered?)")
+        # the rows are fixed; parts added or rewritten since the last search are searched now
+        return dict(info, unchanged=True, hold_out=_hold_out(out, vid, rows, ecfg, training, progress))
+    if ecfg.benchmark == "ours":
+        chosen, sel, counts = _draw_ours(out, ecfg, training, progress)
+    else:
+        chosen, sel, counts = _draw_source(ecfg)
+    if len(chosen) < ecfg.n and not ecfg.allow_smaller:
+        raise BenchmarkError(f"benchmark {vid}: {sel.get('short_because')}; pass --allow-smaller "
+                             "(eval.allow_smaller: true) to build it anyway")
+    if not chosen:
+        raise BenchmarkError(f"benchmark {vid}: no rows ({sel.get('short_because')})")
+    from open_clip.tokenizer import SimpleTokenizer
+
+    tok = SimpleTokenizer()
     long_counts = clip_token_counts([r["prompt_long"] for r in chosen], tok)
     short_counts = clip_token_counts([r["prompt_short"] for r in chosen], tok)
-    prompt_counts = long_counts if ecfg.prompt == "caption_long" else short_counts
+    prompt_counts = clip_token_counts([r["prompt"] for r in chosen], tok)
     for r, c in zip(chosen, prompt_counts):
         r["clip_tokens"] = int(c)
+    rows = [{c: r.get(c) for c in COLUMNS} for r in sorted(chosen, key=lambda r: r["key"])]
+    leaks_summary = _hold_out(out, vid, rows, ecfg, training, progress)
     buckets: dict[str, int] = {}
-    for r in chosen:
+    for r in rows:
         buckets[r["bucket"]] = buckets.get(r["bucket"], 0) + 1
     info = {
-        "format": FORMAT, "version": ecfg.version, "checksum": checksum(chosen), "n": len(chosen),
-        "n_requested": ecfg.n, "pipeline": getattr(cfg, "name", None),
-        "selection": {"seed": ecfg.seed, "prompt": ecfg.prompt, "aesthetic_min": ecfg.aesthetic_min,
-                      "aesthetic_quantile": ecfg.aesthetic_quantile, "dedup_threshold": ecfg.dedup_threshold,
-                      "length_bins": ecfg.length_bins, **sel},
-        "counts": dict(counts, excluded_training_keys=len(exclude)),
+        "format": FORMAT, "version": vid, "label": ecfg.version, "fingerprint": vid.rsplit("-", 1)[1],
+        "checksum": checksum(rows), "n": len(rows), "n_requested": ecfg.n, "allow_smaller": ecfg.allow_smaller,
+        "short": len(rows) < ecfg.n, "source": ecfg.benchmark, "pipeline": getattr(cfg, "name", None),
+        "settings": ecfg.selection(), "selection": sel, "counts": dict(counts, training_shard_keys=len(training)),
+        "hold_out": leaks_summary,
         "buckets": dict(sorted(buckets.items(), key=lambda kv: float(kv[0]))),
         "prompt_clip_tokens": {"prompt": length_summary(prompt_counts), "long": length_summary(long_counts),
                                "short": length_summary(short_counts)},
-        "prompt_words": length_summary(np.array([len(r["prompt"].split()) for r in chosen], dtype=np.int64)),
+        "prompt_words": length_summary(np.array([len(r["prompt"].split()) for r in rows], dtype=np.int64)),
     }
-    if not chosen:
-        hint = (" (every eligible row is already in a training shard: build the benchmark BEFORE the "
-                "features stage, which then skips its keys via features.exclude_keys)"
-                if counts["ineligible"].get("in_training_shards") else "")
-        raise RuntimeError(f"no eligible benchmark rows: {counts}{hint}")
-    if len(chosen) < ecfg.n:
-        print(f"[eval.build_benchmark] warning: only {len(chosen)} of {ecfg.n} pairs could be chosen", flush=True)
-    write_benchmark(out, ecfg.version, [{c: r.get(c) for c in COLUMNS} for r in chosen], info)
+    fs.write_parquet(fs.join(d, "benchmark.parquet"), _table(rows))
+    fs.write_json(fs.join(d, "benchmark.json"), info, sort_keys=True)  # last: marks the version complete
     return info
 
 
+def _hold_out(out, vid, rows, ecfg, training, progress) -> dict:
+    from eval.leaks import update_exclusions
+    from eval.stratify import fetch_pool
+
+    def embeddings():  # the benchmark rows' CLIP embeddings (ours); a published set has none
+        return fetch_pool(out, [r["key"] for r in rows], ecfg.prompt)[1] if ecfg.benchmark == "ours" else None
+
+    s = update_exclusions(out, vid, rows, embeddings, ecfg.leak_threshold, progress)
+    leaked = sorted(holdout.version_keys(out, vid) & training)
+    # Rows drawn now are never in shards, but their copies may already be (a version built after
+    # features ran): rerunning features drops them; eval.score refuses until then.
+    s["already_in_training_shards"] = len(leaked)
+    s["already_in_training_shards_examples"] = leaked[:5]
+    return s
+
+
 def summary_text(info: dict) -> str:
-    p = info["prompt_clip_tokens"]
-    lines = [f"benchmark {info['version']}: {info['n']} pairs (requested {info['n_requested']}), "
-             f"checksum {info['checksum']}",
-             f"  eligible {info['counts']['eligible']} of {info['counts']['manifest_rows']} manifest rows; "
-             f"ineligible {info['counts']['ineligible']}; aesthetic cut {info['selection'].get('aesthetic_cut')}",
-             f"  buckets {info['buckets']}"]
+    sel, h = info["selection"], info["hold_out"]
+    lines = [f"benchmark {info['version']} ({info['source']}): {info['n']} pairs (requested {info['n_requested']}"
+             f"{', SMALLER: ' + str(sel.get('short_because')) if info.get('short') else ''}), checksum {info['checksum'][:16]}"]
+    if info["source"] == "ours":
+        c = info["counts"]
+        lines.append(f"  eligible {c['eligible']} of {c['manifest_rows']} manifest rows; ineligible {c['ineligible']}")
+        lines.append(f"  aesthetic cut {sel['aesthetic_cut']} (preferred quantile {sel['aesthetic_preferred_quantile']}, "
+                     f"used {sel['aesthetic_quantile_used']}{', relaxed to meet the size target' if sel['aesthetic_relaxed'] else ''}); "
+                     f"rejected {sel['rejected']}")
+    else:
+        lines.append(f"  categories {sel.get('categories')}")
+    lines.append(f"  held out of training: {h['held_out']} rows {h['by_reason']} (cosine >= {h['threshold']}; "
+                 f"{h['parts_searched']} of {h['parts']} parts searched now, {h['embeddings_searched']} embeddings)")
+    if h.get("already_in_training_shards"):
+        lines.append(f"  WARNING: {h['already_in_training_shards']} held-out keys are already in training shards "
+                     f"(e.g. {h['already_in_training_shards_examples']}): rerun the features stage before eval.score")
+    lines.append(f"  buckets {info['buckets']}")
     for name in ("long", "short"):
-        s = p[name]
+        s = info["prompt_clip_tokens"][name]
         if s["n"]:
-            lines.append(f"  {name} captions, CLIP tokens: median {s['percentiles']['p50']:.0f}, "
-                         f"p95 {s['percentiles']['p95']:.0f}, max {s['percentiles']['max']:.0f}; "
-                         f"over 77 tokens: {s['over_context']} ({100 * s['frac_over_context']:.1f} %)")
-            lines.append(f"    histogram {s['histogram']}")
+            lines.append(f"  {name} captions, CLIP tokens: median {s['percentiles']['p50']:.0f}, p95 "
+                         f"{s['percentiles']['p95']:.0f}; over 77 tokens: {s['over_context']} "
+                         f"({100 * s['frac_over_context']:.1f} %)")
     return "\n".join(lines)
+
+
+def run_eval_split(cfg, out: str, progress: bool = True) -> dict:
+    """The `eval_split` stage of curation.run: build (or verify) the configured benchmark version."""
+    cfg = dataclasses.replace(cfg, output=out)
+    info = build(cfg, progress)
+    print(summary_text(info) + (" (unchanged)" if info.get("unchanged") else ""), flush=True)
+    return {"version": info["version"], "n": info["n"], "held_out": info["hold_out"]["held_out"],
+            "unchanged": bool(info.get("unchanged"))}
 
 
 def main(argv=None) -> dict:
     from common.config import save_resolved
     from curation.config import load_pipeline
 
-    ap = argparse.ArgumentParser(description="Build the eval benchmark from a curated manifest.")
+    ap = argparse.ArgumentParser(description="Build the eval benchmark and its hold-out list.")
     ap.add_argument("--config", default="pipelines.yaml")
     ap.add_argument("--pipeline", required=True)
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="section.key=value")
-    ap.add_argument("--force", action="store_true", help="overwrite an existing version with a different selection")
+    ap.add_argument("--allow-smaller", action="store_true", help="build fewer than eval.n pairs instead of failing")
     args = ap.parse_args(argv)
-    cfg = load_pipeline(args.config, args.pipeline, args.overrides, check=False)
-    save_resolved(cfg, cfg.output)
-    info = build(cfg, force=args.force)
+    overrides = args.overrides + (["eval.allow_smaller=true"] if args.allow_smaller else [])
+    cfg = load_pipeline(args.config, args.pipeline, overrides, check=False)
+    save_resolved(cfg, cfg.out)
+    info = build(cfg, progress=True)
     print(summary_text(info) + (" (unchanged)" if info.get("unchanged") else ""), flush=True)
-    print(f"  keys for features.exclude_keys: {keys_path(Path(cfg.output))}", flush=True)
+    print(f"  hold-out list: {holdout.exclude_uri(cfg.out, info['version'])}", flush=True)
     return info
 
 

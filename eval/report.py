@@ -1,27 +1,27 @@
 """Markdown + JSON comparison of every scored run: <output>/eval/report.md and report.json.
 
-One table compares checkpoints; below it the protocol is written out in full (benchmark version and
-checksum, N, prompt field, FID extractor, resize policy and side, CLIP model, sampler, steps, cfg,
-seed, resolution, package versions). Runs whose protocol differs from the first run's are flagged
-in the table: their numbers are not comparable.
+One table compares checkpoints (FID with its bootstrap CI, KID +- std, CLIP-Score with its CI,
+reward means, N); a row is comparable with the first only when the protocol agrees (benchmark
+checksum, FID protocol, extractor sha256, CLIP model, generation settings) AND the run has an
+image for every prompt. Below: the protocol written out, per-stratum tables (aspect bucket x prompt
+length; category for MJHQ-30K) and the preference pages with their win rates (eval.preference).
 """
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
-from eval.build_benchmark import EVAL_DIR
+from common import fs
+from common.holdout import EVAL_DIR
 
 # Protocol keys that must agree for two rows of the table to be comparable.
-COMPARABLE = ("benchmark_checksum", "prompt", "fid_extractor", "fid_resize", "fid_size", "clip_model",
-              "clip_pretrained")
+COMPARABLE = ("benchmark_checksum", "prompt", "fid_protocol", "fid_extractor", "fid_extractor_sha256",
+              "clip_model", "clip_pretrained")
 GEN_COMPARABLE = ("sampler", "steps", "cfg_scale", "gen_seed", "resolution", "aspect")
 
 
-def load_scores(out: Path) -> list[dict]:
-    d = Path(out) / EVAL_DIR / "scores"
-    return [json.loads(p.read_text()) for p in sorted(d.glob("*.json"))] if d.exists() else []
+def load_scores(out: str) -> list[dict]:
+    d = fs.join(fs.normalize(out), EVAL_DIR, "scores")
+    return [fs.read_json(fs.join(d, n)) for n in fs.listdir(d) if n.endswith(".json")]
 
 
 def _key(s: dict) -> tuple:
@@ -30,54 +30,113 @@ def _key(s: dict) -> tuple:
     return tuple(p.get(k) for k in COMPARABLE) + tuple(g.get(k) for k in GEN_COMPARABLE)
 
 
-def _fmt(v, spec: str) -> str:
+def _f(v, spec: str = ".4f") -> str:
     return "n/a" if v is None else format(v, spec)
 
 
-def render(scores: list[dict]) -> str:
+def _ci(ci, spec: str = ".4f") -> str:
+    return "" if not ci else f" [{ci[0]:{spec}}, {ci[1]:{spec}}]"
+
+
+def _comparable(s: dict, base: dict) -> str:
+    if _key(s) != _key(base):
+        return "**no** (protocol differs)"
+    if not s.get("comparable", True):
+        return f"**no** ({s.get('incomparable_because')})"
+    return "yes"
+
+
+def _strata_table(s: dict, field: str, cols: tuple[str, ...]) -> list[str]:
+    rows = s.get(field) or []
+    if not rows:
+        return []
+    names = list(s.get("rewards", {}))
+    head = [*cols, "n", "FID", "CLIP-Score", *names]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [str(r.get(c)) for c in cols] + [str(r["n"]), _f(r.get("fid")), _f(r.get("clip_score"), ".3f")]
+        cells += [_f(r.get(n), ".4f") for n in names]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def preference_section(out: str) -> list[str]:
+    from eval.preference import list_pages, win_rates_of_page
+
+    pages = list_pages(out)
+    if not pages:
+        return []
+    lines = ["", "## Pairwise preference (eval.preference)", ""]
+    for p in pages:
+        w = win_rates_of_page(p)
+        lines.append(f"- `{p['a']}` vs `{p['b']}`: page `{p['html']}` ({p['pairs']} prompts, sides randomised); "
+                     + (f"{w['votes']} votes: win rate of `{p['a']}` {w['win_rate_a']:.3f} "
+                        f"[{w['ci'][0]:.3f}, {w['ci'][1]:.3f}] ({w['wins_a']} wins, {w['wins_b']} losses, "
+                        f"{w['ties']} ties)" if w["votes"] else "no votes recorded yet"))
+    return lines
+
+
+def render(scores: list[dict], out: str | None = None) -> str:
     if not scores:
         return "# Eval report\n\nNo scored runs yet.\n"
     base = scores[0]
     bp, bg = base["protocol"], base["protocol"].get("generation", {})
+    names = list(base.get("rewards", {}))
     lines = ["# Eval report", "",
-             f"Benchmark `{bp['benchmark_version']}` (checksum `{bp['benchmark_checksum'][:16]}`), "
-             f"N = {base['n_benchmark']} prompts, one image per prompt.", "",
-             "| run | checkpoint | images | FID ↓ | CLIP-Score ↑ | prompts > 77 tokens | comparable | scored at |",
-             "|---|---|---|---|---|---|---|---|"]
+             f"Benchmark `{bp['benchmark_version']}` ({bp['benchmark_source']}, checksum "
+             f"`{bp['benchmark_checksum'][:16]}`), N = {base['n_benchmark']} prompts, one image per prompt. "
+             f"Intervals: {int(100 * bp['ci'])} % bootstrap over {bp['bootstrap']} prompt resamples.", "",
+             "| run | checkpoint | images | FID ↓ | KID ↓ (± std) | CLIP-Score ↑ | " + "".join(f"{n} ↑ | " for n in names)
+             + "comparable | scored at |",
+             "|" + "---|" * (8 + len(names))]
     for s in scores:
         g = s["protocol"].get("generation", {})
-        same = "yes" if _key(s) == _key(base) else "**no** (protocol differs)"
+        k = s.get("kid") or {}
+        rw = "".join(f"{_f(s['rewards'].get(n, {}).get('mean'))}{_ci(s['rewards'].get(n, {}).get('ci'))} | "
+                     for n in names)
         lines.append(f"| {s['run']} | `{g.get('checkpoint', '?')}` | {s['n_scored']}/{s['n_benchmark']} | "
-                     f"{_fmt(s['fid'], '.4f')} | {_fmt(s['clip_score'], '.3f')} | "
-                     f"{100 * s['prompts_truncated_frac']:.1f} % | {same} | {s['scored_at']} |")
-    v = base["versions"]
+                     f"{_f(s['fid'])}{_ci(s.get('fid_ci'))} | {_f(k.get('kid'), '.5f')} ± {_f(k.get('kid_std'), '.5f')} | "
+                     f"{_f(s['clip_score'], '.3f')}{_ci(s.get('clip_score_ci'), '.3f')} | {rw}"
+                     f"{_comparable(s, base)} | {s['scored_at']} |")
+    ref = bp["reference_set"]
+    sha = bp.get("fid_extractor_sha256")
     lines += ["", "## Protocol (of the first run; rows marked 'no' differ)", "",
-              f"- Benchmark: version `{bp['benchmark_version']}`, checksum `{bp['benchmark_checksum']}`, "
-              f"N = {base['n_benchmark']}, prompt field `{bp['prompt']}`",
-              f"- FID: {bp['fid_metric']}; extractor `{bp['fid_extractor']}`; resize `{bp['fid_resize']}` to "
-              f"{bp['fid_size']}x{bp['fid_size']} ({bp['fid_interpolation']}); reference images "
-              f"{bp['reference_images']} (failed {bp['reference_failed']}, cache `{bp['reference_cache']}`)",
-              f"- CLIP-Score: {bp['clip_score']}; model `{bp['clip_model']}` / `{bp['clip_pretrained']}`",
+              f"- Benchmark: version `{bp['benchmark_version']}`, source `{bp['benchmark_source']}`, checksum "
+              f"`{bp['benchmark_checksum']}`, N = {base['n_benchmark']}, prompt field `{bp['prompt']}`; "
+              f"held out of training: {bp['hold_out_check']['held_out']} keys, none in the "
+              f"{bp['hold_out_check']['training_shard_keys']} training-shard keys (checked at scoring)",
+              f"- FID: protocol `{bp['fid_protocol']}` (eval/README.md says what it is comparable with), extractor "
+              f"`{bp['fid_extractor']}`" + (f" sha256 `{sha}`" if sha else "") + f", N = {bp['N']} generated images vs "
+              f"{ref['n_images']} reference images of `{ref['source']}`"
+              + (f" at `{ref['path']}`" if ref.get("path") else "") + f" (failed {ref['failed']}, cache `{ref['cache']}`)",
+              f"- KID: {bp['kid']}; CLIP-Score: {bp['clip_score']}; model `{bp['clip_model']}` / `{bp['clip_pretrained']}`",
+              f"- Rewards: " + (", ".join(f"{k} (`{v}`)" for k, v in bp["rewards"].items()) or "none configured"),
               f"- Generation: sampler `{bg.get('sampler')}` (dpm = DPM-Solver++ 2M), {bg.get('steps')} steps, "
               f"cfg {bg.get('cfg_scale')}, seed of prompt j = {bg.get('gen_seed')} + j (rows ordered by bucket, key), "
               f"resolution {bg.get('resolution')} ({bg.get('aspect')}), T5 `{bg.get('t5')}` "
               f"(max {bg.get('max_length')} tokens), VAE `{bg.get('vae')}` (scale {bg.get('scale_factor')}), "
               f"precision {bg.get('precision')}",
-              f"- Versions: " + ", ".join(f"{k} {val}" for k, val in v.items())]
+              "- Versions: " + ", ".join(f"{k} {val}" for k, val in base["versions"].items())]
     if bp["fid_extractor"].startswith("tiny"):
         lines += ["", "> FID here uses the tiny random-weight extractor (tests/demo): the numbers only check the "
                       "plumbing and are not comparable with any published FID."]
+    for s in scores:
+        table = _strata_table(s, "strata", ("bucket", "length_bin"))
+        if table:
+            lines += ["", f"## Per stratum: `{s['run']}` (aspect bucket x prompt-length bin; compare a stratum "
+                          "across runs, not strata with each other: FID is biased at small n)", ""] + table
+        cats = _strata_table(s, "categories", ("category",))
+        if cats:
+            lines += ["", f"## Per category: `{s['run']}`", ""] + cats
+    if out is not None:
+        lines += preference_section(out)
     return "\n".join(lines) + "\n"
 
 
-def write_report(out: Path) -> Path:
-    out = Path(out)
+def write_report(out: str) -> str:
     scores = load_scores(out)
-    d = out / EVAL_DIR
-    d.mkdir(parents=True, exist_ok=True)
-    for name, text in (("report.md", render(scores)),
-                       ("report.json", json.dumps({"runs": scores}, indent=2))):
-        tmp = d / f".{name}.tmp{os.getpid()}"
-        tmp.write_text(text)
-        os.replace(tmp, d / name)
-    return d / "report.md"
+    d = fs.join(fs.normalize(out), EVAL_DIR)
+    md = fs.join(d, "report.md")
+    fs.write_text(md, render(scores, out))
+    fs.write_text(fs.join(d, "report.json"), json.dumps({"runs": scores}, indent=2, default=str))
+    return md

@@ -1,61 +1,81 @@
-"""`python -m eval.score --config pipelines.yaml --pipeline NAME [--run RUN ...]`: FID + CLIP-Score.
+"""`python -m eval.score --config pipelines.yaml --pipeline NAME [--run RUN ...]`: the numbers.
 
-For each generation run (<output>/eval/generations/<run>/, default: all of them):
-- FID: torchmetrics FrechetInceptionDistance (eval.fid: pinned settings), real side = the cached
-  reference statistics of the benchmark (eval.reference), fake side = the run's images through the
-  same preprocess (resize policy, side) and extractor;
-- CLIP-Score: 100 x cosine between the open_clip image embedding of each generated image and its
-  prompt (77-token truncation; the truncated fraction is reported);
-then writes <output>/eval/scores/<run>.json (numbers + the whole protocol + package versions) and
-re-renders the markdown comparison of all scored runs (eval.report).
-Missing or unreadable generated images are counted and listed, never fatal; the score is over the
-images that exist, and the report shows how many that is.
+For each generation run (<output>/eval/generations/<run>/, default: all of them), against the
+benchmark version that the pipeline's eval config selects:
+0. refuses to score when any key of the training shards (features.shards, the only reader) is in
+   that version's exclusion list: the number would be flattered by a leak;
+1. FID under `eval.fid_protocol` with `eval.fid_extractor` (eval.fid), real side = the cached
+   reference features (eval.reference), KID (mean, std and standard error over subsets);
+2. CLIP-Score = 100 x cosine with the pipeline's CLIP (`score.clip_model`), 77-token truncation
+   (the truncated fraction is reported); reward models of `eval.rewards` (eval.rewards);
+3. bootstrap CIs (FID, CLIP-Score, rewards) over prompt resamples, per-stratum tables (aspect
+   bucket x prompt length; category for MJHQ-30K) (eval.metrics);
+then writes <output>/eval/scores/<run>.json (numbers + the whole protocol: FID protocol, extractor
+sha256, N, reference set, versions), <run>.rows.parquet (per prompt) and re-renders the report.
+A run with fewer images than prompts is scored but marked incomparable (its FID is not the
+benchmark's FID). All paths go through common.fs (local or object store).
 """
 from __future__ import annotations
 
 import argparse
-import json
-import os
+import io
 import platform
 import time
 from datetime import datetime, timezone
-from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from eval import fid
-from eval.build_benchmark import EVAL_DIR, read_benchmark
+from common import fs, holdout
+from common.holdout import EVAL_DIR
+from eval import fid, metrics
+from eval.build_benchmark import current, training_keys
 from eval.clipscore import CONTEXT, ClipScorer, clip_token_counts
-from eval.generate import META, image_path, run_dir
-from eval.reference import reference_stats
+from eval.generate import META, existing_keys, image_path, run_dir
+from eval.reference import reference_features
 
-FORMAT = "sigma-eval-scores/1"
+FORMAT = "sigma-eval-scores/2"
 
 
-def scores_dir(out: Path) -> Path:
-    return Path(out) / EVAL_DIR / "scores"
+class LeakError(RuntimeError):
+    """Training shards hold a key of the benchmark's exclusion list: scoring would flatter the model."""
+
+
+def scores_dir(out: str) -> str:
+    return fs.join(fs.normalize(out), EVAL_DIR, "scores")
 
 
 def versions() -> dict:
     import open_clip
-    import torchmetrics
 
-    return {"python": platform.python_version(), "torch": torch.__version__, "torchmetrics": torchmetrics.__version__,
-            "open_clip": open_clip.__version__, "numpy": np.__version__, "pillow": __import__("PIL").__version__}
-
-
-def list_runs(out: Path) -> list[str]:
-    d = Path(out) / EVAL_DIR / "generations"
-    return sorted(p.name for p in d.iterdir() if p.is_dir() and (p / META).exists()) if d.exists() else []
+    return {"python": platform.python_version(), "torch": torch.__version__, "open_clip": open_clip.__version__,
+            "numpy": np.__version__, "pillow": __import__("PIL").__version__,
+            "torchvision": __import__("torchvision").__version__, "scipy": __import__("scipy").__version__}
 
 
-def _load_png(path: Path):
+def list_runs(out: str) -> list[str]:
+    d = fs.join(fs.normalize(out), EVAL_DIR, "generations")
+    return [n for n in fs.listdir(d) if fs.isfile(fs.join(d, n, META))]
+
+
+def verify_hold_out(out: str, version: str) -> dict:
+    """Raise LeakError when a training-shard key is held out by benchmark `version`."""
+    held = holdout.version_keys(out, version)
+    shard = training_keys(out)
+    leaked = sorted(held & shard)
+    if leaked:
+        raise LeakError(f"benchmark {version}: {len(leaked)} held-out keys are in the training shards (e.g. "
+                        f"{leaked[:3]}); rerun the features stage (it drops every held-out key) and retrain "
+                        "before scoring")
+    return {"held_out": len(held), "training_shard_keys": len(shard), "leaked": 0}
+
+
+def _load_png(uri: str):
     from PIL import Image
 
     try:
-        with Image.open(path) as im:
+        with Image.open(io.BytesIO(fs.read_bytes(uri))) as im:
             return im.convert("RGB"), None
     except FileNotFoundError:
         return None, "missing"
@@ -63,79 +83,122 @@ def _load_png(path: Path):
         return None, f"unreadable: {str(e)[:200]}"
 
 
-def score_run(cfg, run: str, device: str = "cpu", progress: bool = True, clip: ClipScorer | None = None) -> dict:
-    out, ecfg = Path(cfg.output), cfg.eval
-    rows, info = read_benchmark(out, ecfg.version)
+def score_run(cfg, run: str, device: str = "cpu", progress: bool = True, clip: ClipScorer | None = None,
+              rewards: dict | None = None, extractor=None) -> dict:
+    out, ecfg = cfg.out, cfg.eval
+    version, rows, info = current(cfg)
+    leak_check = verify_hold_out(out, version)
     d = run_dir(out, run)
-    gen_meta = json.loads((d / META).read_text()) if (d / META).exists() else {}
+    gen_meta = fs.read_json(fs.join(d, META)) if fs.isfile(fs.join(d, META)) else {}
     if gen_meta and gen_meta.get("benchmark_checksum") != info["checksum"]:
         raise RuntimeError(f"run {run} was generated for benchmark {gen_meta.get('benchmark_checksum', '?')[:12]}, "
-                           f"not {info['checksum'][:12]}")
+                           f"not {version} ({info['checksum'][:12]})")
     t0 = time.time()
-    ref, ref_meta, cached = reference_stats(cfg, device, progress)
-    metric = fid.make_metric(ecfg, device)
-    fid.set_stats(metric, ref, real=True)
-    clip = clip or ClipScorer(ecfg.clip_model, ecfg.clip_pretrained, device)
-    prompts = {r["key"]: r["prompt"] for r in rows}
-    clip_scores, failed, used = [], [], 0
+    extractor = extractor or fid.make_extractor(ecfg, device)
+    ref, ref_meta, cached = reference_features(cfg, rows, info, extractor, device, progress)
+    clip = clip or ClipScorer(cfg.score.clip_model, cfg.score.clip_pretrained, device)
+    rewards = {} if rewards is None else rewards
+    have = existing_keys(d)
+    keys, gen_feats, clip_s, rew, failed = [], [], [], {k: [] for k in rewards}, []
     bar = tqdm(total=len(rows), desc=f"score {run}", unit="img", disable=not progress, mininterval=1.0)
-    bs = ecfg.fid_batch_size
+    bs = ecfg.batch_size
     for s in range(0, len(rows), bs):
-        imgs, keys = [], []
+        imgs, batch = [], []
         for r in rows[s:s + bs]:
-            img, err = _load_png(image_path(d, r["key"]))
+            img, err = _load_png(image_path(d, r["key"])) if r["key"] in have else (None, "missing")
             if img is None:
                 failed.append({"key": r["key"], "reason": err})
             else:
                 imgs.append(img)
-                keys.append(r["key"])
+                batch.append(r)
         bar.update(len(rows[s:s + bs]))
         if not imgs:
             continue
-        batch = torch.from_numpy(np.stack([fid.preprocess(im, ecfg.fid_size, ecfg.fid_resize) for im in imgs]))
-        metric.update(batch.to(device), real=False)
-        for c in range(0, len(imgs), ecfg.clip_batch_size):
-            clip_scores.append(clip(imgs[c:c + ecfg.clip_batch_size], [prompts[k] for k in keys[c:c + ecfg.clip_batch_size]]))
-        used += len(imgs)
+        prompts = [r["prompt"] for r in batch]
+        gen_feats.append(fid.features(extractor, imgs, ecfg.fid_protocol, device))
+        clip_s.append(clip(imgs, prompts))
+        for name, model in rewards.items():
+            rew[name].append(model(imgs, prompts))
+        keys.extend(r["key"] for r in batch)
     bar.close()
-    fid_value = fid.compute_fid(metric) if used >= 2 and ref["n"] >= 2 else None
-    cs = np.concatenate(clip_scores) if clip_scores else np.zeros(0)
+    gen = np.concatenate(gen_feats) if gen_feats else np.zeros((0, 1))
+    cs = np.concatenate(clip_s) if clip_s else np.zeros(0)
+    rew = {k: (np.concatenate(v) if v else np.zeros(0)) for k, v in rew.items()}
+    ref_all = np.stack(list(ref.values())).astype(np.float64) if ref else np.zeros((0, gen.shape[1]))
+    result = _numbers(cfg, rows, keys, gen, cs, rew, ref, ref_all)
     tokens = clip_token_counts([r["prompt"] for r in rows])
-    result = {
+    n_ref = ref_meta.get("n_images", 0)
+    reasons = ([f"{len(failed)} of {len(rows)} prompts have no usable image"] if failed else []) + \
+              ([f"{len(rows) - n_ref} reference images unusable"] if n_ref < len(rows) else [])
+    ext = fid.extractor_info(ecfg)
+    result.update({
         "format": FORMAT, "run": run, "scored_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "n_benchmark": len(rows), "n_scored": used, "n_missing": len(failed), "missing": failed[:100],
-        "fid": fid_value, "clip_score": float(cs.mean()) if len(cs) else None,
-        "clip_score_std": float(cs.std()) if len(cs) else None,
+        "n_benchmark": len(rows), "n_scored": len(keys), "n_missing": len(failed), "missing": failed[:100],
+        "comparable": not reasons, "incomparable_because": "; ".join(reasons) or None,
         "prompts_over_77_tokens": int((tokens > CONTEXT).sum()),
         "prompts_truncated_frac": float((tokens > CONTEXT).mean()) if len(tokens) else 0.0,
         "protocol": {
-            "benchmark_version": info["version"], "benchmark_checksum": info["checksum"],
-            "prompt": ecfg.prompt, "fid_extractor": fid.extractor_id(ecfg),
-            "fid_metric": "torchmetrics FrechetInceptionDistance(normalize=False, reset_real_features=False, "
-                          "antialias=True), float64 sums",
-            "fid_resize": ecfg.fid_resize, "fid_size": ecfg.fid_size, "fid_interpolation": "bicubic (PIL)",
-            "reference_images": ref_meta.get("n_images"), "reference_failed": len(ref_meta.get("failed", [])),
-            "reference_cache": ref_meta.get("cache_id"), "reference_from_cache": cached,
-            "clip_model": ecfg.clip_model, "clip_pretrained": ecfg.clip_pretrained,
+            "benchmark_version": version, "benchmark_checksum": info["checksum"], "benchmark_source": info["source"],
+            "prompt": ecfg.prompt if info["source"] == "ours" else "prompt",
+            "reference_set": {"source": info["source"], "path": ecfg.benchmark_path, "version": version,
+                              "n_images": n_ref, "failed": len(ref_meta.get("failed", [])),
+                              "cache": ref_meta.get("cache_id"), "from_cache": cached},
+            "fid_protocol": ecfg.fid_protocol, "fid_extractor": ext["extractor"], "fid_extractor_sha256": ext["sha256"],
+            "fid_extractor_file": ext["file"], "N": len(keys),
+            "kid": f"clean-fid kernel_distance scheme, {ecfg.kid_subsets} subsets of up to {ecfg.kid_subset_size}",
+            "bootstrap": ecfg.bootstrap, "ci": ecfg.ci,
+            "clip_model": cfg.score.clip_model, "clip_pretrained": cfg.score.clip_pretrained,
             "clip_score": "100 x cosine, no clamp, 77-token truncation",
+            "rewards": dict(ecfg.rewards), "hold_out_check": leak_check,
             "generation": gen_meta.get("protocol", {}),
         },
         "versions": versions(), "seconds": round(time.time() - t0, 2),
-    }
-    sd = scores_dir(out)
-    sd.mkdir(parents=True, exist_ok=True)
-    tmp = sd / f".{run}.json.tmp{os.getpid()}"
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, sd / f"{run}.json")
+    })
+    _save(out, run, keys, gen, cs, rew, result)
     return result
+
+
+def _numbers(cfg, rows, keys, gen, cs, rew, ref: dict, ref_all: np.ndarray) -> dict:
+    """FID / KID over all images; CIs and strata over the prompts that have both images."""
+    ecfg = cfg.eval
+    by_key = {r["key"]: r for r in rows}
+    pair = [i for i, k in enumerate(keys) if k in ref]
+    prows = [by_key[keys[i]] for i in pair]
+    pref = np.stack([ref[keys[i]] for i in pair]).astype(np.float64) if pair else np.zeros((0, gen.shape[1]))
+    pgen = gen[pair] if pair else np.zeros((0, gen.shape[1]))
+    per_prompt = {"clip_score": cs[pair] if pair else cs[:0], **{k: v[pair] for k, v in rew.items()}}
+    cis = metrics.bootstrap_cis(pref, pgen, per_prompt, ecfg.bootstrap, ecfg.ci, seed=ecfg.gen_seed)
+    strata = metrics.strata(prows, pref, pgen, per_prompt, ("bucket", "length_bin"))
+    cats = metrics.strata(prows, pref, pgen, per_prompt, "category") if any(r.get("category") for r in prows) else []
+    return {
+        "fid": fid.fid_of(ref_all, gen), "fid_ci": cis.get("fid"),
+        "kid": metrics.kid(ref_all, gen, ecfg.kid_subsets, ecfg.kid_subset_size, seed=ecfg.gen_seed),
+        "clip_score": float(cs.mean()) if len(cs) else None, "clip_score_std": float(cs.std()) if len(cs) else None,
+        "clip_score_ci": cis.get("clip_score"),
+        "rewards": {k: {"mean": float(v.mean()) if len(v) else None, "ci": cis.get(k)} for k, v in rew.items()},
+        "strata": strata, "categories": cats,
+    }
+
+
+def _save(out: str, run: str, keys, gen, cs, rew, result) -> None:
+    import pyarrow as pa
+
+    sd = scores_dir(out)
+    fs.write_parquet(fs.join(sd, f"{run}.rows.parquet"),
+                     pa.table({"key": keys, "clip_score": cs, **{k: v for k, v in rew.items()}}))
+    buf = io.BytesIO()
+    np.savez(buf, keys=np.asarray(keys, dtype=str), feats=gen.astype(np.float32))
+    fs.write_bytes(fs.join(sd, f"{run}.features.npz"), buf.getvalue())
+    fs.write_json(fs.join(sd, f"{run}.json"), result)  # last: the report reads these
 
 
 def main(argv=None) -> list[dict]:
     from common.config import save_resolved
     from curation.config import load_pipeline
     from eval.report import write_report
+    from eval.rewards import load_rewards
 
-    ap = argparse.ArgumentParser(description="Score generation runs (FID, CLIP-Score) and write the report.")
+    ap = argparse.ArgumentParser(description="Score generation runs (FID, KID, CLIP-Score, rewards) and write the report.")
     ap.add_argument("--config", default="pipelines.yaml")
     ap.add_argument("--pipeline", required=True)
     ap.add_argument("--run", action="append", default=[], help="generation run name (repeatable; default: all)")
@@ -145,24 +208,34 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args(argv)
     cfg = load_pipeline(args.config, args.pipeline, args.overrides, check=False)
-    save_resolved(cfg, cfg.output)
-    out = Path(cfg.output)
+    save_resolved(cfg, cfg.out)
+    out = cfg.out
     runs = list(args.run) + [r for r in list_runs(out) for st in args.stage if r == st or r.startswith(f"{st}-step-")]
     runs = list(dict.fromkeys(runs)) or ([] if args.stage else list_runs(out))
     if not runs:
-        raise SystemExit(f"no generation runs under {out / EVAL_DIR / 'generations'} (run python -m eval.generate)")
-    clip = ClipScorer(cfg.eval.clip_model, cfg.eval.clip_pretrained, args.device)
+        raise SystemExit(f"no generation runs under {fs.join(out, EVAL_DIR, 'generations')} (run python -m eval.generate)")
+    clip = ClipScorer(cfg.score.clip_model, cfg.score.clip_pretrained, args.device)
+    rewards = load_rewards(cfg.eval.rewards, args.device)
+    extractor = fid.make_extractor(cfg.eval, args.device)
     results = []
     for run in runs:
-        r = score_run(cfg, run, args.device, clip=clip)
+        r = score_run(cfg, run, args.device, clip=clip, rewards=rewards, extractor=extractor)
         results.append(r)
-        fid_s = f"{r['fid']:.4f}" if r["fid"] is not None else "n/a"
-        cs_s = f"{r['clip_score']:.3f}" if r["clip_score"] is not None else "n/a"
-        print(f"[eval.score] {run}: FID {fid_s}  CLIP-Score {cs_s}  ({r['n_scored']}/{r['n_benchmark']} images, "
-              f"{100 * r['prompts_truncated_frac']:.1f} % prompts over 77 tokens)", flush=True)
+        print(f"[eval.score] {run}: FID {_fmt(r['fid'])} {_ci(r['fid_ci'])}  KID "
+              f"{_fmt((r['kid'] or {}).get('kid'), '.5f')}  CLIP-Score {_fmt(r['clip_score'], '.3f')} "
+              f"{_ci(r['clip_score_ci'], '.3f')}  ({r['n_scored']}/{r['n_benchmark']} images"
+              f"{'' if r['comparable'] else ', INCOMPARABLE: ' + r['incomparable_because']})", flush=True)
     md = write_report(out)
     print(f"[eval.score] report: {md}", flush=True)
     return results
+
+
+def _fmt(v, spec: str = ".4f") -> str:
+    return "n/a" if v is None else format(v, spec)
+
+
+def _ci(ci, spec: str = ".4f") -> str:
+    return "" if not ci else f"[{ci[0]:{spec}}, {ci[1]:{spec}}]"
 
 
 if __name__ == "__main__":

@@ -1,10 +1,9 @@
 """Aspect-ratio buckets: {ratio key (h/w, str): (height, width) pixels} per base resolution.
 
-The 1024 table is PixArt's (40 buckets, ratios 0.25..4.0). 512 and 256 are it /2 and /4, 2048 is
-it x2 (all exact: every 1024 size is a multiple of 64). The 2880 ("4K") table is ours: every side
-of the 1024 table times 2880/1024 = 2.8125, rounded to the nearest multiple of 32 px, keyed by the
-resulting h/w rounded to 2 decimals (so 7 keys differ from the 1024 ones, e.g. 0.33 -> 0.34); the
-areas stay within 10 % of 2880^2 and the 40 keys remain distinct (checked by the tests).
+The tables are the official PixArt-Sigma ones (diffusion/data/datasets/utils.py; 40 buckets each,
+ratios 0.25..4.0): the 256, 512 and 2048 tables equal the 1024 one /4, /2 and x2 exactly, so they
+are derived from it here; the 2880 ("4K") table is the official one verbatim (it is not a scaled
+1024 table). tests/features/test_feat_buckets.py checks every table against the official values.
 A sample goes to the bucket whose key is nearest to its h/w (ties: the smaller key).
 """
 from __future__ import annotations
@@ -25,18 +24,20 @@ ASPECT_RATIO_1024: dict[str, tuple[int, int]] = {
     "3.62": (1856, 512), "3.75": (1920, 512), "3.88": (1984, 512), "4.0": (2048, 512),
 }
 
-# Ours (derivation in the module docstring); multiples of 32 px, latent sides multiples of 4.
+# The official 2880 ("4K") table (PixArt-Sigma diffusion/data/datasets/utils.py), copied as data:
+# it is NOT the 1024 table scaled (24 of its 40 sizes differ from 1024 x 2.8125), every side is a
+# multiple of 64 px, and its keys are its own (e.g. 0.34, 0.47, 1.82).
 ASPECT_RATIO_2880: dict[str, tuple[int, int]] = {
-    "0.25": (1440, 5760), "0.26": (1440, 5568), "0.27": (1440, 5408), "0.28": (1440, 5216),
-    "0.32": (1632, 5056), "0.34": (1632, 4864), "0.35": (1632, 4672), "0.4": (1792, 4512),
-    "0.41": (1792, 4320), "0.48": (1984, 4128), "0.5": (1984, 3968), "0.53": (1984, 3776),
-    "0.58": (2176, 3776), "0.61": (2176, 3584), "0.68": (2336, 3424), "0.72": (2336, 3232),
-    "0.78": (2528, 3232), "0.82": (2528, 3072), "0.88": (2688, 3072), "0.93": (2688, 2880),
-    "1.0": (2880, 2880), "1.07": (2880, 2688), "1.14": (3072, 2688), "1.22": (3072, 2528),
-    "1.28": (3232, 2528), "1.38": (3232, 2336), "1.47": (3424, 2336), "1.65": (3584, 2176),
-    "1.74": (3776, 2176), "2.0": (3968, 1984), "2.08": (4128, 1984), "2.41": (4320, 1792),
-    "2.52": (4512, 1792), "2.86": (4672, 1632), "2.98": (4864, 1632), "3.1": (5056, 1632),
-    "3.62": (5216, 1440), "3.76": (5408, 1440), "3.87": (5568, 1440), "4.0": (5760, 1440),
+    "0.25": (1408, 5760), "0.26": (1408, 5568), "0.27": (1408, 5376), "0.28": (1408, 5184),
+    "0.32": (1600, 4992), "0.33": (1600, 4800), "0.34": (1600, 4672), "0.4": (1792, 4480),
+    "0.42": (1792, 4288), "0.47": (1920, 4096), "0.49": (1920, 3904), "0.51": (1920, 3776),
+    "0.55": (2112, 3840), "0.59": (2112, 3584), "0.68": (2304, 3392), "0.72": (2304, 3200),
+    "0.78": (2496, 3200), "0.83": (2496, 3008), "0.89": (2688, 3008), "0.93": (2688, 2880),
+    "1.0": (2880, 2880), "1.07": (2880, 2688), "1.12": (3008, 2688), "1.21": (3008, 2496),
+    "1.28": (3200, 2496), "1.39": (3200, 2304), "1.47": (3392, 2304), "1.7": (3584, 2112),
+    "1.82": (3840, 2112), "2.03": (3904, 1920), "2.13": (4096, 1920), "2.39": (4288, 1792),
+    "2.5": (4480, 1792), "2.92": (4672, 1600), "3.0": (4800, 1600), "3.12": (4992, 1600),
+    "3.68": (5184, 1408), "3.82": (5376, 1408), "3.95": (5568, 1408), "4.0": (5760, 1408),
 }
 
 

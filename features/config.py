@@ -21,8 +21,9 @@ class FeaturesConfig:
     scale_factor: float = 0.13025  # SDXL VAE; recorded in index.json, applied by the training loop
     shard_max_samples: int = 1000  # a shard closes at this many samples ...
     shard_max_bytes: int = 1_000_000_000  # ... or at this (estimated) size; 0 = no byte limit
-    exclude_keys: str | None = None  # eval hold-out: text file (one key a line) or parquet with `key`;
-    # None -> <output>/eval/benchmark_keys.txt when eval.build_benchmark has written it
+    # Keys never put in a shard: text file (one key a line) or parquet with `key`, local path or URI.
+    # The output's own eval hold-out (common.holdout: every benchmark version) is always excluded too.
+    exclude_keys: str | None = None
     # Stored T5 tokens: fp16 (lossless w.r.t. the official fp16 files) or fp8 (e4m3 + per-token
     # scale: half the text bytes, ~2-3 % RMS relative error; see benchmarks/RESULTS.md).
     text_dtype: str = "fp16"
@@ -34,8 +35,13 @@ class FeaturesConfig:
     t5_batch_tokens: int = 0
     # VAE: images per Ray batch (one batch may hold several buckets: each bucket is one forward).
     vae_resources: Resources = Resources(batch_size=8)
+    # How a rerun checks a finished shard before reusing it: sha256 (reads every reused shard once,
+    # on the workers) or size (a HEAD per shard: catches truncation, not same-size corruption).
+    verify_shards: str = "sha256"
 
     def __post_init__(self):
+        if self.verify_shards not in ("sha256", "size"):
+            raise ConfigError(f"verify_shards: got {self.verify_shards!r}, allowed: sha256 | size")
         if not self.resolutions:
             raise ConfigError("resolutions: at least one resolution is required")
         bad = [r for r in self.resolutions if r not in SUPPORTED_RESOLUTIONS]

@@ -1,17 +1,23 @@
-"""Training shards: the only reader/writer of `<output>/shards/<resolution>/`.
+"""Training shards: the only reader/writer of `<output>/shards/<resolution>/` (local or object store,
+through common.fs).
 
 Layout (docs/ARCHITECTURE.md, "Training shards"):
-  shard-NNNNNN.tar   WebDataset: per sample `<key>.json`, `<key>.latent.npy` (fp16 (8, h/8, w/8):
+  shard-PPPPP-NNNNNN.tar  WebDataset: per sample `<key>.json`, `<key>.latent.npy` (fp16 (8, h/8, w/8):
                      posterior mean then std), `<key>.t5_long.npy` / `<key>.t5_short.npy` (valid
                      tokens only; a member is absent when that caption is missing): text_dtype
                      "fp16" -> fp16 (n, D); "fp8" -> a structured (n,) array of per-token fp32
                      `scale` + `fp8` uint8 (D,) float8-e4m3 codes (lossy, half the bytes; decode
-                     with `decode_tokens`, which every reader here does)
-  .shard-NNNNNN.json sidecar written just before the tar is renamed into place: what the shard
-                     holds (keys hash, config fingerprint, counts, failures). A shard is done iff
-                     its tar exists and its sidecar matches the plan: that is the resume rule.
-  index.json         written last, from the sidecars: what training reads.
-Tars are byte-deterministic (fixed mtime/uid/mode, samples sorted by key) and written atomically.
+                     with `decode_tokens`, which every reader here does). PPPPP is the manifest part
+                     the samples come from (a shard never spans parts), NNNNNN its shard number there.
+  .shard-PPPPP-NNNNNN.json  sidecar: what the shard holds (keys hash, config fingerprint, counts,
+                     bytes, sha256, failures). Written AFTER its tar: it is the shard's "done"
+                     marker. A shard is reused iff its sidecar matches the plan and the tar on disk
+                     has the recorded size (and sha256, when verified): that is the resume rule.
+  index.json         written last, from verified sidecars / fresh commits: what training reads.
+Tars are byte-deterministic (fixed mtime/uid/mode, samples sorted by key) and each file is one
+atomic commit (common.fs: temp + rename locally, one whole-object PUT on object stores).
+Readers check each shard against its index entry (size up front, sample count at the end) and raise
+`ShardError` naming the shard instead of silently training on what is left of it.
 """
 from __future__ import annotations
 
@@ -20,29 +26,39 @@ import io
 import json
 import os
 import tarfile
-from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
-from features.config import TEXT_DTYPES
+from common import fs
+from features.config import TEXT_DTYPES  # noqa: F401 (re-exported: benchmarks use shards.TEXT_DTYPES)
 
-FORMAT = "sigma-shards/1"
+FORMAT = "sigma-shards/2"  # 2: per-part shard names, sha256 + bytes per shard in sidecars and index
 INDEX = "index.json"
 MEMBERS = ("json", "latent.npy", "t5_long.npy", "t5_short.npy")  # order inside a sample
 _FP8_MAX = 448.0  # largest finite float8-e4m3fn value
 
 
-def shards_dir(out: Path, resolution: int) -> Path:
-    return Path(out) / "shards" / str(resolution)
+class ShardError(ValueError):
+    """A shard disagrees with its index entry or sidecar (missing, truncated, corrupt, wrong count)."""
 
 
-def shard_name(i: int) -> str:
-    return f"shard-{i:06d}.tar"
+def _uri(path) -> str:
+    return fs.normalize(os.fspath(path))
 
 
-def sidecar_path(path: Path) -> Path:
-    return path.with_name("." + path.name[: -len(".tar")] + ".json")
+def shards_dir(out, resolution: int) -> str:
+    return fs.join(_uri(out), "shards", str(resolution))
+
+
+def shard_name(part: int, i: int = 0) -> str:
+    return f"shard-{part:05d}-{i:06d}.tar"
+
+
+def sidecar_uri(uri) -> str:
+    uri = _uri(uri)
+    name = fs.basename(uri)
+    return fs.join(fs.parent(uri), "." + name[: -len(".tar")] + ".json")
 
 
 def npy_bytes(arr: np.ndarray) -> bytes:
@@ -97,137 +113,252 @@ def keys_hash(keys: list[str]) -> str:
     return hashlib.sha256("\n".join(keys).encode()).hexdigest()[:16]
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     info = tarfile.TarInfo(name)
     info.size, info.mtime, info.mode, info.uid, info.gid = len(data), 0, 0o644, 0, 0
     tar.addfile(info, io.BytesIO(data))
 
 
-def write_shard(path: Path, samples: list[dict], summary: dict) -> dict:
-    """Write one shard atomically. samples: dicts with key, meta (dict), latent (npy bytes),
+class _Hashing:
+    """Write-through file wrapper: sha256 and byte count of what tarfile writes (no second read)."""
+
+    def __init__(self, f):
+        self.f, self.h, self.n = f, hashlib.sha256(), 0
+
+    def write(self, b) -> int:
+        self.f.write(b)
+        self.h.update(b)
+        self.n += len(b)
+        return len(b)
+
+    def tell(self) -> int:
+        return self.n
+
+    def flush(self) -> None:
+        pass
+
+
+def write_shard(uri, samples: list[dict], summary: dict) -> dict:
+    """Write one shard, then its sidecar. samples: dicts with key, meta (dict), latent (npy bytes),
     t5_long / t5_short (npy bytes or None). `summary` (plan info, failures) goes to the sidecar,
-    completed with samples, bytes and per-bucket counts; returns the completed summary."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    completed with samples, bytes, sha256 and per-bucket counts; returns the completed summary.
+
+    Commit order: the old sidecar is removed first, the tar is committed (atomically), the sidecar
+    last, so a sidecar on disk always describes the tar next to it."""
+    uri = _uri(uri)
+    fs.delete(sidecar_uri(uri))
     buckets: dict[str, int] = {}
-    with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
-        for s in sorted(samples, key=lambda s: s["key"]):
-            key = s["key"]
-            _add(tar, f"{key}.json", json.dumps(s["meta"], sort_keys=True, ensure_ascii=False).encode())
-            _add(tar, f"{key}.latent.npy", s["latent"])
-            for kind in ("t5_long", "t5_short"):
-                if s.get(kind) is not None:
-                    _add(tar, f"{key}.{kind}.npy", s[kind])
-            b = str(s["meta"]["bucket"])
-            buckets[b] = buckets.get(b, 0) + 1
-    with open(tmp, "rb+") as fh:
-        os.fsync(fh.fileno())
-    summary = dict(summary, name=path.name, samples=len(samples), bytes=tmp.stat().st_size,
+    with fs.atomic_output(uri) as f:
+        w = _Hashing(f)
+        with tarfile.open(fileobj=w, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            for s in sorted(samples, key=lambda s: s["key"]):
+                key = s["key"]
+                _add(tar, f"{key}.json", json.dumps(s["meta"], sort_keys=True, ensure_ascii=False).encode())
+                _add(tar, f"{key}.latent.npy", s["latent"])
+                for kind in ("t5_long", "t5_short"):
+                    if s.get(kind) is not None:
+                        _add(tar, f"{key}.{kind}.npy", s[kind])
+                b = str(s["meta"]["bucket"])
+                buckets[b] = buckets.get(b, 0) + 1
+    summary = dict(summary, name=fs.basename(uri), samples=len(samples), bytes=w.n, sha256=w.h.hexdigest(),
                    buckets=dict(sorted(buckets.items(), key=lambda kv: float(kv[0]))))
-    _atomic_text(sidecar_path(path), json.dumps(summary, sort_keys=True))  # sidecar first ...
-    os.replace(tmp, path)  # ... then the tar: a tar on disk always has its sidecar
+    fs.write_json(sidecar_uri(uri), summary, sort_keys=True)
     return summary
 
 
-def read_sidecar(path: Path) -> dict | None:
-    p = sidecar_path(Path(path))
+def read_sidecar(uri) -> dict | None:
     try:
-        return json.loads(p.read_text())
+        return fs.read_json(sidecar_uri(uri))
     except (OSError, ValueError):
         return None
 
 
-def shard_done(path: Path, expect_hash: str, fingerprint: str) -> dict | None:
-    """The sidecar if the shard is complete and holds exactly the planned keys under this config."""
-    if not Path(path).exists():
-        return None
-    side = read_sidecar(path)
-    if side and side.get("keys_hash") == expect_hash and side.get("fingerprint") == fingerprint:
-        return side
-    return None
+def file_sha256(uri) -> str:
+    h = hashlib.sha256()
+    with fs.open_stream(_uri(uri)) as f:
+        while chunk := f.read(8 << 20):
+            h.update(chunk)
+    return h.hexdigest()
 
 
-def clean_dir(d: Path, keep: set[str]) -> list[str]:
-    """Remove stale temp files and shards (with sidecars) not in `keep`; returns what was removed."""
+def check_shard(uri, expect_hash: str, fingerprint: str, verify: str = "sha256") -> tuple[dict | None, str | None]:
+    """(sidecar, None) if the shard is complete, holds exactly the planned keys under this config
+    and its bytes are the ones recorded (size; with verify="sha256" also the checksum), else
+    (None, why): missing | stale | truncated | corrupt. Never trusts a tar without checking it."""
+    side = read_sidecar(uri)
+    if side is None:
+        return None, "missing"
+    if side.get("keys_hash") != expect_hash or side.get("fingerprint") != fingerprint or "sha256" not in side:
+        return None, "stale"
+    size = fs.size(_uri(uri))
+    if size is None:
+        return None, "missing"
+    if size != side.get("bytes"):
+        return None, "truncated"
+    if verify == "sha256" and file_sha256(uri) != side["sha256"]:
+        return None, "corrupt"
+    return side, None
+
+
+def clean_dir(d, keep: set[str]) -> list[str]:
+    """Remove leftover temp files and shards (with sidecars) not in `keep`; returns what was removed."""
+    d = _uri(d)
     removed = []
-    if not d.exists():
-        return removed
-    for p in sorted(d.iterdir()):
-        stale_tmp = ".tmp" in p.name
-        stale_shard = p.name.startswith("shard-") and p.name.endswith(".tar") and p.name not in keep
-        stale_side = p.name.startswith(".shard-") and p.name.endswith(".json") and p.name[1:-5] + ".tar" not in keep
+    for name, _ in fs.list_files(d):
+        stale_tmp = ".tmp" in name
+        stale_shard = name.startswith("shard-") and name.endswith(".tar") and name not in keep
+        stale_side = name.startswith(".shard-") and name.endswith(".json") and name[1:-5] + ".tar" not in keep
         if stale_tmp or stale_shard or stale_side:
-            p.unlink()
-            removed.append(p.name)
+            fs.delete(fs.join(d, name))
+            removed.append(name)
     return removed
 
 
 def build_index(resolution: int, shards: list[dict], vae: dict, t5: dict, extra: dict | None = None) -> dict:
-    """index.json content from the shard summaries (in shard order)."""
+    """index.json content from the shard summaries (in shard order): per shard name, samples,
+    bytes, sha256, buckets and the number of rows that failed (their keys stay in the sidecar)."""
     buckets: dict[str, int] = {}
     entries = []
     for s in shards:
-        entries.append({"name": s["name"], "samples": s["samples"], "bytes": s["bytes"], "buckets": s["buckets"]})
+        entries.append({"name": s["name"], "samples": s["samples"], "bytes": s["bytes"], "sha256": s["sha256"],
+                        "buckets": s["buckets"], "failed": s.get("n_failed", len(s.get("failed", [])))})
         for b, n in s["buckets"].items():
             buckets[b] = buckets.get(b, 0) + n
     index = {"format": FORMAT, "resolution": resolution, "vae": vae, "t5": t5, "shards": entries,
              "buckets": dict(sorted(buckets.items(), key=lambda kv: float(kv[0]))),
-             "samples": sum(e["samples"] for e in entries), "bytes": sum(e["bytes"] for e in entries)}
+             "samples": sum(e["samples"] for e in entries), "bytes": sum(e["bytes"] for e in entries),
+             "failed": sum(e["failed"] for e in entries)}
     index.update(extra or {})
     return index
 
 
-def write_index(d: Path, index: dict) -> Path:
-    d.mkdir(parents=True, exist_ok=True)
-    _atomic_text(d / INDEX, json.dumps(index, indent=1, sort_keys=False))
-    return d / INDEX
+def write_index(d, index: dict) -> str:
+    uri = fs.join(_uri(d), INDEX)
+    fs.write_json(uri, index, indent=1)
+    return uri
 
 
-def read_index(d: Path) -> dict:
-    p = Path(d) / INDEX
-    if not p.exists():
-        raise FileNotFoundError(f"{p}: no shard index (the features stage has not finished)")
-    index = json.loads(p.read_text())
+def delete_index(d) -> None:
+    fs.delete(fs.join(_uri(d), INDEX))
+
+
+def read_index(d) -> dict:
+    uri = fs.join(_uri(d), INDEX)
+    try:
+        index = fs.read_json(uri)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{uri}: no shard index (the features stage has not finished)") from None
     if not str(index.get("format", "")).startswith("sigma-shards/"):
-        raise ValueError(f"{p}: unknown format {index.get('format')!r}")
+        raise ValueError(f"{uri}: unknown format {index.get('format')!r}")
     return index
 
 
-def iter_shard(path: Path) -> Iterator[dict]:
-    """Decoded samples of one tar, in order: key, meta, latent, t5_long, t5_short (arrays or None;
-    T5 members decoded by `decode_tokens`)."""
-    cur: dict | None = None
-    with tarfile.open(path, "r:") as tar:
-        for m in tar:
-            if not m.isfile():
-                continue
-            key, _, suffix = m.name.rsplit("/", 1)[-1].partition(".")
-            if cur is None or cur["key"] != key:
-                if cur is not None:
-                    yield cur
-                cur = {"key": key, "meta": None, "latent": None, "t5_long": None, "t5_short": None}
-            data = tar.extractfile(m).read()
-            if suffix == "json":
-                cur["meta"] = json.loads(data)
-            elif suffix.startswith("t5_"):
-                cur[suffix[: -len(".npy")]] = decode_tokens(load_npy(data))
-            else:
-                cur[suffix[: -len(".npy")]] = load_npy(data)
-    if cur is not None:
-        yield cur
-
-
-def iter_samples(d: Path) -> Iterator[dict]:
-    """Every sample of a resolution's shards, in index order."""
+def failed_rows(d) -> list[dict]:
+    """Rows that could not be featurised ({key, error}), from the sidecars of the indexed shards."""
+    d = _uri(d)
+    out = []
     for s in read_index(d)["shards"]:
-        yield from iter_shard(Path(d) / s["name"])
+        side = read_sidecar(fs.join(d, s["name"])) or {}
+        out += side.get("failed", [])
+    return sorted(out, key=lambda f: f["key"])
+
+
+def _check_size(uri: str, expect: dict) -> None:
+    size = fs.size(uri)
+    if size is None:
+        raise ShardError(f"shard {uri}: missing, the index lists it with {expect['samples']} samples")
+    if size != expect["bytes"]:
+        raise ShardError(f"shard {uri}: {size} bytes on disk, the index says {expect['bytes']} "
+                         "(truncated or rewritten: rerun the features stage)")
+
+
+def _split(name: str) -> tuple[str, str]:
+    key, _, suffix = name.rsplit("/", 1)[-1].partition(".")
+    return key, suffix
+
+
+def iter_shard(uri, expect: dict | None = None) -> Iterator[dict]:
+    """Decoded samples of one tar, in order: key, meta, latent, t5_long, t5_short (arrays or None;
+    T5 members decoded by `decode_tokens`). With `expect` (the shard's index entry) the size is
+    checked first and the sample count at the end; a tar that ends early raises ShardError."""
+    uri = _uri(uri)
+    if expect is not None:
+        _check_size(uri, expect)
+    cur: dict | None = None
+    n = 0
+    with fs.open_input(uri) as f:
+        try:
+            with tarfile.open(fileobj=f, mode="r:") as tar:
+                for m in tar:
+                    if not m.isfile():
+                        continue
+                    key, suffix = _split(m.name)
+                    if cur is None or cur["key"] != key:
+                        if cur is not None:
+                            n += 1
+                            yield cur
+                        cur = {"key": key, "meta": None, "latent": None, "t5_long": None, "t5_short": None}
+                    data = tar.extractfile(m).read()
+                    if suffix == "json":
+                        cur["meta"] = json.loads(data)
+                    elif suffix.startswith("t5_"):
+                        cur[suffix[: -len(".npy")]] = decode_tokens(load_npy(data))
+                    else:
+                        cur[suffix[: -len(".npy")]] = load_npy(data)
+        except (tarfile.TarError, EOFError) as e:
+            raise ShardError(f"shard {uri}: unreadable or ends early after {n} samples ({e})") from e
+    if cur is not None:
+        n += 1
+        yield cur
+    if expect is not None and n != expect["samples"]:
+        raise ShardError(f"shard {uri}: {n} samples, the index says {expect['samples']}")
+
+
+# --- random access (training): member spans from the tar headers, through common.fs -------------
+def scan_members(uri: str, buffer_bytes: int = 8 << 20) -> list[dict]:
+    """Every sample of one shard (local path or URI), in tar order, without reading its arrays:
+    {"key", "meta" (the decoded json member, None if absent), "members": {suffix: (offset, size)}}.
+    Reads the tar headers and json members through a buffered reader, so on an object store a run
+    of small members costs one ranged GET per `buffer_bytes`, not one per header. Callers check
+    the count against the shard's index entry (training.data does; iter_shard does it itself)."""
+    groups: dict[str, dict] = {}
+    with fs.open_input(_uri(uri)) as raw:
+        fh = io.BufferedReader(raw, buffer_size=buffer_bytes)
+        with tarfile.open(fileobj=fh, mode="r:") as tar:
+            for m in tar:
+                if not m.isfile():
+                    continue
+                key, _, suffix = m.name.rsplit("/", 1)[-1].partition(".")
+                g = groups.setdefault(key, {"key": key, "meta": None, "members": {}})
+                g["members"][suffix] = (m.offset_data, m.size)
+        for g in groups.values():
+            if "json" in g["members"]:
+                off, size = g["members"]["json"]
+                fh.seek(off)
+                g["meta"] = json.loads(fh.read(size))
+    return list(groups.values())
+
+
+def open_shard(uri: str):
+    """A random-access handle of one shard for `read_member` (close it when done)."""
+    return fs.open_input(_uri(uri))
+
+
+def read_member(handle, span: tuple[int, int]) -> np.ndarray:
+    """The npy member at span (offset, size) of an open shard -> its array (T5 members are still
+    encoded: pass them through `decode_tokens`). One positional read (a ranged GET remotely)."""
+    off, size = span
+    data = handle.read_at(size, off)
+    if len(data) != size:
+        raise EOFError(f"member at {off}: {len(data)} of {size} bytes (truncated shard)")
+    return load_npy(data)
+
+
+def iter_samples(d) -> Iterator[dict]:
+    """Every sample of a resolution's shards, in index order, each shard checked against its entry."""
+    d = _uri(d)
+    for s in read_index(d)["shards"]:
+        yield from iter_shard(fs.join(d, s["name"]), s)
 
 
 def repad(tokens: list[np.ndarray], length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -243,10 +374,12 @@ def repad(tokens: list[np.ndarray], length: int | None = None) -> tuple[np.ndarr
     return y, mask
 
 
-def shard_keys(out: Path) -> set[str]:
+def shard_keys(out) -> set[str]:
     """Keys present in any resolution's shards of `<out>` (tar headers only, no data read)."""
+    root = fs.join(_uri(out), "shards")
     keys: set[str] = set()
-    for tar_path in sorted((Path(out) / "shards").glob("*/shard-*.tar")):
-        with tarfile.open(tar_path, "r:") as tar:
-            keys.update(m.name.rsplit("/", 1)[-1].partition(".")[0] for m in tar if m.isfile())
+    for res in fs.listdir(root):
+        for name, _ in fs.list_files(fs.join(root, res)):
+            if name.startswith("shard-") and name.endswith(".tar"):
+                keys.update(g["key"] for g in scan_members(fs.join(root, res, name)))
     return keys

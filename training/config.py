@@ -3,8 +3,11 @@
 A stage is one step of the weak-to-strong schedule (paper Table 4): a resolution, the shards it
 reads, the model preset (+ KV compression), what it starts from, and the optimiser settings.
 `load_stage()` resolves everything that depends on other parts of the file (the data folder of a
-pipeline, the output folder of the stage named in `init_from`) into absolute paths, so the resolved
-config that is saved beside the outputs and sent to every worker is self-contained.
+pipeline, the output folder of the stage named in `init_from`, the T5 of the null caption) into
+absolute paths or URIs, so the resolved config that is saved beside the outputs and sent to every
+worker is self-contained. It also refuses a stage whose shards no pipeline writes (the pipeline's
+features.resolutions must hold the stage resolution), naming both.
+`data.shards`, `output` and `init_from` are local paths or URIs (s3://, gs://; common.fs).
 """
 from __future__ import annotations
 
@@ -12,17 +15,17 @@ import dataclasses
 import math
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
+from common import fs
 from common.config import ConfigError, apply_overrides, load_yaml, parse
 
 
 @dataclass(frozen=True)
 class DataSpec:
-    # Exactly one of: `shards` (a folder holding index.json + shard-*.tar) or `pipeline` (a name in
-    # `pipelines:`; the folder is then <pipeline output>/shards/<stage resolution>).
-    shards: str | None = field(default=None, metadata={"path": True})
+    # Exactly one of: `shards` (a folder or URI holding index.json + shard-*.tar) or `pipeline` (a
+    # name in `pipelines:`; the folder is then <pipeline output>/shards/<stage resolution>).
+    shards: str | None = None
     pipeline: str | None = None
     # Pad T5 tokens to the longest caption of the batch ("batch") or always to max_length ("max").
     pad_tokens: Literal["batch", "max"] = "batch"
@@ -46,6 +49,9 @@ class ModelSpec:
     # Position-embedding settings; null = derived from the stage resolution (see TrainStageConfig).
     base_size: int | None = None
     pe_interpolation: float | None = None
+    # Null caption in caption dropout (and later CFG): "own" = T5("") under its own mask (ours and
+    # diffusers' pipeline), "condition" = under the dropped caption's mask (the official trainer).
+    null_policy: Literal["own", "condition"] = "own"
     # Any other keyword of training.model.build_model (e.g. depth for experiments).
     overrides: dict[str, Any] = field(default_factory=dict)
 
@@ -66,12 +72,20 @@ class TrainStageConfig:
     model: ModelSpec = ModelSpec()
     # Previous stage name | path to an official PixArt-alpha/Sigma .pth | a checkpoint folder | null.
     init_from: str | None = None
+    # Read .pth files (init_from) that need a full pickle load (they can run code): only if trusted.
+    trust_pickle: bool = False
+    # The null caption T5("") padded to max_length (training.null): a T5 folder, a diffusers pipeline
+    # folder or a null file; null = the T5 that wrote the shards (the pipeline's features.t5, else
+    # index.json's t5.name); "keep" = keep what the initial weights carry (no T5 needed).
+    null_caption: str | None = None
     lr: float = 2e-5
     warmup_steps: int = 0
     grad_clip: float = 0.01  # the official value; maintainers say 0.1-1 also works
     weight_decay: float = 0.0
-    # The official code silently multiplies lr by sqrt(global_batch/256); here it is explicit.
-    lr_scaling: Literal["none", "sqrt", "linear"] = "none"
+    # Effective lr = lr x rule(global batch / lr_base_batch): the official base config's
+    # auto_lr = dict(rule='sqrt') with base_batch_size 256 (the paper's Table 4 lists lr before it).
+    lr_scaling: Literal["none", "sqrt", "linear"] = "sqrt"
+    lr_base_batch: int = 256
     # Probability of the LONG caption (the official `real_prompt_ratio` is the short one).
     long_ratio: float = 0.6
     caption_dropout: float = 0.1
@@ -89,7 +103,7 @@ class TrainStageConfig:
     def __post_init__(self):
         if self.resolution % 64:
             raise ConfigError(f"resolution: got {self.resolution}, allowed: a multiple of 64")
-        for k in ("steps", "batch_size", "num_workers", "checkpoint_every", "keep_last", "log_every"):
+        for k in ("steps", "batch_size", "num_workers", "checkpoint_every", "keep_last", "log_every", "lr_base_batch"):
             if getattr(self, k) < 1:
                 raise ConfigError(f"{k}: got {getattr(self, k)}, allowed: >= 1")
         if self.warmup_steps < 0:
@@ -116,6 +130,8 @@ class TrainStageConfig:
         """Keyword arguments of training.model.build_model(preset, **kwargs)."""
         kw = dict(self.model.overrides)
         kw.update(base_size=self.base_size, pe_interpolation=self.pe_interpolation)
+        if self.model.null_policy != "own":
+            kw["null_policy"] = self.model.null_policy
         if self.model.kv_compress_ratio > 1:
             kw["kv_compress_ratio"] = self.model.kv_compress_ratio
             if self.model.kv_compress_layers:  # empty = the model's default (the deep half)
@@ -123,25 +139,41 @@ class TrainStageConfig:
         return kw
 
     def scaled_lr(self, world_size: int) -> float:
-        global_batch = self.batch_size * world_size
+        """The official `auto_scale_lr(train_batch_size * world_size, rule, base_batch_size)`."""
+        ratio = self.batch_size * world_size / self.lr_base_batch
         if self.lr_scaling == "sqrt":
-            return self.lr * math.sqrt(global_batch / 256)
+            return self.lr * math.sqrt(ratio)
         if self.lr_scaling == "linear":
-            return self.lr * global_batch / 256
+            return self.lr * ratio
         return self.lr
 
     @property
-    def output_dir(self) -> Path:
-        return Path(self.output or f"runs/train/{self.name}")
+    def output_dir(self) -> str:
+        return fs.normalize(self.output or f"runs/train/{self.name}")
 
     @property
-    def shards_dir(self) -> Path:
+    def shards_dir(self) -> str:
         assert self.data.shards is not None, "call load_stage() to resolve data.pipeline"
-        return Path(self.data.shards)
+        return fs.normalize(self.data.shards)
 
 
 def _abs(p: str | os.PathLike) -> str:
-    return str(Path(os.path.expanduser(str(p))).absolute())
+    return fs.normalize(p)
+
+
+def _model_path(p: str) -> str:
+    """A model path as workers must see it: absolute when it exists locally (Ray Train workers run
+    in another directory), else unchanged (a hub name or a URI)."""
+    return fs.normalize(p) if os.path.exists(os.path.expanduser(str(p))) else str(p)
+
+
+def _pipeline_features(doc: dict, pipeline: str) -> tuple[tuple[int, ...], str]:
+    """(features.resolutions, features.t5) of a pipeline of the file, defaults filled in."""
+    from features.config import FeaturesConfig
+
+    raw = ((doc.get("pipelines") or {}).get(pipeline) or {}).get("features") or {}
+    fc = parse(FeaturesConfig, raw, f"pipelines.{pipeline}.features")
+    return tuple(fc.resolutions), fc.t5
 
 
 def stage_from_dict(data: dict, name: str = "") -> TrainStageConfig:
@@ -162,16 +194,29 @@ def load_stage(config_path: str | os.PathLike, name: str, overrides=()) -> Train
     raw["name"] = name
     cfg = stage_from_dict(raw, name)
 
-    # data: a pipeline name resolves to <its output>/shards/<resolution>
-    data = cfg.data
+    # data: a pipeline name resolves to <its output>/shards/<resolution>, which that pipeline must write
+    data, null = cfg.data, cfg.null_caption
     if data.pipeline is not None:
         pipes = doc.get("pipelines") or {}
-        if data.pipeline not in pipes:
-            raise ConfigError(f"training.{name}.data.pipeline: no pipeline {data.pipeline!r}")
-        out = (pipes[data.pipeline] or {}).get("output") or f"runs/{data.pipeline}"
-        data = dataclasses.replace(data, shards=_abs(Path(out) / "shards" / str(cfg.resolution)), pipeline=None)
+        p = data.pipeline
+        if p not in pipes:
+            raise ConfigError(f"training.{name}.data.pipeline: no pipeline {p!r}")
+        stages_run = (pipes[p] or {}).get("stages")
+        if stages_run is not None and "features" not in stages_run:
+            raise ConfigError(f"training.{name} reads the shards of pipeline {p!r}, whose stages {list(stages_run)} "
+                              "do not include features (nothing writes them)")
+        resolutions, t5 = _pipeline_features(doc, p)
+        if cfg.resolution not in resolutions:
+            raise ConfigError(f"training.{name} (resolution {cfg.resolution}) reads shards/{cfg.resolution} of pipeline "
+                              f"{p!r}, but pipelines.{p}.features.resolutions is {list(resolutions)}: add "
+                              f"{cfg.resolution} there or change the stage resolution")
+        out = (pipes[p] or {}).get("output") or f"runs/{p}"
+        data = dataclasses.replace(data, shards=fs.join(fs.normalize(out), "shards", str(cfg.resolution)), pipeline=None)
+        null = null if null is not None else t5  # the T5 that encoded these captions
     else:
-        data = dataclasses.replace(data, shards=_abs(data.shards))
+        data = dataclasses.replace(data, shards=fs.normalize(data.shards))
+    if null is not None and null != "keep":
+        null = _model_path(null)
 
     # init_from: a stage name resolves to that stage's output folder (its latest checkpoint)
     init = cfg.init_from
@@ -183,4 +228,4 @@ def load_stage(config_path: str | os.PathLike, name: str, overrides=()) -> Train
             init = str(prev.output_dir)
         else:
             init = _abs(init)
-    return dataclasses.replace(cfg, data=data, init_from=init, output=_abs(cfg.output_dir))
+    return dataclasses.replace(cfg, data=data, init_from=init, null_caption=null, output=cfg.output_dir)

@@ -1,26 +1,33 @@
 """Checkpoint conversion: official PixArt `.pth` <-> our model <-> diffusers `PixArtTransformer2DModel`.
 
-  python -m training.convert --to-diffusers CKPT OUT_DIR [--preset PixArt-XL/2]
-  python -m training.convert --from-diffusers DIR OUT.pth
+  python -m training.convert --to-diffusers CKPT OUT_DIR --image-size 1024 [--version sigma]
+  python -m training.convert --from-diffusers DIR OUT.pth [--null-caption T5_DIR|NULL_FILE]
 
 Our state dict uses the official key layout, so official files load with only two fix-ups:
 `pos_embed` is dropped (recomputed every forward) and `y_embedder.y_embedding` (null caption
-buffer) is adopted whatever its token count (PixArt-alpha used 120 tokens, Sigma 300).
+buffer) is adopted whatever its token count (PixArt-alpha used 120 tokens, Sigma 300), or
+overwritten with T5("") when a null source is given (as the official `load_checkpoint` does).
+Position embedding: an official file records no resolution, so it must be given (`image_size`,
+the official converter's `--image_size`); our own files and training checkpoints record it.
+Files are read with torch.load(weights_only=True) (training.files): a file that needs a full
+pickle is refused unless trust_pickle / `--trust-pickle`.
 diffusers has no KV compression: exporting a KV-compressed model raises `ValueError`.
-diffusers has no null-caption buffer either: its pipeline encodes "" as the negative prompt.
+diffusers has no null-caption buffer: its pipeline encodes "" as the negative prompt, so an
+import needs a null source (a pipeline folder brings its own T5).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import os
-import tempfile
 import warnings
-from pathlib import Path
 
 import torch
 
-from training.model import PRESETS, ModelConfig, PixArtSigma, init_kv_compress
+from common import fs
+from training.files import load_safetensors, torch_load
+from training.model import PRESETS, ModelConfig, PixArtSigma, init_kv_compress, pe_settings
+from training.null import null_from
 
 # Official prefix -> diffusers prefix for one-to-one renames (qkv / kv are split separately).
 _TOP = {
@@ -44,22 +51,12 @@ DROP_KEYS = ("pos_embed", "y_embedder.y_embedding")
 
 # ----------------------------------------------------------------------------- official .pth
 
-def _torch_load(path) -> dict:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # official files also pickle optimizer/scheduler objects
-        warnings.warn(f"{path}: not loadable with weights_only=True; loading full pickle (trust the file)")
-        return torch.load(path, map_location="cpu", weights_only=False)
-
-
-def read_state_dict(path) -> tuple[dict, dict | None]:
-    """A `.pth` (official dict with `state_dict`, or a bare state dict) or `.safetensors` file ->
-    (state_dict, our saved model_config dict or None)."""
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        return load_file(str(path)), None
-    obj = _torch_load(path)
+def read_state_dict(path, trust_pickle: bool = False) -> tuple[dict, dict | None]:
+    """A `.pth` (official dict with `state_dict`, or a bare state dict) or `.safetensors` file,
+    local or URI -> (state_dict, our saved model_config dict or None)."""
+    if str(path).endswith(".safetensors"):
+        return load_safetensors(str(path)), None
+    obj = torch_load(str(path), trust_pickle)
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         return obj["state_dict"], obj.get("model_config")
     return obj, None
@@ -101,31 +98,50 @@ def load_into(model: PixArtSigma, sd: dict) -> list[str]:
     return init_kv_compress(model, missing) if missing else []
 
 
-def load_official(path, preset: str = "PixArt-XL/2", **overrides) -> PixArtSigma:
-    """Build a model from an official (or our) `.pth` / `.safetensors`: shapes from the weights,
-    PE / heads from `preset`, then `overrides` (e.g. kv_compress_ratio=2 to start a KV stage)."""
-    sd, saved = read_state_dict(path)
+def _saved_config(saved: dict) -> ModelConfig:
+    names = {f.name for f in dataclasses.fields(ModelConfig)}
+    kw = {k: v for k, v in saved.items() if k in names}
+    if kw.get("kv_compress_layers") is not None:
+        kw["kv_compress_layers"] = tuple(kw["kv_compress_layers"])
+    return ModelConfig(**kw)
+
+
+def load_official(path, preset: str = "PixArt-XL/2", image_size: int | None = None, version: str = "sigma",
+                  null=None, trust_pickle: bool = False, **overrides) -> PixArtSigma:
+    """Build a model from an official (or our) `.pth` / `.safetensors`: shapes from the weights.
+
+    PE: our files record it (model_config); an official file needs `image_size` (the resolution
+    it was trained at; `version` alpha|sigma picks the official interpolation table) or explicit
+    base_size + pe_interpolation overrides, else ValueError. Weights without our model_config are
+    official-origin: null_policy "condition" (PixArtMS guides with the null under the caption's
+    mask). `null` (a null source, see training.null) overwrites the null caption as the official
+    load_checkpoint does. `overrides` apply last (e.g. kv_compress_ratio=2 to start a KV stage)."""
+    sd, saved = read_state_dict(path, trust_pickle)
     if saved:
-        cfg = ModelConfig(**{k: tuple(v) if k == "kv_compress_layers" and v is not None else v
-                             for k, v in saved.items()})
+        cfg = _saved_config(saved)
     else:
-        cfg = config_from_state_dict(sd, PRESETS[preset])
+        if image_size is not None:
+            pe = pe_settings(int(image_size), version, sd["x_embedder.proj.weight"].shape[2])
+        elif "base_size" in overrides and "pe_interpolation" in overrides:
+            pe = {}
+        else:
+            raise ValueError(f"{path}: the file does not record its resolution: give image_size (the size it "
+                             "was trained at, e.g. --image-size 1024 as the official converter's --image_size)")
+        cfg = dataclasses.replace(config_from_state_dict(sd, PRESETS[preset]), null_policy="condition", **pe)
     model = PixArtSigma(dataclasses.replace(cfg, **overrides))
     load_into(model, sd)
+    if null is not None:
+        model.set_null_embedding(*null_from(null, model.config.null_tokens, trust_pickle))
     return model
 
 
 def save_pth(model: PixArtSigma, path) -> None:
-    """Official-style file: {"state_dict": ..., "model_config": ...} (extra key is ignored by the
-    official loader). Atomic: temp file + rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Official-style file: {"state_dict": ..., "model_config": ...} (the extra key is ignored by
+    the official loader; it records PE and null policy). Local or URI, atomic and fsynced."""
     obj = {"state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
            "model_config": dataclasses.asdict(model.config)}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with fs.atomic_output(fs.normalize(path)) as f:
+        torch.save(obj, f)
 
 
 # ----------------------------------------------------------------------------- diffusers
@@ -236,15 +252,37 @@ def to_diffusers(model: PixArtSigma):
     return dm if dtype == torch.float32 else dm.to(dtype)
 
 
-def from_diffusers(dm, base: ModelConfig | None = None) -> PixArtSigma:
-    """A diffusers `PixArtTransformer2DModel` (or its folder) -> our model with the same weights."""
-    if isinstance(dm, (str, Path)):
+def pipeline_root(path) -> str | None:
+    """The diffusers pipeline folder (model_index.json) `path` is or whose transformer it is."""
+    p = os.path.abspath(os.path.expanduser(str(path)))
+    for cand in (p, os.path.dirname(p)):
+        if os.path.isfile(os.path.join(cand, "model_index.json")):
+            return cand
+    return None
+
+
+def from_diffusers(dm, base: ModelConfig | None = None, null=None, trust_pickle: bool = False) -> PixArtSigma:
+    """A diffusers `PixArtTransformer2DModel` (or its folder, or a pipeline folder) -> our model
+    with the same weights and null_policy "own" (diffusers guides with T5("") under its own mask).
+    The null caption comes from `null` (training.null source), else from the pipeline folder's
+    own T5; without either the buffer is NOT T5("") (warned; sampling callers require one)."""
+    if isinstance(dm, (str, os.PathLike)):
         from diffusers import PixArtTransformer2DModel
-        dm = PixArtTransformer2DModel.from_pretrained(str(dm))
+
+        root = pipeline_root(dm)
+        folder = os.path.join(root, "transformer") if root and not os.path.isfile(os.path.join(str(dm), "config.json")) \
+            else str(dm)
+        if null is None and root is not None:
+            null = root  # its text_encoder + tokenizer
+        dm = PixArtTransformer2DModel.from_pretrained(folder)
     if getattr(dm, "use_additional_conditions", False):
         raise ValueError("diffusers model uses micro-conditions (PixArt-alpha 1024); Sigma has none")
-    model = PixArtSigma(config_from_diffusers(dict(dm.config), base))
+    model = PixArtSigma(dataclasses.replace(config_from_diffusers(dict(dm.config), base), null_policy="own"))
     load_into(model, from_diffusers_state_dict(dm.state_dict()))
+    if null is not None:
+        model.set_null_embedding(*null_from(null, 300, trust_pickle))
+    else:
+        warnings.warn("diffusers weights carry no null caption: y_embedding is not T5(\"\") (give a null source)")
     return model
 
 
@@ -253,25 +291,38 @@ def main(argv=None) -> None:
     g = ap.add_mutually_exclusive_group(required=True)
     g.add_argument("--to-diffusers", nargs=2, metavar=("CKPT", "OUT_DIR"))
     g.add_argument("--from-diffusers", nargs=2, metavar=("DIR", "OUT_PTH"))
+    ap.add_argument("--image-size", type=int, default=None,
+                    help="resolution an official .pth was trained at (required unless the file records it)")
+    ap.add_argument("--version", choices=["sigma", "alpha"], default="sigma", help="PE table of --image-size")
     ap.add_argument("--preset", default="PixArt-XL/2", choices=sorted(PRESETS),
-                    help="heads / PE settings for a checkpoint without a saved model_config")
+                    help="heads for a checkpoint without a saved model_config")
     ap.add_argument("--base-size", type=int, default=None, help="override PE base_size")
     ap.add_argument("--pe-interpolation", type=float, default=None, help="override PE interpolation")
+    ap.add_argument("--null-caption", default=None,
+                    help="T5 folder / diffusers pipeline folder / null file: the null caption T5(\"\")")
+    ap.add_argument("--trust-pickle", action="store_true", help="allow .pth files that need a full pickle load")
     args = ap.parse_args(argv)
     over = {k: v for k, v in (("base_size", args.base_size), ("pe_interpolation", args.pe_interpolation))
             if v is not None}
-    if args.to_diffusers:
-        ckpt, out = args.to_diffusers
-        model = load_official(ckpt, args.preset, **over)
-        to_diffusers(model).save_pretrained(out)
-        print(f"wrote diffusers PixArtTransformer2DModel to {out}")
-    else:
-        src, out = args.from_diffusers
-        model = from_diffusers(src, PRESETS[args.preset])
-        if over:
-            model.config = dataclasses.replace(model.config, **over)
-        save_pth(model, out)
-        print(f"wrote {out}")
+    try:
+        if args.to_diffusers:
+            ckpt, out = args.to_diffusers
+            model = load_official(ckpt, args.preset, args.image_size, args.version, trust_pickle=args.trust_pickle,
+                                  **over)
+            to_diffusers(model).save_pretrained(out)
+            print(f"wrote diffusers PixArtTransformer2DModel to {out}")
+        else:
+            src, out = args.from_diffusers
+            if args.null_caption is None and pipeline_root(src) is None:
+                raise ValueError(f"{src}: diffusers weights carry no null caption; pass --null-caption "
+                                 "(the T5 folder or a null file: the null is T5(\"\") padded to 300 tokens)")
+            model = from_diffusers(src, PRESETS[args.preset], null=args.null_caption, trust_pickle=args.trust_pickle)
+            if over:
+                model.config = dataclasses.replace(model.config, **over)
+            save_pth(model, out)
+            print(f"wrote {out}")
+    except ValueError as e:  # incl. training.files.PickleRefused
+        raise SystemExit(f"convert: {e}")
 
 
 if __name__ == "__main__":

@@ -7,26 +7,33 @@ Design (why it is not a plain WebDataset pipeline):
   stores it and resume continues with exactly the next batch (the official loader restarts the
   epoch). All per-sample randomness (long/short caption, caption dropout, latent sampling noise) is
   also derived from the position, so a resumed run sees bit-identical batches.
-- Random access: each rank scans the tar headers of its shards once (tarfile, no data read except
-  the small json members) and keeps (offset, size) of every member; a batch reads only its members.
+- Random access through features.shards (the only reader of the format): each rank lists the
+  members of its shards once (`scan_members`: tar headers + json only) and a batch reads only its
+  members (`read_member`). Shards are local or on an object store (common.fs).
+- Trust nothing: every shard's size and sample count must equal index.json; a shard that is
+  missing, truncated (even at a member boundary, which a tar reader accepts silently) or holds an
+  incomplete sample raises `ShardError` naming it, before any step is trained.
 - Each rank reads disjoint shards (shards[rank::world_size]). With fewer shards than ranks it falls
   back to disjoint samples (every world_size-th sample), with a warning.
 """
 from __future__ import annotations
 
-import json
-import tarfile
 import warnings
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from features.shards import decode_tokens, load_npy, read_index, repad  # the format's own decoders
+from common import fs
+from features.shards import decode_tokens, open_shard, read_index, read_member, repad, scan_members
 
-__all__ = ["ShardBatches", "Prefetch", "make_batches", "SampleRef", "scan_shard", "read_index", "apply_caption_dropout"]
+__all__ = ["ShardBatches", "Prefetch", "make_batches", "SampleRef", "ShardError", "scan_shard", "read_index"]
+
+
+class ShardError(ValueError):
+    """A shard that does not match index.json (missing, truncated, incomplete samples)."""
 
 
 @dataclass(frozen=True)
@@ -37,30 +44,37 @@ class SampleRef:
     members: dict  # suffix ("latent.npy", "t5_long.npy", ...) -> (offset, size)
 
 
-def scan_shard(path: Path) -> list[SampleRef]:
-    """(offset, size) of every member of one tar, grouped by key; bucket from the json member."""
-    groups: dict[str, dict] = {}
-    order: list[str] = []
-    with open(path, "rb") as fh, tarfile.open(fileobj=fh, mode="r:") as tf:
-        for m in tf:
-            if not m.isfile():
-                continue
-            base = m.name.rsplit("/", 1)[-1]
-            key, _, suffix = base.partition(".")
-            if key not in groups:
-                groups[key] = {}
-                order.append(key)
-            groups[key][suffix] = (m.offset_data, m.size)
-        refs = []
-        for key in order:
-            mem = groups[key]
-            if "json" not in mem or "latent.npy" not in mem or not ({"t5_long.npy", "t5_short.npy"} & set(mem)):
-                continue  # incomplete sample: the writer never produces one; skip, don't crash
-            off, size = mem["json"]
-            fh.seek(off)
-            meta = json.loads(fh.read(size))
-            refs.append(SampleRef(path.name, key, str(meta["bucket"]), mem))
+def scan_shard(shards_dir: str, entry: dict) -> list[SampleRef]:
+    """The samples of one shard of the index (entry: name, samples, bytes), checked against it."""
+    uri = fs.join(shards_dir, entry["name"])
+    size = fs.size(uri)
+    if size is None:
+        raise ShardError(f"{uri}: listed in index.json but missing")
+    if entry.get("bytes") is not None and size != entry["bytes"]:
+        raise ShardError(f"{uri}: {size} bytes, index.json records {entry['bytes']} (truncated or rewritten; "
+                         "rerun the features stage)")
+    try:
+        found = scan_members(uri)
+    except Exception as e:  # noqa: BLE001 - a tar error names the shard, whatever the reader raised
+        raise ShardError(f"{uri}: unreadable tar ({type(e).__name__}: {e})") from None
+    refs = []
+    for g in found:
+        mem = g["members"]
+        if g["meta"] is None or "latent.npy" not in mem or not ({"t5_long.npy", "t5_short.npy"} & set(mem)):
+            raise ShardError(f"{uri}: sample {g['key']!r} is incomplete (members {sorted(mem)})")
+        refs.append(SampleRef(entry["name"], g["key"], str(g["meta"]["bucket"]), mem))
+    if entry.get("samples") is not None and len(refs) != entry["samples"]:
+        raise ShardError(f"{uri}: {len(refs)} samples, index.json records {entry['samples']} (truncated or "
+                         "rewritten; rerun the features stage)")
     return refs
+
+
+def _scan_all(shards_dir: str, entries: list[dict]) -> list[SampleRef]:
+    """scan_shard over many shards, a few at a time (I/O bound on object stores), in order."""
+    if len(entries) <= 1:
+        return [r for e in entries for r in scan_shard(shards_dir, e)]
+    with ThreadPoolExecutor(max_workers=min(8, len(entries))) as pool:
+        return [r for refs in pool.map(lambda e: scan_shard(shards_dir, e), entries) for r in refs]
 
 
 def _key_seed(key: str) -> int:
@@ -78,23 +92,23 @@ class ShardBatches:
     def __init__(self, shards_dir, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
                  long_ratio: float = 0.6, caption_dropout: float = 0.1, pad_tokens: str = "batch",
                  max_length: int = 300):
-        self.dir = Path(shards_dir)
+        self.dir = fs.normalize(shards_dir)
         self.index = read_index(self.dir)
         self.scale = float(self.index["vae"]["scale_factor"])
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
         self.long_ratio, self.caption_dropout = long_ratio, caption_dropout
         self.pad_tokens, self.max_length = pad_tokens, max_length
-        names = sorted(s["name"] for s in self.index["shards"] if s.get("samples", 1) > 0)
-        if not names:
+        entries = sorted((e for e in self.index["shards"] if e.get("samples", 1) > 0), key=lambda e: e["name"])
+        if not entries:
             raise ValueError(f"{self.dir}: the index lists no non-empty shard")
-        if len(names) >= world_size:
-            self.shard_names = names[rank::world_size]
-            self.samples = [r for n in self.shard_names for r in scan_shard(self.dir / n)]
+        if len(entries) >= world_size:
+            mine = entries[rank::world_size]
+            self.shard_names = [e["name"] for e in mine]
+            self.samples = _scan_all(self.dir, mine)
         else:
-            warnings.warn(f"{len(names)} shard(s) for {world_size} ranks: splitting samples instead")
-            self.shard_names = names
-            allrefs = [r for n in names for r in scan_shard(self.dir / n)]
-            self.samples = allrefs[rank::world_size]
+            warnings.warn(f"{len(entries)} shard(s) for {world_size} ranks: splitting samples instead")
+            self.shard_names = [e["name"] for e in entries]
+            self.samples = _scan_all(self.dir, entries)[rank::world_size]
         if not self.samples:
             raise ValueError(f"rank {rank}: no samples in {self.shard_names}")
         self.epoch, self.cursor = 0, 0
@@ -144,10 +158,8 @@ class ShardBatches:
     def _read(self, ref: SampleRef, suffix: str) -> np.ndarray:
         fh = self._files.get(ref.shard)
         if fh is None:
-            fh = self._files[ref.shard] = open(self.dir / ref.shard, "rb")
-        off, size = ref.members[suffix]
-        fh.seek(off)
-        return load_npy(fh.read(size))
+            fh = self._files[ref.shard] = open_shard(fs.join(self.dir, ref.shard))
+        return read_member(fh, ref.members[suffix])
 
     def load_batch(self, refs: list[SampleRef], epoch: int, cursor: int) -> dict:
         lat, toks, longs, drops = [], [], [], []
@@ -242,22 +254,3 @@ def make_batches(shards_dir, batch_size: int, rank: int, world_size: int, seed: 
     if position is not None:
         src.load_state_dict(position)
     return Prefetch(src, prefetch) if prefetch > 0 else src
-
-
-def apply_caption_dropout(y: torch.Tensor, mask: torch.Tensor, drop: torch.Tensor, null: torch.Tensor):
-    """Replace dropped captions by the null embedding `null` (Ln, D); pads y/mask to >= Ln.
-
-    y (B, L, D), mask (B, L), drop (B,) -> y (B, L', D), mask (B, L') with L' = max(L, Ln)."""
-    if not bool(drop.any()):
-        return y, mask
-    Ln = null.shape[0]
-    if y.shape[1] < Ln:
-        y = torch.cat([y, y.new_zeros(y.shape[0], Ln - y.shape[1], y.shape[2])], 1)
-        mask = torch.cat([mask, mask.new_zeros(mask.shape[0], Ln - mask.shape[1])], 1)
-    y = y.clone()
-    mask = mask.clone()
-    y[drop] = 0
-    y[drop, :Ln] = null.to(y.dtype)
-    mask[drop] = 0
-    mask[drop, :Ln] = 1
-    return y, mask

@@ -26,13 +26,19 @@ def linear_betas(num_steps: int = 1000, beta_start: float = 1e-4, beta_end: floa
 
 
 def space_timesteps(num_steps: int, count: int) -> list[int]:
-    """`count` evenly spaced indices in [0, num_steps - 1], first and last included (IDDPM rule)."""
+    """`count` evenly spaced indices in [0, num_steps - 1], first and last included: the IDDPM /
+    official PixArt rule for one section. The stride (num_steps - 1) / (count - 1) is ACCUMULATED in
+    floating point and each position rounded (Python's round-half-even), so the float error of the
+    running sum decides ties exactly as the official `space_timesteps` does (multiplying i * stride
+    rounds 278 of the 1000 counts differently)."""
     if count > num_steps or count < 1:
         raise ValueError(f"cannot respace {num_steps} steps to {count}")
-    if count == 1:
-        return [0]
-    stride = (num_steps - 1) / (count - 1)
-    return sorted({round(i * stride) for i in range(count)})
+    stride = 1 if count == 1 else (num_steps - 1) / (count - 1)
+    cur, out = 0.0, []
+    for _ in range(count):
+        out.append(round(cur))
+        cur += stride
+    return sorted(set(out))
 
 
 def mean_flat(x: torch.Tensor) -> torch.Tensor:
@@ -100,9 +106,6 @@ class GaussianDiffusion:
         """arr[t] as float32 (B, 1, 1, ...) broadcastable to `like`."""
         v = torch.from_numpy(arr).to(device=t.device)[t].float()
         return v.reshape(-1, *([1] * (like.dim() - 1)))
-
-    def sample_t(self, batch: int, device=None, generator=None) -> torch.Tensor:
-        return torch.randint(0, self.num_timesteps, (batch,), device=device, generator=generator)
 
     def model_timesteps(self, t: torch.Tensor) -> torch.Tensor:
         """Indices of this (possibly respaced) process -> the original timesteps the model saw."""

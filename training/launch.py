@@ -8,6 +8,8 @@ Runs one training stage:
   (also picked automatically when WORLD_SIZE/RANK are in the environment).
 - `--local`: one plain process, no Ray (handy for debugging).
 Overrides are relative to the stage (`--set steps=10 --set model.kv_compress_ratio=2`).
+`--trust-pickle` allows an `init_from` .pth that needs a full pickle load (it can run code).
+Data and output are local paths or URIs (s3://, gs://); Ray Train's storage_path is <output>/ray.
 The resolved config is saved as <stage output>/config.resolved.yaml before any work starts.
 """
 from __future__ import annotations
@@ -15,23 +17,29 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
+from common import fs
 from common.config import ConfigError, check_paths, save_resolved, to_dict
 from training.config import TrainStageConfig, load_stage, stage_from_dict
 
 
 def _check(cfg: TrainStageConfig) -> None:
-    """Fail before starting Ray when the inputs of the stage are missing."""
+    """Fail before starting Ray when the inputs of the stage are missing or do not fit."""
+    from features.shards import read_index
     from training.checkpoint import latest, resolve
 
-    if not (Path(cfg.data.shards) / "index.json").exists():
-        raise ConfigError(f"training.{cfg.name}.data: {cfg.data.shards}/index.json does not exist "
-                          "(run the features stage for this resolution first)")
+    try:
+        index = read_index(cfg.shards_dir)
+    except FileNotFoundError:
+        raise ConfigError(f"training.{cfg.name}.data: {fs.join(cfg.shards_dir, 'index.json')} does not exist "
+                          "(run the features stage for this resolution first)") from None
+    if index.get("resolution") is not None and int(index["resolution"]) != cfg.resolution:
+        raise ConfigError(f"training.{cfg.name} has resolution {cfg.resolution} but its shards {cfg.shards_dir} "
+                          f"were written at {index['resolution']}")
     check_paths(cfg)
     if cfg.init_from and latest(cfg.output_dir) is None:  # (a resumed stage does not need it)
-        src = Path(cfg.init_from)
-        if not src.is_file() and resolve(src) is None:
+        src = cfg.init_from
+        if not fs.isfile(src) and resolve(src) is None:
             raise ConfigError(f"training.{cfg.name}.init_from: no checkpoint in {src} "
                               "(run the previous stage first, or give an official .pth)")
 
@@ -57,13 +65,13 @@ def run_ray(cfg: TrainStageConfig):
             ray.init()
         else:
             ray.init(include_dashboard=False, configure_logging=False)
-    out = Path(cfg.output_dir)
+    out = cfg.output_dir
     trainer = TorchTrainer(
         _ray_worker,
         train_loop_config={"stage": to_dict(cfg)},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu),
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
-        run_config=RunConfig(name=f"train-{cfg.name}", storage_path=str(out / "ray")),
+        run_config=RunConfig(name=f"train-{cfg.name}", storage_path=fs.join(out, "ray")),
     )
     return trainer.fit()
 
@@ -93,9 +101,11 @@ def main(argv=None) -> int:
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--torchrun", action="store_true", help="run under torchrun (env WORLD_SIZE/RANK)")
     mode.add_argument("--local", action="store_true", help="one process, no Ray")
+    ap.add_argument("--trust-pickle", action="store_true",
+                    help="allow an init_from .pth that needs a full pickle load (it can run code)")
     args = ap.parse_args(argv)
     try:
-        cfg = load_stage(args.config, args.stage, args.overrides)
+        cfg = load_stage(args.config, args.stage, args.overrides + (["trust_pickle=true"] if args.trust_pickle else []))
         _check(cfg)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
@@ -105,7 +115,7 @@ def main(argv=None) -> int:
         derived = {"base_size": cfg.base_size, "pe_interpolation": cfg.pe_interpolation,
                    "model_kwargs": cfg.model_kwargs(), "lr_scaled": cfg.scaled_lr(cfg.num_workers)}
         save_resolved(cfg, cfg.output_dir, extra={"stage": cfg.name, "derived": derived,
-                                                  "config_file": str(Path(args.config).absolute())})
+                                                  "config_file": fs.normalize(args.config)})
     if under_torchrun:
         run_torchrun(cfg)
     elif args.local:
@@ -124,7 +134,7 @@ def main(argv=None) -> int:
 
         rep = write_report(cfg.output_dir)
         print(f"[launch] stage {cfg.name}: latest checkpoint {latest(cfg.output_dir)}; "
-              f"logs {Path(cfg.output_dir) / 'logs'}; curves {rep.pop('curves')}\n[launch] {rep}")
+              f"logs {fs.join(cfg.output_dir, 'logs')}; curves {rep.pop('curves')}\n[launch] {rep}")
     return 0
 
 

@@ -10,27 +10,35 @@ caption y (B, L, caption_channels) with mask (B, L), 1 = valid token.
 Differences from the official code (quirks fixed, all documented in training/README.md):
 - Cross-attention with a sample that has ZERO valid caption tokens returns 0 for that sample
   (attention to nothing) instead of NaN / attending padding.
-- Caption dropout swaps BOTH y and mask: a dropped sample sees exactly the null-caption tokens
-  (`y_embedding`), not the null embedding under the original caption's mask.
+- Null caption (`null_policy`): "own" (default) swaps BOTH y and mask, so a dropped caption and the
+  unconditional CFG branch see T5("") under its own mask, as diffusers' PixArtSigmaPipeline
+  guides; "condition" is the official PixArtMS rule (the 300-token null under the caption's mask).
 - Classifier-free guidance guides all `in_channels` eps channels (DiT guided only 3).
 - KV compression works on odd token grids: the grid is edge-replicate padded to a multiple of R
-  for "conv" and "pool" (every token contributes, no row/column silently cropped); "discard" keeps
-  the top-left token of every (possibly partial) RxR window.
+  for "conv" and "avgpool" (every token contributes, no row/column silently cropped); "uniform"
+  keeps the top-left token of every (possibly partial) RxR window; "ave" is the official call
+  (nearest-neighbour interpolation: the same tokens as "uniform", partial windows dropped).
 - The position embedding is computed in float64 on the model's device (no per-step host copy)
   and cached per (grid, base_size, interpolation, device, dtype).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
-from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-KV_MODES = ("conv", "pool", "discard")
+# The layers live in training.blocks; sincos_pos_embed / timestep_embedding stay importable from here.
+from training.blocks import (CaptionEmbedder, FinalLayer, PatchEmbed, PixArtBlock, TimestepEmbedder,  # noqa: F401
+                             cross_attn_masks, sincos_pos_embed, timestep_embedding)
+
+# conv: the paper's Conv 2x2 (official `conv`); uniform: top-left token of each window (official
+# `uniform`, the paper's "token discarding"); ave: the official `ave` = F.interpolate nearest (the
+# same tokens as uniform: NOT an average); avgpool: the RxR mean (the paper's "token pooling").
+KV_MODES = ("conv", "uniform", "ave", "avgpool")
+NULL_POLICIES = ("own", "condition")
 
 
 @dataclass(frozen=True)
@@ -53,9 +61,15 @@ class ModelConfig:
     kv_compress_mode: str = "conv"
     grad_checkpoint: bool = False
     caption_dropout: float = 0.1
-    # Null caption = a fixed (never trained) buffer of `null_tokens` caption tokens; 300 matches the
-    # official Sigma `y_embedding` shape. `set_null_embedding` replaces it with T5("") valid tokens.
+    # Null caption = a fixed (never trained) buffer `y_embedding` (null_tokens, caption_channels):
+    # T5("") padded to 300 tokens (the official Sigma shape; `set_null_embedding`). Its own mask
+    # keeps the first `null_valid_tokens` (T5 encodes "" as the single </s> token).
     null_tokens: int = 300
+    null_valid_tokens: int = 1
+    # How the null caption is masked in caption dropout and in the CFG unconditional branch:
+    # "own" = its own mask (diffusers' PixArtSigmaPipeline; our training), "condition" = the
+    # caption's mask over the padded null (official PixArtMS training and sampling).
+    null_policy: str = "own"
 
     def __post_init__(self):
         if self.hidden_size % self.num_heads:
@@ -69,6 +83,10 @@ class ModelConfig:
             bad = [i for i in self.kv_compress_layers if not 0 <= i < self.depth]
             if bad:
                 raise ValueError(f"kv_compress_layers {bad} outside 0..{self.depth - 1}")
+        if self.null_policy not in NULL_POLICIES:
+            raise ValueError(f"null_policy must be one of {NULL_POLICIES}, got {self.null_policy!r}")
+        if not 1 <= self.null_valid_tokens <= self.null_tokens:
+            raise ValueError("null_valid_tokens must be in 1..null_tokens")
         if not 0.0 <= self.caption_dropout < 1.0:
             raise ValueError("caption_dropout must be in [0, 1)")
 
@@ -87,15 +105,34 @@ class ModelConfig:
 
 
 PRESETS: dict[str, ModelConfig] = {
-    # 0.6B PixArt-Sigma at 1024px (multi-scale); stages change base_size/pe_interpolation/KV.
+    # 0.6B PixArt-Sigma (PE of 1024px: a stage or `pe_settings(image_size)` sets the resolution).
     "PixArt-XL/2": ModelConfig(depth=28, hidden_size=1152, num_heads=16),
-    "PixArt-XL/2-256": ModelConfig(depth=28, hidden_size=1152, num_heads=16, base_size=16, pe_interpolation=0.5),
-    "PixArt-XL/2-512": ModelConfig(depth=28, hidden_size=1152, num_heads=16, base_size=32, pe_interpolation=1.0),
-    "PixArt-XL/2-2K": ModelConfig(depth=28, hidden_size=1152, num_heads=16, base_size=128, pe_interpolation=4.0),
     # Tiny real-architecture model for tests / demo: T5 d_model 32, 64px images (8x8 latents).
     "PixArt-tiny": ModelConfig(depth=4, hidden_size=64, num_heads=4, caption_channels=32, base_size=4,
-                               pe_interpolation=0.125, null_tokens=8),
+                               pe_interpolation=0.125),
 }
+
+
+# PE interpolation of the released weights per training image size (the official converter's
+# `interpolation_scale_alpha` / `_sigma` tables). Sigma follows image_size / 512 (2880 -> 5.625 is
+# that rule extrapolated: no official 4K weights exist); alpha trained 256 and 512 at 1.0.
+PE_ALPHA = {256: 1.0, 512: 1.0, 1024: 2.0}
+
+
+def pe_settings(image_size: int, version: str = "sigma", patch_size: int = 2) -> dict:
+    """{base_size, pe_interpolation} of a model trained at `image_size` px (official rules:
+    base_size = latent side / patch; pe_interpolation from the converter tables above)."""
+    if image_size % (8 * patch_size):
+        raise ValueError(f"image_size {image_size} is not a multiple of {8 * patch_size}")
+    if version == "alpha":
+        if image_size not in PE_ALPHA:
+            raise ValueError(f"PixArt-alpha weights exist at {sorted(PE_ALPHA)} px, not {image_size}")
+        interp = PE_ALPHA[image_size]
+    elif version == "sigma":
+        interp = image_size / 512
+    else:
+        raise ValueError(f"version must be 'alpha' or 'sigma', got {version!r}")
+    return {"base_size": image_size // 8 // patch_size, "pe_interpolation": interp}
 
 
 def build_model(preset: str, **overrides) -> "PixArtSigma":
@@ -103,215 +140,6 @@ def build_model(preset: str, **overrides) -> "PixArtSigma":
     if preset not in PRESETS:
         raise KeyError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
     return PixArtSigma(replace(PRESETS[preset], **overrides))
-
-
-# ----------------------------------------------------------------------------- embeddings
-
-@lru_cache(maxsize=16)
-def _sincos_2d(dim: int, gh: int, gw: int, base_size: float, interp: float, device: torch.device,
-               dtype: torch.dtype) -> torch.Tensor:
-    """(gh*gw, dim), computed in float64 ON the target device (no host-to-device copy per step;
-    a 4K grid is 32400 x 1152) and cached per grid/device/dtype (a stage has few bucket shapes).
-    First dim/2 channels encode the column (x) coordinate, the second half the row (y) coordinate,
-    as the official code and diffusers do; each axis spans [0, base_size / interp)."""
-    if dim % 4:
-        raise ValueError("hidden_size must be divisible by 4 for the 2D sin-cos embedding")
-    f64 = torch.float64 if device.type != "mps" else torch.float32
-    ys = torch.arange(gh, dtype=f64, device=device) / (gh / base_size) / interp  # (gh,)
-    xs = torch.arange(gw, dtype=f64, device=device) / (gw / base_size) / interp  # (gw,)
-    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=f64, device=device) / (dim / 4))  # (D/4,)
-
-    def axis(pos):  # (n,) -> (n, D/2) = [sin, cos]
-        out = pos[:, None] * omega[None]
-        return torch.cat([out.sin(), out.cos()], dim=1)
-
-    ex = axis(xs)[None, :, :].expand(gh, gw, dim // 2)  # varies along columns
-    ey = axis(ys)[:, None, :].expand(gh, gw, dim // 2)  # varies along rows
-    return torch.cat([ex, ey], dim=-1).reshape(gh * gw, dim).to(dtype)
-
-
-def sincos_pos_embed(dim: int, grid_hw: tuple[int, int], base_size: float, pe_interpolation: float,
-                     device=None, dtype=torch.float32) -> torch.Tensor:
-    """2D sin-cos PE for a (gh, gw) token grid -> (gh*gw, dim). Needs no weights: a resolution
-    change (PE interpolation) only changes base_size / pe_interpolation."""
-    # inference_mode(False): a cached tensor first built while sampling must stay usable in training
-    with torch.inference_mode(False), torch.no_grad():
-        return _sincos_2d(dim, int(grid_hw[0]), int(grid_hw[1]), float(base_size), float(pe_interpolation),
-                          torch.device(device or "cpu"), dtype)
-
-
-def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
-    """(B,) float timesteps -> (B, dim) as [cos, sin] with frequencies exp(-ln(P) k / (dim/2))."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-    args = t.float()[:, None] * freqs[None]
-    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-
-
-class PatchEmbed(nn.Module):
-    def __init__(self, p: int, cin: int, c: int):
-        super().__init__()
-        self.proj = nn.Conv2d(cin, c, kernel_size=p, stride=p)
-
-    def forward(self, x):  # (B, cin, H, W) -> (B, N, C)
-        return self.proj(x).flatten(2).transpose(1, 2)
-
-
-class TimestepEmbedder(nn.Module):
-    def __init__(self, c: int, freq_dim: int = 256):
-        super().__init__()
-        self.freq_dim = freq_dim
-        self.mlp = nn.Sequential(nn.Linear(freq_dim, c), nn.SiLU(), nn.Linear(c, c))  # keys mlp.0 / mlp.2
-
-    def forward(self, t):  # (B,) -> (B, C)
-        return self.mlp(timestep_embedding(t, self.freq_dim).to(self.mlp[0].weight.dtype))
-
-
-class Mlp(nn.Module):
-    """fc1 -> GELU(tanh) -> fc2 (used for the caption projection and inside every block)."""
-
-    def __init__(self, cin: int, hidden: int, cout: int):
-        super().__init__()
-        self.fc1 = nn.Linear(cin, hidden)
-        self.fc2 = nn.Linear(hidden, cout)
-
-    def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
-
-
-class CaptionEmbedder(nn.Module):
-    def __init__(self, cin: int, c: int, null_tokens: int):
-        super().__init__()
-        self.y_proj = Mlp(cin, c, c)
-        # Fixed null caption (never trained; a buffer, saved in the state dict like the original).
-        g = torch.Generator().manual_seed(0)
-        self.register_buffer("y_embedding", torch.randn(null_tokens, cin, generator=g) / cin ** 0.5)
-
-
-# ----------------------------------------------------------------------------- attention
-
-class SelfAttention(nn.Module):
-    """Multi-head self-attention (SDPA) with optional KV token compression on the (gh, gw) grid."""
-
-    def __init__(self, c: int, heads: int, kv_ratio: int = 1, kv_mode: str = "conv"):
-        super().__init__()
-        self.heads, self.ratio, self.mode = heads, kv_ratio, kv_mode
-        self.qkv = nn.Linear(c, 3 * c)
-        self.proj = nn.Linear(c, c)
-        if kv_ratio > 1 and kv_mode == "conv":
-            # Depthwise RxR conv shared by K and V + LayerNorm (keys attn.sr / attn.norm).
-            self.sr = nn.Conv2d(c, c, kernel_size=kv_ratio, stride=kv_ratio, groups=c)
-            self.norm = nn.LayerNorm(c)
-            self.reset_kv_compress()
-
-    @torch.no_grad()
-    def reset_kv_compress(self):
-        """Conv Avg Init: every RxR window starts as its mean (w = 1/R^2, b = 0), LayerNorm identity."""
-        if hasattr(self, "sr"):
-            self.sr.weight.fill_(1.0 / self.ratio ** 2)
-            self.sr.bias.zero_()
-            self.norm.reset_parameters()
-
-    def _compress(self, t: torch.Tensor, gh: int, gw: int) -> torch.Tensor:
-        """(B, N, C) on a (gh, gw) grid -> (B, ceil(gh/R)*ceil(gw/R), C)."""
-        b, n, c = t.shape
-        r = self.ratio
-        g = t.transpose(1, 2).reshape(b, c, gh, gw)
-        if self.mode == "discard":
-            return g[:, :, ::r, ::r].flatten(2).transpose(1, 2)
-        ph, pw = (-gh) % r, (-gw) % r
-        if ph or pw:  # odd grid: replicate the edge so the last partial window is still a mean
-            g = F.pad(g, (0, pw, 0, ph), mode="replicate")
-        if self.mode == "pool":
-            return F.avg_pool2d(g, r).flatten(2).transpose(1, 2)
-        return self.norm(self.sr(g).flatten(2).transpose(1, 2))
-
-    def forward(self, x: torch.Tensor, gh: int, gw: int) -> torch.Tensor:
-        b, n, c = x.shape
-        q, k, v = self.qkv(x).chunk(3, dim=-1)  # each (B, N, C)
-        if self.ratio > 1:
-            k, v = self._compress(k, gh, gw), self._compress(v, gh, gw)  # (B, N/R^2, C)
-        h = self.heads
-        q, k, v = (z.reshape(b, -1, h, c // h).transpose(1, 2) for z in (q, k, v))  # (B, h, *, d)
-        o = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(o.transpose(1, 2).reshape(b, n, c))
-
-
-class CrossAttention(nn.Module):
-    """Queries from image tokens, keys/values from caption tokens; masked tokens are excluded."""
-
-    def __init__(self, c: int, heads: int):
-        super().__init__()
-        self.heads = heads
-        self.q_linear = nn.Linear(c, c)
-        self.kv_linear = nn.Linear(c, 2 * c)
-        self.proj = nn.Linear(c, c)
-
-    def forward(self, x: torch.Tensor, y: torch.Tensor, attn_mask: torch.Tensor | None,
-                row_keep: torch.Tensor | None) -> torch.Tensor:
-        """x (B, N, C); y (B, L, C) projected caption; attn_mask (B, 1, 1, L) bool or None (all
-        valid); row_keep (B, 1, 1) 0/1 or None (no sample without valid tokens). Both are built
-        once per forward by `cross_attn_masks`."""
-        b, n, c = x.shape
-        h = self.heads
-        q = self.q_linear(x).reshape(b, n, h, c // h).transpose(1, 2)  # (B, h, N, d)
-        k, v = self.kv_linear(y).reshape(b, -1, 2, h, c // h).permute(2, 0, 3, 1, 4)  # (B, h, L, d) x2
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-        o = o.transpose(1, 2).reshape(b, n, c)
-        if row_keep is not None:
-            o = o * row_keep.to(o.dtype)
-        return self.proj(o)
-
-
-def cross_attn_masks(mask: torch.Tensor):
-    """mask (B, L) bool -> (attn_mask (B, 1, 1, L) or None, row_keep (B, 1, 1) or None).
-
-    A sample with ZERO valid tokens would softmax over nothing (NaN): it attends to every token
-    and its cross-attention output is then multiplied by 0, i.e. attention to nothing adds nothing.
-    No mask at all when every token is valid (lets SDPA use its fastest kernel)."""
-    if bool(mask.all()):
-        return None, None
-    empty = ~mask.any(dim=1)  # (B,)
-    if bool(empty.any()):
-        return (mask | empty[:, None])[:, None, None, :], (~empty).float()[:, None, None]
-    return mask[:, None, None, :], None
-
-
-def t2i_modulate(x, shift, scale):
-    return x * (1 + scale) + shift
-
-
-class PixArtBlock(nn.Module):
-    def __init__(self, c: int, heads: int, mlp_ratio: float, kv_ratio: int = 1, kv_mode: str = "conv"):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(c, elementwise_affine=False, eps=1e-6)
-        self.attn = SelfAttention(c, heads, kv_ratio, kv_mode)
-        self.cross_attn = CrossAttention(c, heads)
-        self.norm2 = nn.LayerNorm(c, elementwise_affine=False, eps=1e-6)
-        self.mlp = Mlp(c, int(c * mlp_ratio), c)
-        self.scale_shift_table = nn.Parameter(torch.randn(6, c) / c ** 0.5)
-
-    def forward(self, x, y, attn_mask, row_keep, t0, gh: int, gw: int):
-        # x (B, N, C); t0 (B, 6C) from the shared t_block; y (B, L, C); masks from cross_attn_masks
-        b = x.shape[0]
-        mods = (self.scale_shift_table[None] + t0.reshape(b, 6, -1)).chunk(6, dim=1)  # 6 x (B, 1, C)
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods
-        x = x + gate_msa * self.attn(t2i_modulate(self.norm1(x), shift_msa, scale_msa), gh, gw)
-        x = x + self.cross_attn(x, y, attn_mask, row_keep)  # no norm, no gate (as the original)
-        x = x + gate_mlp * self.mlp(t2i_modulate(self.norm2(x), shift_mlp, scale_mlp))
-        return x
-
-
-class FinalLayer(nn.Module):
-    def __init__(self, c: int, p: int, cout: int):
-        super().__init__()
-        self.norm_final = nn.LayerNorm(c, elementwise_affine=False, eps=1e-6)
-        self.linear = nn.Linear(c, p * p * cout)
-        self.scale_shift_table = nn.Parameter(torch.randn(2, c) / c ** 0.5)
-
-    def forward(self, x, t):  # x (B, N, C), t (B, C) timestep embedding (before t_block)
-        shift, scale = (self.scale_shift_table[None] + t[:, None]).chunk(2, dim=1)
-        return self.linear(t2i_modulate(self.norm_final(x), shift, scale))
 
 
 # ----------------------------------------------------------------------------- the model
@@ -359,13 +187,19 @@ class PixArtSigma(nn.Module):
 
     # -- null caption ---------------------------------------------------------------------
     @torch.no_grad()
-    def set_null_embedding(self, emb: torch.Tensor):
-        """Use `emb` (n, caption_channels), e.g. the VALID tokens of T5(""), as the null caption."""
+    def set_null_embedding(self, emb: torch.Tensor, valid_tokens: int | None = None):
+        """Use `emb` (n, caption_channels) as the null caption: T5("") padded to max_length as the
+        official `load_checkpoint` writes it (see training.null). Its own mask keeps the first
+        `valid_tokens` (None: unchanged; 1 for T5, which encodes "" as the lone </s>)."""
         emb = emb.detach().reshape(-1, self.config.caption_channels)
         self.y_embedder.y_embedding = emb.to(self.y_embedder.y_embedding)
+        n = emb.shape[0]
+        valid = self.config.null_valid_tokens if valid_tokens is None else int(valid_tokens)
+        self.config = replace(self.config, null_tokens=n, null_valid_tokens=max(1, min(valid, n)))
 
     def null_caption(self, batch: int, length: int | None = None):
-        """(y (B, L, Cy), mask (B, L)) of the null caption padded/cropped to `length` tokens."""
+        """(y (B, L, Cy), own mask (B, L)): the null buffer cropped / zero-padded to L tokens
+        (default all of it); the own mask keeps its first null_valid_tokens."""
         e = self.y_embedder.y_embedding
         n = e.shape[0]
         length = n if length is None else length
@@ -373,7 +207,27 @@ class PixArtSigma(nn.Module):
         k = min(n, length)
         y[:, :k] = e[:k]
         mask = torch.zeros(batch, length, dtype=torch.bool, device=e.device)
-        mask[:, :k] = True
+        mask[:, :min(self.config.null_valid_tokens, length)] = True
+        return y, mask
+
+    def drop_captions(self, y: torch.Tensor, mask: torch.Tensor, drop: torch.Tensor):
+        """Caption dropout (training) and the unconditional CFG rows: rows where drop (B,) is true
+        see the null caption. y (B, L, Cy), mask (B, L) -> y (B, L', Cy), mask (B, L').
+        policy "own": y and mask are both replaced (L' >= null_valid_tokens);
+        policy "condition": y is replaced by the padded null and the caption's mask is kept, as the
+        official `CaptionEmbedder.token_drop` + `PixArtMS.forward` do (L' = L)."""
+        drop = drop.to(device=y.device, dtype=torch.bool)
+        if not bool(drop.any()):
+            return y, mask.bool()
+        mask = mask.bool()
+        if self.config.null_policy == "own":
+            extra = self.config.null_valid_tokens - y.shape[1]
+            if extra > 0:
+                y, mask = F.pad(y, (0, 0, 0, extra)), F.pad(mask, (0, extra))
+        ny, nm = self.null_caption(y.shape[0], y.shape[1])
+        y = torch.where(drop[:, None, None], ny.to(y.dtype), y)
+        if self.config.null_policy == "own":
+            mask = torch.where(drop[:, None], nm, mask)
         return y, mask
 
     # -- forward --------------------------------------------------------------------------
@@ -410,14 +264,8 @@ class PixArtSigma(nn.Module):
         drop = force_drop_ids.bool() if force_drop_ids is not None else None
         if drop is None and self.training and cfg.caption_dropout > 0:
             drop = torch.rand(b, device=x.device) < cfg.caption_dropout
-        if drop is not None and bool(drop.any()):
-            # The WHOLE null caption (Ln tokens) replaces y and mask: pad the batch to >= Ln.
-            extra = self.y_embedder.y_embedding.shape[0] - y.shape[1]
-            if extra > 0:
-                y, mask = F.pad(y, (0, 0, 0, extra)), F.pad(mask, (0, extra))
-            ny, nm = self.null_caption(b, y.shape[1])
-            y = torch.where(drop[:, None, None], ny.to(y.dtype), y)
-            mask = torch.where(drop[:, None], nm, mask)
+        if drop is not None:
+            y, mask = self.drop_captions(y, mask, drop)
 
         # Drop token columns that are padding for the whole batch: exact, and saves compute
         # (captions are padded to 300 but often much shorter).
@@ -439,34 +287,41 @@ class PixArtSigma(nn.Module):
         return self.unpatchify(h, gh, gw)
 
     def forward_with_cfg(self, x, timestep, y, mask, null_y, cfg_scale: float, null_mask=None):
-        """Classifier-free guidance in one batched pass of 2B. Guides the eps channels
-        (the first in_channels); the learned-variance channels come from the conditional branch.
-        null_y (B or 1, L', Cy) with null_mask (B or 1, L') (defaults to all valid)."""
+        """Classifier-free guidance in one batched pass of 2B. Guides the eps channels (the first
+        in_channels); the learned-variance channels come from the conditional branch.
+        null_y None: the model's null caption under its `null_policy` (exactly what caption
+        dropout trained: `drop_captions` on a copy of the batch). Otherwise an explicit negative
+        caption null_y (B or 1, L', Cy) under null_mask (B or 1, L') (default all valid)."""
         b = x.shape[0]
         if y.dim() == 4:
             y = y.squeeze(1)
-        if null_y.dim() == 4:
-            null_y = null_y.squeeze(1)
-        null_y = null_y.expand(b, -1, -1)
         if mask is None:
             mask = torch.ones(y.shape[:2], dtype=torch.bool, device=y.device)
-        if null_mask is None:
-            null_mask = torch.ones(null_y.shape[:2], dtype=torch.bool, device=y.device)
-        null_mask = null_mask.reshape(-1, null_y.shape[1]).expand(b, -1).bool()
-        length = max(y.shape[1], null_y.shape[1])
+        mask = mask.reshape(b, -1).bool()
+        if null_y is None:
+            yy, mm = self.drop_captions(torch.cat([y, y]), torch.cat([mask, mask]),
+                                        torch.arange(2 * b, device=y.device) >= b)
+        else:
+            if null_y.dim() == 4:
+                null_y = null_y.squeeze(1)
+            null_y = null_y.expand(b, -1, -1)
+            if null_mask is None:
+                null_mask = torch.ones(null_y.shape[:2], dtype=torch.bool, device=y.device)
+            null_mask = null_mask.reshape(-1, null_y.shape[1]).expand(b, -1).bool()
+            length = max(y.shape[1], null_y.shape[1])
 
-        def pad(t, m):
-            extra = length - t.shape[1]
-            if extra:
-                t = F.pad(t, (0, 0, 0, extra))
-                m = F.pad(m.bool(), (0, extra))
-            return t, m.bool()
+            def pad(t, m):
+                extra = length - t.shape[1]
+                if extra:
+                    t, m = F.pad(t, (0, 0, 0, extra)), F.pad(m, (0, extra))
+                return t, m
 
-        (yc, mc), (yn, mn) = pad(y, mask), pad(null_y.to(y.dtype), null_mask)
+            (yc, mc), (yn, mn) = pad(y, mask), pad(null_y.to(y.dtype), null_mask)
+            yy, mm = torch.cat([yc, yn]), torch.cat([mc, mn])
         if timestep.dim() == 0:
             timestep = timestep.expand(b)
-        out = self.forward(torch.cat([x, x]), torch.cat([timestep, timestep]), torch.cat([yc, yn]),
-                           torch.cat([mc, mn]), force_drop_ids=torch.zeros(2 * b, dtype=torch.bool, device=x.device))
+        out = self.forward(torch.cat([x, x]), torch.cat([timestep, timestep]), yy, mm,
+                           force_drop_ids=torch.zeros(2 * b, dtype=torch.bool, device=x.device))
         cond, uncond = out[:b], out[b:]
         ci = self.config.in_channels
         eps = uncond[:, :ci] + cfg_scale * (cond[:, :ci] - uncond[:, :ci])

@@ -7,25 +7,29 @@ ranks when several logged) and returns the summary it prints.
 """
 from __future__ import annotations
 
+import io
 import json
-import os
 import sys
-from pathlib import Path
+
+from common import fs
 
 
-def read_logs(output_dir: Path) -> dict[int, list[dict]]:
+def read_logs(output_dir) -> dict[int, list[dict]]:
     """rank -> its `step` events in order (a resumed run appends; later lines win per step)."""
     runs: dict[int, list[dict]] = {}
-    for f in sorted((Path(output_dir) / "logs").glob("rank-*.jsonl")):
+    logs = fs.join(fs.normalize(output_dir), "logs")
+    for name in fs.listdir(logs):
+        if not (name.startswith("rank-") and name.endswith(".jsonl")):
+            continue
         by_step: dict[int, dict] = {}
-        for line in f.read_text().splitlines():
+        for line in fs.read_text(fs.join(logs, name)).splitlines():
             try:
                 ev = json.loads(line)
             except json.JSONDecodeError:  # a line cut by a kill: skip it
                 continue
             if ev.get("event") == "step":
                 by_step[int(ev["step"])] = ev
-        runs[int(f.stem.split("-")[1])] = [by_step[s] for s in sorted(by_step)]
+        runs[int(name[len("rank-"):-len(".jsonl")])] = [by_step[s] for s in sorted(by_step)]
     return runs
 
 
@@ -40,7 +44,7 @@ def summary(runs: dict[int, list[dict]]) -> dict:
             "samples_per_s_rank0_median": round(sorted(sps)[len(sps) // 2], 2) if sps else None}
 
 
-def plot(runs: dict[int, list[dict]], target: Path) -> Path | None:
+def plot(runs: dict[int, list[dict]], target: str) -> str | None:
     r0 = runs.get(0) or []
     if not r0:
         return None
@@ -68,17 +72,16 @@ def plot(runs: dict[int, list[dict]], target: Path) -> Path | None:
         a.set_xlabel("step", fontsize=8)
     ax[0, 0].set_title("diffusion loss (eps MSE + VB)", fontsize=9)
     fig.tight_layout()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}.png")
-    fig.savefig(tmp, dpi=100)
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=100, format="png")
     plt.close(fig)
-    os.replace(tmp, target)
+    fs.write_bytes(target, buf.getvalue())  # atomic, local or object store
     return target
 
 
 def write_report(output_dir) -> dict:
-    runs = read_logs(Path(output_dir))
-    png = plot(runs, Path(output_dir) / "training_curves.png")
+    runs = read_logs(output_dir)
+    png = plot(runs, fs.join(fs.normalize(output_dir), "training_curves.png"))
     return {**summary(runs), "curves": str(png) if png else None}
 
 

@@ -5,17 +5,20 @@ Library (stable API for eval code):
       -> (B, 4, height/8, width/8) float32 latents (UNscaled: as the DiT sees them)
   decode_latents(vae, latents, scale_factor=0.13025) -> (B, H, W, 3) uint8 numpy
   encode_prompts(tokenizer, t5, prompts, max_length=300) -> (y (B, L, D), mask (B, L))
-  load_dit(path, preset=...) -> model (a training checkpoint folder, a stage output, a diffusers
-      PixArtTransformer2DModel folder, or an official/plain .pth / .safetensors state dict)
+  load_dit(path, image_size=None, null=None, ...) -> model (a training checkpoint folder, a stage
+      output, a diffusers transformer / pipeline folder, or an official/plain .pth / .safetensors)
 
 CLI:
   python -m training.sample --checkpoint CKPT_OR_DIR (--prompts FILE | --prompt TEXT) --t5 PATH
       --vae PATH --out DIR [--height 1024 --width 1024 --steps --cfg 4.5 --seed 0 --sampler dpm|iddpm]
 
 Image i of a run uses initial noise from seed + i, so results do not depend on the batch size
-(DPM-Solver++ is deterministic given the noise). The unconditional branch uses the model's own
-null caption (`y_embedder.y_embedding`, what caption dropout trained) unless --negative-prompt is
-given, which is then encoded with T5 (valid tokens only).
+(DPM-Solver++ is deterministic given the noise). The unconditional branch uses the model's null
+caption under its `null_policy` (what caption dropout trained): T5("") under its own mask for our
+and diffusers-origin weights (= diffusers' PixArtSigmaPipeline), the 300-token null under the
+prompt's mask for official-origin `.pth` weights (= PixArtMS.forward). The CLI always sets the null
+to T5("") of --t5 (the official load_checkpoint does the same on every load); --negative-prompt
+replaces it by T5(text) (valid tokens only).
 """
 from __future__ import annotations
 
@@ -58,8 +61,9 @@ def sample_latents(model, y: torch.Tensor, mask: torch.Tensor | None, null_y: to
                    height: int, width: int, steps: int | None = None, cfg: float = 4.5, sampler: str = "dpm",
                    seed: int = 0, null_mask: torch.Tensor | None = None, progress: bool = False) -> torch.Tensor:
     """Generate latents for captions y (B, L, D) / mask (B, L) at an image size height x width
-    (pixels; a multiple of 8 * patch). null_y (Ln, D) or (B, Ln, D), None = the model's null
-    caption; null_mask defaults to all valid. cfg <= 1 disables guidance."""
+    (pixels; a multiple of 8 * patch). null_y (Ln, D) or (B, Ln, D) with null_mask (default all
+    valid) = an explicit negative caption; None = the model's null caption under its null_policy
+    (`PixArtSigma.forward_with_cfg`). cfg <= 1 disables guidance."""
     if sampler not in DEFAULT_STEPS:
         raise ValueError(f"sampler must be one of {list(DEFAULT_STEPS)}, got {sampler!r}")
     steps = steps or DEFAULT_STEPS[sampler]
@@ -71,13 +75,12 @@ def sample_latents(model, y: torch.Tensor, mask: torch.Tensor | None, null_y: to
     b = y.shape[0]
     y = y.to(dev, dtype)
     mask = torch.ones(y.shape[:2], dtype=torch.bool, device=dev) if mask is None else mask.to(dev).bool()
-    if null_y is None:
-        null_y, null_mask = model.null_caption(1)
-    null_y = null_y.to(dev, dtype)
-    if null_y.dim() == 2:
-        null_y = null_y[None]
-    if null_mask is not None:
-        null_mask = null_mask.to(dev).bool().reshape(null_y.shape[0], -1)
+    if null_y is not None:
+        null_y = null_y.to(dev, dtype)
+        if null_y.dim() == 2:
+            null_y = null_y[None]
+        if null_mask is not None:
+            null_mask = null_mask.to(dev).bool().reshape(null_y.shape[0], -1)
     cin = model.config.in_channels
 
     def eps_fn(x, t):
@@ -138,25 +141,42 @@ def encode_prompts(tokenizer, t5, prompts: list[str], max_length: int = 300):
     return y.float(), am.bool()
 
 
-def load_dit(path, preset: str = "PixArt-XL/2", device="cpu", **overrides):
-    """A training checkpoint folder (or stage output), a diffusers folder, or a state-dict file."""
+def load_dit(path, preset: str = "PixArt-XL/2", device="cpu", image_size: int | None = None,
+             version: str = "sigma", null=None, trust_pickle: bool = False, **overrides):
+    """A training checkpoint folder or stage output (local or URI; PE and null policy from its
+    meta), a diffusers transformer or pipeline folder, or a state-dict file (PE from its saved
+    model_config, else `image_size` / `version` are required, as the official converter's
+    --image_size). `null` (training.null source or a computed (emb, valid)) overwrites the null
+    caption; a diffusers folder needs one (a pipeline folder brings its T5)."""
     from training import convert
+    from training.checkpoint import is_checkpoint_source, load_model
 
-    p = Path(path)
-    if p.is_dir():
-        if (p / "config.json").exists() and not (p / "meta.json").exists():
-            model = convert.from_diffusers(p)
-        else:
-            from training.checkpoint import load_model
-            model = load_model(p, device="cpu")
-        if overrides:
-            import dataclasses
-            sd = model.state_dict()
-            model = type(model)(dataclasses.replace(model.config, **overrides))
-            convert.load_into(model, sd)
+    spath = str(path)
+    if is_checkpoint_source(spath):
+        model = load_model(spath, device="cpu")
+        if null is not None:
+            model.set_null_embedding(*_null(null, model, trust_pickle))
+    elif os.path.isdir(os.path.expanduser(spath)):
+        if null is None and convert.pipeline_root(spath) is None:
+            raise ValueError(f"{spath}: diffusers weights carry no null caption (diffusers encodes \"\" with T5 "
+                             "when sampling): pass null= / --t5 (a T5 folder or a null file)")
+        model = convert.from_diffusers(spath, null=None if null is None else _null(null, None, trust_pickle))
     else:
-        model = convert.load_official(p, preset, **overrides)
+        model = convert.load_official(spath, preset, image_size, version, trust_pickle=trust_pickle)
+        if null is not None:
+            model.set_null_embedding(*_null(null, model, trust_pickle))
+    if overrides:
+        import dataclasses
+        sd = model.state_dict()
+        model = type(model)(dataclasses.replace(model.config, **overrides))
+        convert.load_into(model, sd)
     return model.to(device).eval()
+
+
+def _null(null, model, trust_pickle: bool):
+    from training.null import null_from
+
+    return null_from(null, model.config.null_tokens if model is not None else 300, trust_pickle)
 
 
 def _slug(text: str, n: int = 40) -> str:
@@ -173,6 +193,10 @@ def main(argv=None) -> None:
     ap.add_argument("--vae", required=True, help="AutoencoderKL folder")
     ap.add_argument("--out", required=True, help="output folder for PNGs")
     ap.add_argument("--preset", default="PixArt-XL/2", help="model preset for plain state-dict files")
+    ap.add_argument("--image-size", type=int, default=None,
+                    help="resolution an official .pth was trained at (its PE; required for files that do not record it)")
+    ap.add_argument("--version", choices=["sigma", "alpha"], default="sigma", help="PE table of --image-size")
+    ap.add_argument("--trust-pickle", action="store_true", help="allow .pth files that need a full pickle load")
     ap.add_argument("--height", type=int, default=1024)
     ap.add_argument("--width", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=None, help="default 20 (dpm) / 100 (iddpm)")
@@ -196,9 +220,16 @@ def main(argv=None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    model = load_dit(args.checkpoint, args.preset, device=args.device)
     tokenizer = AutoTokenizer.from_pretrained(args.t5)
     t5 = T5EncoderModel.from_pretrained(args.t5).to(args.device).eval()
+    from training.null import encode_null
+
+    try:  # the null caption is T5("") of this T5, whatever the weights carried (official rule)
+        model = load_dit(args.checkpoint, args.preset, device=args.device, image_size=args.image_size,
+                         version=args.version, null=encode_null(tokenizer, t5, args.max_length),
+                         trust_pickle=args.trust_pickle)
+    except ValueError as e:  # incl. training.files.PickleRefused and a missing --image-size
+        raise SystemExit(f"sample: {e}")
     vae = AutoencoderKL.from_pretrained(args.vae).to(args.device).eval()
     scale = args.scale_factor or getattr(vae.config, "scaling_factor", None) or 0.13025
     null_y = null_mask = None

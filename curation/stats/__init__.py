@@ -6,11 +6,13 @@ Entry points:
   [--output DIR] [--set k=v] [--paper]`: the same, plus the table printed (and the paper's rows).
 
 What it writes:
-- `<output>/stats/caption_nouns.parquet`: one row per (key, caption kind) with words, n_nouns, nouns
-  (lowercase lemmas), error; resumable per manifest part (see extract.py).
+- `<output>/stats/nouns/part-NNNNN.parquet`: per manifest part, one row per (key, caption kind) with
+  words, n_nouns, nouns (lowercase lemmas), error; written by Ray workers, resumable per part
+  (see extract.py).
 - `<output>/report/table1.csv` (exact numbers) and `table1.md` (the paper's layout),
   `caption_length_hist.png` (Figure 6), `aesthetic_hist.png`, `status_breakdown.png`,
-  `stats_setup.sql` + `stats_slices.sql` (to rerun the same SQL in the duckdb CLI).
+  `stats_setup.sql` + `stats_slices.sql` (to rerun the same SQL in the duckdb CLI, local outputs).
+All of it through common.fs: the output may be a local folder or an object-store URI.
 
 Definitions (nouns.py and curation/sql/table1.sql give the details):
 - caption kinds: raw (alt text), long (captioner), derived_short (short caption derived from the long
@@ -23,28 +25,24 @@ Definitions (nouns.py and curation/sql/table1.sql give the details):
 """
 from __future__ import annotations
 
-import os
 import time
-from pathlib import Path
 
+from common import fs
 from curation.stats import report, table1
-from curation.stats.extract import extract_nouns, nouns_path
+from curation.stats.extract import extract_nouns, nouns_dir
 
-__all__ = ["run_stats", "build_report", "extract_nouns", "nouns_path"]
-
-
-def _write_text(target: Path, text: str) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, target)
+__all__ = ["run_stats", "build_report", "extract_nouns", "nouns_dir"]
 
 
-def build_report(outs: list[Path], names: list[str], scfg, report_dir: Path, aesthetic_min: float | None = None,
+def build_report(outs: list[str], names: list[str], scfg, report_dir: str, aesthetic_min: float | None = None,
                  paper: bool = False) -> dict:
     """Run the SQL over the outputs' manifests and caption nouns; write tables and figures."""
-    report_dir = Path(report_dir)
-    outs = [Path(o).resolve() for o in outs]
+    report_dir = fs.normalize(report_dir)
+    outs = [fs.normalize(o) for o in outs]
+
+    def at(name: str) -> str:
+        return fs.join(report_dir, name)
+
     con = table1.connect(outs, names, scfg.slices, scfg.vn_min_count)
     try:
         t1 = table1.query(con, "table1")
@@ -54,32 +52,32 @@ def build_report(outs: list[Path], names: list[str], scfg, report_dir: Path, aes
     finally:
         con.close()
     rows = table1.display_rows(t1, paper=paper)
-    _write_text(report_dir / "table1.csv", table1.to_csv(t1))
-    _write_text(report_dir / "table1.md", "# Caption statistics (PixArt-Sigma Table 1 layout)\n\n"
-                + table1.to_markdown(table1.display_rows(t1, paper=True)) + "\n" + table1.cli_help(report_dir))
-    _write_text(report_dir / "stats_setup.sql", table1.setup_sql(outs, names, scfg.vn_min_count))
-    _write_text(report_dir / "stats_slices.sql", table1.slices_sql(scfg.slices))
-    figures = [report.caption_length_hist(lengths, report_dir / "caption_length_hist.png"),
-               report.aesthetic_hist(aes, report_dir / "aesthetic_hist.png", aesthetic_min),
-               report.status_breakdown(status, report_dir / "status_breakdown.png")]
+    fs.write_text(at("table1.csv"), table1.to_csv(t1))
+    fs.write_text(at("table1.md"), "# Caption statistics (PixArt-Sigma Table 1 layout)\n\n"
+                  + table1.to_markdown(table1.display_rows(t1, paper=True)) + "\n" + table1.cli_help(report_dir))
+    fs.write_text(at("stats_setup.sql"), table1.setup_sql(outs, names, scfg.vn_min_count))
+    fs.write_text(at("stats_slices.sql"), table1.slices_sql(scfg.slices))
+    figures = [report.caption_length_hist(lengths, at("caption_length_hist.png")),
+               report.aesthetic_hist(aes, at("aesthetic_hist.png"), aesthetic_min),
+               report.status_breakdown(status, at("status_breakdown.png"))]
     return {"table": t1, "rows": rows, "text": table1.to_text(rows),
-            "files": [str(report_dir / n) for n in ("table1.csv", "table1.md")] + [str(f) for f in figures]}
+            "files": [at("table1.csv"), at("table1.md")] + figures}
 
 
-def run_stats(cfg, out: Path, progress: bool = True) -> dict:
+def run_stats(cfg, out: str, progress: bool = True) -> dict:
     """The stats stage: nouns of every caption (resumable), then Table 1 + figures into <out>/report."""
     from common import manifest
 
-    out = Path(out)
+    out = fs.normalize(out)
     if not manifest.list_parts(out):
         return {"skipped": "no manifest parts yet"}
     t0 = time.time()
     ext = extract_nouns(cfg, out, progress)
     t1 = time.time()
-    rep = build_report([out], [cfg.name], cfg.stats, out / "report", cfg.select.aesthetic_min)
+    rep = build_report([out], [cfg.name], cfg.stats, fs.join(out, "report"), cfg.select.aesthetic_min)
     table = rep["table"].to_pylist()
     return {**{k: v for k, v in ext.items() if k != "path"}, "extract_s": round(t1 - t0, 2),
             "report_s": round(time.time() - t1, 2), "table1_rows": len(table),
             "all": {r["caption"]: {"volume": r["volume"], "vn": r["vn"], "dn": r["dn"], "acl": round(r["acl"], 1)}
                     for r in table if r["dataset"] == "all"},
-            "report": str(out / "report")}
+            "report": fs.join(out, "report")}

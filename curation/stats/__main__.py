@@ -10,14 +10,17 @@ pipelines, Table 1 also has rows for their union (pipeline `a+b`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 
-for _k, _v in {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}.items():
-    os.environ.setdefault(_k, _v)
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+if not os.environ.get("RAY_ADDRESS"):  # embedded Ray on the loopback address; never for a cluster's job
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 from common.config import ConfigError, save_resolved  # noqa: E402
+from common.runlock import run_lock  # noqa: E402
 from curation.config import load_pipeline  # noqa: E402
 
 
@@ -36,7 +39,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
-    from common import manifest
+    from common import fs, manifest
     from curation.stats import build_report, extract_nouns
 
     args = parse_args(argv)
@@ -51,13 +54,10 @@ def main(argv=None) -> int:
             if not manifest.list_parts(cfg.out):
                 raise ConfigError(f"{cfg.out} has no manifest: run `python -m curation.run --pipeline {cfg.name}` first")
         primary = cfgs[0]
-        save_resolved(primary, primary.out, extra={"entry_point": "curation.stats",
-                                                   "compared_with": [c.name for c in cfgs[1:]]})
-        for cfg in cfgs:
-            print(f"--- caption nouns: {cfg.name} ({cfg.out})", flush=True)
-            print(json.dumps(extract_nouns(cfg, cfg.out, progress=not args.no_progress)), flush=True)
-        rep = build_report([c.out for c in cfgs], [c.name for c in cfgs], primary.stats, primary.out / "report",
-                           primary.select.aesthetic_min, paper=args.paper)
+        with contextlib.ExitStack() as locks:  # one writer per output: it writes nouns into each
+            for out in dict.fromkeys(c.out for c in cfgs):
+                locks.enter_context(run_lock(out))
+            rep = _run(args, cfgs, primary, extract_nouns, build_report)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -65,6 +65,18 @@ def main(argv=None) -> int:
     print(rep["text"])
     print("written:\n  " + "\n  ".join(rep["files"]))
     return 0
+
+
+def _run(args, cfgs, primary, extract_nouns, build_report) -> dict:
+    from common import fs
+
+    save_resolved(primary, primary.out, extra={"entry_point": "curation.stats",
+                                               "compared_with": [c.name for c in cfgs[1:]]})
+    for cfg in cfgs:
+        print(f"--- caption nouns: {cfg.name} ({cfg.out})", flush=True)
+        print(json.dumps(extract_nouns(cfg, cfg.out, progress=not args.no_progress)), flush=True)
+    return build_report([c.out for c in cfgs], [c.name for c in cfgs], primary.stats, fs.join(primary.out, "report"),
+                        primary.select.aesthetic_min, paper=args.paper)
 
 
 if __name__ == "__main__":

@@ -1,39 +1,37 @@
-"""Resumable noun extraction over the manifest: `<output>/stats/caption_nouns.parquet`.
+"""Resumable noun extraction over the manifest: `<output>/stats/nouns/part-NNNNN.parquet`.
 
-Per manifest part, the texts to tag (`nouns.caption_rows`) are hashed together with the extraction
-settings (spaCy model + version, POS set, max_chars). A part whose cache file
-`stats/nouns/part-NNNNN.parquet` carries the same fingerprint is skipped; the others go through
-spaCy actors on Ray Data in rounds of at most `chunk_rows` captions (bounded driver memory), and each
-part is committed atomically as soon as all its rows are back. A killed run therefore resumes at
-part granularity. `caption_nouns.parquet` is then rebuilt (streamed, atomic) only when the set of
-part fingerprints changed.
+Stage IO is common.partstage: per manifest part a plan task computes the texts to tag
+(`nouns.caption_rows`) and hashes them together with the extraction settings (spaCy model +
+version, POS set, max_chars). A part whose noun file carries the same fingerprint is skipped; the
+others are read again on the workers (`_read_texts`), tagged by spaCy actors on Ray Data, and each
+part's noun file is written by a commit task on a worker, atomically (one PUT on object stores),
+with the fingerprint and its row / error counts in the parquet footer. The driver sees counts
+only. A killed run therefore resumes at part granularity. The SQL (curation/sql) reads the
+per-part files directly: there is no assembled table to rebuild.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from common import manifest
+from common import fs, manifest
 from common.config import fingerprint
-from curation.stats.nouns import KINDS, NOUN_SCHEMA, NounTagger, caption_rows
+from curation.stats.nouns import KINDS, NOUN_SCHEMA, SOURCE_COLUMNS, NounTagger, caption_rows
 
 STATS_DIR = "stats"
-NOUNS_FILE = "caption_nouns.parquet"
-CACHE_DIR = "nouns"
+NOUNS_DIR = "nouns"
+STAGE = "stats"
 _META = b"sigma.stats"
 
 
-def nouns_path(out: Path) -> Path:
-    return Path(out) / STATS_DIR / NOUNS_FILE
+def nouns_dir(out: str) -> str:
+    return fs.join(fs.normalize(out), STATS_DIR, NOUNS_DIR)
 
 
-def cache_path(out: Path, part: int) -> Path:
-    return Path(out) / STATS_DIR / CACHE_DIR / f"part-{part:05d}.parquet"
+def nouns_uri(out: str, part: int) -> str:
+    return fs.join(nouns_dir(out), f"part-{part:05d}.parquet")
 
 
 def settings_fingerprint(scfg) -> str:
@@ -55,21 +53,32 @@ def texts_fingerprint(texts: pa.Table, settings_fp: str) -> str:
     return h.hexdigest()[:16]
 
 
-def _read_fp(path: Path) -> str | None:
-    if not path.exists():
-        return None
+def read_meta(out: str, part: int) -> dict:
+    """{fp, rows, errors} recorded in a part's noun file ({} when absent or unreadable: redone)."""
     try:
-        meta = pq.read_schema(path).metadata or {}
-        return json.loads(meta.get(_META, b"{}")).get("fp")
-    except Exception:  # noqa: BLE001 - a torn/foreign file is simply redone
-        return None
+        meta = fs.read_parquet_schema(nouns_uri(out, part)).metadata or {}
+        return json.loads(meta.get(_META, b"{}"))
+    except Exception:  # noqa: BLE001 - a missing, torn or foreign file is simply redone
+        return {}
 
 
-def _write_atomic(table: pa.Table, target: Path, fp: str) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
-    pq.write_table(table.replace_schema_metadata({_META: json.dumps({"fp": fp}).encode()}), tmp, compression="zstd")
-    os.replace(tmp, target)
+def part_texts(out: str, part: int) -> pa.Table:
+    return caption_rows(manifest.read_part(out, part, list(SOURCE_COLUMNS)))
+
+
+def plan_part(part: int, out: str, settings_fp: str) -> dict:
+    """Plan task: the part's text count and fingerprint, and whether its noun file is current."""
+    texts = part_texts(out, part)
+    fp = texts_fingerprint(texts, settings_fp)
+    meta = read_meta(out, part)
+    return {"part": part, "n": texts.num_rows, "fp": fp, "cached": meta.get("fp") == fp,
+            "rows": meta.get("rows", 0), "errors": meta.get("errors", 0)}
+
+
+def _read_texts(item: dict):
+    """flat_map step: the (key, kind, text) rows of one part, tagged with the part."""
+    for r in part_texts(item["out"], item["part"]).to_pylist():
+        yield {"_part": item["part"], **r}
 
 
 def _sorted(table: pa.Table) -> pa.Table:
@@ -79,82 +88,63 @@ def _sorted(table: pa.Table) -> pa.Table:
     return table.append_column("_r", rank).sort_by([("_r", "ascending"), ("key", "ascending")]).drop_columns(["_r"])
 
 
-def _run_round(pending: list[tuple[int, pa.Table, str]], out: Path, scfg, ray_cfg, progress: bool) -> int:
-    """Tag one round of parts on Ray Data (actor pool of spaCy taggers); commit each part as it completes."""
-    from common.raystage import PART_COL, collect_by_part, init_ray, map_stage
-    from curation.config import Resources
+def commit_part(part: int, table: pa.Table | None, out: str, fps: dict) -> dict:
+    """Commit task (on a worker): the part's noun rows, sorted, written atomically with their
+    fingerprint and counts in the footer."""
+    t = NOUN_SCHEMA.empty_table() if table is None else _sorted(table.select(NOUN_SCHEMA.names).cast(NOUN_SCHEMA))
+    errors = t.num_rows - t.column("error").null_count
+    meta = {"fp": fps[part], "rows": t.num_rows, "errors": errors}
+    fs.write_parquet(nouns_uri(out, part), t.replace_schema_metadata({_META: json.dumps(meta).encode()}))
+    return {"rows": t.num_rows, "errors": errors}
 
-    init_ray(ray_cfg)
+
+def nouns_dataset(out: str):
+    """The noun rows of the manifest's parts as a lazy pyarrow dataset (or an empty table) for DuckDB."""
+    import pyarrow.dataset as pads
+
+    files = [u for u in (nouns_uri(out, p) for p in manifest.list_parts(out)) if fs.exists(u)]
+    if not files:
+        return NOUN_SCHEMA.empty_table()
+    fsys, _ = fs.resolve(files[0])
+    return pads.dataset([fs.resolve(f)[1] for f in files], schema=NOUN_SCHEMA, filesystem=fsys, format="parquet")
+
+
+def extract_nouns(cfg, out: str, progress: bool = True) -> dict:
+    """Bring stats/nouns/ up to date with the manifest; returns counts."""
     import ray
-    from ray.data import DataContext
 
-    if not progress:
-        DataContext.get_current().enable_progress_bars = False
+    from common.config import Resources
+    from common.partstage import commit_groups, nodes_of, run_tasks
+    from common.raystage import init_ray, map_stage
 
-    blocks, expected, fps = [], {}, {}
-    for part, texts, fp in pending:
-        expected[part], fps[part] = texts.num_rows, fp
-        t = texts.append_column(PART_COL, pa.array([part] * texts.num_rows, pa.int32()))
-        # Blocks of one batch each, so the actor pool gets work in parallel even from a single part.
-        blocks += [t.slice(i, scfg.batch_size) for i in range(0, t.num_rows, scfg.batch_size)]
-    ds = ray.data.from_arrow(blocks)
-    res = Resources(batch_size=scfg.batch_size, actors=min(scfg.workers, len(blocks)), num_cpus=scfg.num_cpus)
-    ds = map_stage(ds, NounTagger, res, constructor_kwargs={
-        "spacy_model": scfg.spacy_model, "pos": tuple(scfg.pos), "max_chars": scfg.max_chars,
-        "pipe_batch": scfg.batch_size})
-
-    def on_part(part: int, table: pa.Table) -> None:
-        _write_atomic(_sorted(table.select(NOUN_SCHEMA.names).cast(NOUN_SCHEMA)), cache_path(out, part), fps[part])
-
-    collect_by_part(ds, expected, on_part, desc="caption nouns", progress=progress)
-    return sum(expected.values())
-
-
-def extract_nouns(cfg, out: Path, progress: bool = True) -> dict:
-    """Bring stats/caption_nouns.parquet up to date with the manifest; returns counts."""
-    out = Path(out)
-    scfg = cfg.stats
-    settings_fp = settings_fingerprint(scfg)
+    out, scfg = fs.normalize(out), cfg.stats
+    init_ray(getattr(cfg, "ray", None))
     parts = manifest.list_parts(out)
-    part_fps: dict[int, str] = {}
-    pending: list[tuple[int, pa.Table, str]] = []
-    n_pending = tagged = skipped = 0
-    for p in parts:
-        texts = caption_rows(manifest.read_part(out, p))
-        fp = texts_fingerprint(texts, settings_fp)
-        part_fps[p] = fp
-        if _read_fp(cache_path(out, p)) == fp:
-            skipped += 1
-            continue
-        if texts.num_rows == 0:
-            _write_atomic(NOUN_SCHEMA.empty_table(), cache_path(out, p), fp)
-            continue
-        pending.append((p, texts, fp))
-        n_pending += texts.num_rows
-        if n_pending >= scfg.chunk_rows:
-            tagged += _run_round(pending, out, scfg, cfg.ray, progress)
-            pending, n_pending = [], 0
-    if pending:
-        tagged += _run_round(pending, out, scfg, cfg.ray, progress)
-
-    # Assemble the one table the SQL reads, only when some part changed.
-    target = nouns_path(out)
-    all_fp = hashlib.sha256(json.dumps(sorted(part_fps.items())).encode()).hexdigest()[:16]
-    rows = errors = 0
-    if _read_fp(target) != all_fp:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
-        schema = NOUN_SCHEMA.with_metadata({_META: json.dumps({"fp": all_fp}).encode()})
-        with pq.ParquetWriter(tmp, schema, compression="zstd") as w:
-            for p in parts:
-                t = pq.read_table(cache_path(out, p)).select(NOUN_SCHEMA.names).cast(NOUN_SCHEMA)
-                errors += t.num_rows - t.column("error").null_count
-                rows += t.num_rows
-                w.write_table(t.replace_schema_metadata(schema.metadata))
-        os.replace(tmp, target)
-        rebuilt = True
-    else:
-        err = pq.read_table(target, columns=["error"]).column("error")
-        rows, errors, rebuilt = len(err), len(err) - err.null_count, False
-    return {"parts": len(parts), "parts_skipped": skipped, "captions_tagged": tagged, "noun_rows": rows,
-            "tag_errors": errors, "rebuilt": rebuilt, "path": str(target)}
+    plans = run_tasks(plan_part, parts, kwargs={"out": out, "settings_fp": settings_fingerprint(scfg)},
+                      desc="caption nouns plan", progress=progress)
+    todo = [p for p in plans if not p["cached"]]
+    expected, fps = {p["part"]: p["n"] for p in todo}, {p["part"]: p["fp"] for p in todo}
+    busy = [p for p, n in expected.items() if n]
+    ds = None
+    if busy:
+        ds = ray.data.from_items([{"out": out, "part": p} for p in busy], override_num_blocks=len(busy))
+        ds = ds.flat_map(_read_texts)
+        # The spaCy actors never take every CPU: the read and piece-writing tasks need a slot too
+        # (an actor pool holding all CPUs of a 2-core machine would wait forever for its input).
+        room = max(1, int((ray.cluster_resources().get("CPU", 1) - 0.5) // scfg.num_cpus))
+        res = Resources(batch_size=scfg.batch_size, actors=min(scfg.workers, sum(expected.values()), room),
+                        num_cpus=scfg.num_cpus)
+        ds = map_stage(ds, NounTagger, res, constructor_kwargs={
+            "spacy_model": scfg.spacy_model, "pos": tuple(scfg.pos), "max_chars": scfg.max_chars,
+            "pipe_batch": scfg.batch_size})
+    done = commit_groups(ds, expected, commit_part, out=out, stage=STAGE, kwargs={"out": out, "fps": fps},
+                         desc="caption nouns", progress=progress)
+    keep = {fs.basename(nouns_uri(out, p)) for p in parts}  # files of parts no longer in the manifest
+    for name in fs.listdir(nouns_dir(out)):
+        if name not in keep:
+            fs.delete(fs.join(nouns_dir(out), name))
+    rows = sum(done[p["part"]]["rows"] if p["part"] in done else p["rows"] for p in plans)
+    errors = sum(done[p["part"]]["errors"] if p["part"] in done else p["errors"] for p in plans)
+    return {"parts": len(parts), "parts_skipped": len(plans) - len(todo), "captions_tagged": sum(expected.values()),
+            "noun_rows": rows, "tag_errors": errors, "path": nouns_dir(out),
+            "nodes": nodes_of(list(plans) + list(done.values()))}

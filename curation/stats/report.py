@@ -1,13 +1,11 @@
 """Figures of the stats stage (matplotlib, Agg): caption-length histograms (paper Figure 6),
 aesthetic-score histogram, status / reject-reason breakdown. Each takes the pyarrow result of its
 SQL file (curation/sql/*.sql: already aggregated, so plotting cost does not grow with the data)
-and writes one PNG atomically.
+and writes one PNG atomically (common.fs: local or object store).
 """
 from __future__ import annotations
 
-import os
 from collections import defaultdict
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -28,11 +26,15 @@ def _plt():
     return plt
 
 
-def _save(fig, target: Path) -> Path:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.stem}.tmp{os.getpid()}.png")
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    os.replace(tmp, target)
+def _save(fig, target: str) -> str:
+    """PNG bytes -> one atomic write through common.fs (local file or object)."""
+    import io
+
+    from common import fs
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+    fs.write_bytes(target, buf.getvalue())
     return target
 
 
@@ -42,7 +44,7 @@ def _empty(ax, text: str) -> None:
     ax.set_yticks([])
 
 
-def caption_length_hist(lengths: pa.Table, target: Path) -> Path:
+def caption_length_hist(lengths: pa.Table, target: str) -> str:
     """Overlaid histograms of caption length in words per caption kind, one panel per pipeline.
 
     `lengths`: pipeline, kind, words, captions (caption_lengths.sql). Y is the share of the kind's
@@ -86,7 +88,7 @@ def caption_length_hist(lengths: pa.Table, target: Path) -> Path:
     return out
 
 
-def aesthetic_hist(bins: pa.Table, target: Path, threshold: float | None = None) -> Path:
+def aesthetic_hist(bins: pa.Table, target: str, threshold: float | None = None) -> str:
     """Rows per 0.1-wide aesthetic-score bin, selected rows stacked on the rest (aesthetic_hist.sql)."""
     plt = _plt()
     rows = bins.to_pylist()
@@ -115,7 +117,7 @@ def aesthetic_hist(bins: pa.Table, target: Path, threshold: float | None = None)
     return out
 
 
-def status_breakdown(counts: pa.Table, target: Path) -> Path:
+def status_breakdown(counts: pa.Table, target: str) -> str:
     """Horizontal bars: rows per status (left), rows per reject reason (right) (status_breakdown.sql)."""
     plt = _plt()
     rows = counts.to_pylist()

@@ -1,8 +1,11 @@
 """Run the caption-statistics SQL (curation/sql/*.sql) with DuckDB and format paper Table 1.
 
 The SQL files run unchanged in the duckdb CLI and here: they read the views of `views.sql`, which
-take their parameters from DuckDB variables (`SET VARIABLE outs = [...]`). `setup_sql` writes those
-SET statements, `slices_sql` the view of the configured slices; both are also saved under
+take their parameters from DuckDB variables (`SET VARIABLE outs = [...]`) and read two source views.
+Here the sources are pyarrow datasets registered in DuckDB (`common.manifest.manifest_dataset`, the
+per-part noun files), scanned lazily through common.fs: local and object-store outputs alike. The
+CLI defines them with `files.sql` (local globs: local outputs only). `setup_sql` writes the SET
+statements, `slices_sql` the view of the configured slices; both are also saved under
 `<output>/report/` so the same numbers can be reproduced in the CLI.
 """
 from __future__ import annotations
@@ -38,7 +41,9 @@ def _lit(s: str) -> str:
 
 def setup_sql(outs: list[str | Path], pipelines: list[str] | None = None, vn_min_count: int = 10) -> str:
     """SET VARIABLE statements that parameterise views.sql (valid in the CLI and in Python)."""
-    lines = [f"SET VARIABLE outs = [{', '.join(_lit(str(Path(o))) for o in outs)}];"]
+    from common import fs
+
+    lines = [f"SET VARIABLE outs = [{', '.join(_lit(fs.normalize(o)) for o in outs)}];"]
     if pipelines:
         lines.append(f"SET VARIABLE pipelines = [{', '.join(_lit(p) for p in pipelines)}];")
     lines.append(f"SET VARIABLE vn_min_count = {int(vn_min_count)};")
@@ -54,12 +59,28 @@ def slices_sql(slices: dict[str, str]) -> str:
     return "CREATE OR REPLACE TEMP VIEW extra_slices AS\n" + "\nUNION ALL\n".join(parts) + ";\n"
 
 
+def register_sources(con, outs) -> None:
+    """manifest_files / caption_nouns_files (see views.sql) over pyarrow datasets of each output."""
+    from common import manifest
+    from curation.stats.extract import nouns_dataset
+
+    views = {"manifest_files": [], "caption_nouns_files": []}
+    for i, out in enumerate(outs, 1):
+        con.register(f"_manifest_{i}", manifest.manifest_dataset(out))
+        con.register(f"_nouns_{i}", nouns_dataset(out))
+        views["manifest_files"].append(f"SELECT {i}::INTEGER AS src, * FROM _manifest_{i}")
+        views["caption_nouns_files"].append(f"SELECT {i}::INTEGER AS src, * FROM _nouns_{i}")
+    for name, selects in views.items():
+        con.execute(f"CREATE OR REPLACE TEMP VIEW {name} AS " + "\nUNION ALL BY NAME\n".join(selects))
+
+
 def connect(outs, pipelines=None, slices=None, vn_min_count: int = 10):
     """A DuckDB connection with the views of views.sql over `outs` (and the configured slices)."""
     import duckdb
 
     con = duckdb.connect()
     con.execute(setup_sql(outs, pipelines, vn_min_count))
+    register_sources(con, outs)
     con.execute(sql_text("views"))
     for name, where in (slices or {}).items():  # check each clause alone so an error names its slice
         try:
@@ -73,10 +94,12 @@ def connect(outs, pipelines=None, slices=None, vn_min_count: int = 10):
     return con
 
 
-def cli_help(report_dir: Path) -> str:
+def cli_help(report_dir: str) -> str:
     """How to rerun the same SQL files in the duckdb CLI (written into table1.md)."""
-    return ("Same numbers in the duckdb CLI (`pip install duckdb-cli`):\n\n```\n"
-            f"duckdb -c \".read {report_dir}/stats_setup.sql\" -c \".read {SQL_DIR}/views.sql\" \\\n"
+    return ("Same numbers in the duckdb CLI (`pip install duckdb-cli`; local outputs only: files.sql globs "
+            "local folders, so copy an object-store output locally first):\n\n```\n"
+            f"duckdb -c \".read {report_dir}/stats_setup.sql\" -c \".read {SQL_DIR}/files.sql\" \\\n"
+            f"       -c \".read {SQL_DIR}/views.sql\" \\\n"
             f"       -c \".read {report_dir}/stats_slices.sql\" -c \".read {SQL_DIR}/table1.sql\"\n```\n"
             "Other queries: caption_lengths.sql, aesthetic_hist.sql, status_breakdown.sql (same views).\n"
             "Volume = images with that caption kind; VN = distinct nouns occurring more than "

@@ -11,7 +11,6 @@ from __future__ import annotations
 import io
 import socket
 import threading
-import time
 
 import pyarrow as pa
 import pytest
@@ -88,64 +87,142 @@ def test_stage_openai_through_ray(vllm_server, tiny_models, small_output, ray_lo
     assert sum(r["caption_status"] in ("ok", "degenerate") for r in t) == info["good"]
 
 
-def test_retries_then_fails_on_refused_connection(tiny_models):
+def test_refused_connection_fails_the_row(tiny_models):
     from captioning.openai_engine import OpenAIClient
 
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     c = _cfg(tiny_models, f"http://127.0.0.1:{port}/v1", openai={"base_url": f"http://127.0.0.1:{port}/v1",
-                                                                 "retries": 2, "backoff": 0.05, "timeout": 2})
-    t0 = time.time()
+                                                                 "retries": 2, "backoff": 0.01, "timeout": 2})
     out = OpenAIClient(c).map([None], seed=0)
-    assert isinstance(out[0], OSError)
-    assert time.time() - t0 >= 0.05 + 0.1  # two backoffs happened (0.05 then 0.1, plus jitter)
+    assert isinstance(out[0], OSError)  # returned for its row, not raised
+
+
+def test_dropped_connections_are_retried(tiny_models):
+    """A server that accepts and hangs up at once: the client connects 1 + retries times (counted
+    by the server), then gives the row its error."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(8)
+    accepted = []
+
+    def serve():
+        while True:
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            accepted.append(1)
+            conn.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        port = srv.getsockname()[1]
+        c = _cfg(tiny_models, "", openai={"base_url": f"http://127.0.0.1:{port}/v1", "retries": 2, "backoff": 0.01,
+                                          "timeout": 5})
+        out = _map(c, [None])
+        assert isinstance(out[0], OSError) and len(accepted) == 3
+    finally:
+        srv.close()
+
+
+def _map(c, images):
+    from captioning.openai_engine import OpenAIClient
+
+    return OpenAIClient(c).map(images, 0)
+
+
+class _Server:
+    """A local HTTP server. `handle(server, arrival_number, handler) -> (status, body)` decides the
+    answer; the server counts requests and the most in flight at once (received, not yet answered)."""
+
+    def __init__(self, handle):
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.calls, self.in_flight, self.max_in_flight, self.open_until = 0, 0, 0, 0
+        self.cond, self.release = threading.Condition(), threading.Event()
+        outer = self
+
+        class H(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_POST(self):
+                self.rfile.read(int(self.headers["Content-Length"]))
+                with outer.cond:
+                    outer.calls += 1
+                    n = outer.calls
+                    outer.in_flight += 1
+                    outer.max_in_flight = max(outer.max_in_flight, outer.in_flight)
+                    outer.cond.notify_all()
+                try:
+                    status, body = handle(outer, n, self)
+                finally:
+                    with outer.cond:  # before the answer goes out: the client cannot send more first
+                        outer.in_flight -= 1
+                if status is None:
+                    return
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.srv = ThreadingHTTPServer(("127.0.0.1", 0), H)
+        self.url = f"http://127.0.0.1:{self.srv.server_address[1]}"
+        threading.Thread(target=self.srv.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.release.set()
+        self.srv.shutdown()
+        self.srv.server_close()
+
+
+OK = (200, b'{"choices": [{"message": {"content": "A red car."}}], "usage": {"completion_tokens": 4}}')
+
+
+def test_bounded_concurrency_seen_by_the_server(tiny_models):
+    """8 requests, concurrency 4: the server sees exactly 4 in flight at most. Requests are held
+    until 4 are in flight, then that wave is answered (a client with less concurrency would leave
+    them waiting: the max would stay below 4; one with more would push it above)."""
+    def handle(s, n, h):
+        with s.cond:
+            if s.in_flight >= 4:
+                s.open_until = s.calls  # release this wave
+                s.cond.notify_all()
+            s.cond.wait_for(lambda: s.open_until >= n, timeout=20)
+        return OK
+
+    srv = _Server(handle)
+    try:
+        c = _cfg(tiny_models, "", openai={"base_url": srv.url + "/v1", "concurrency": 4, "retries": 0, "timeout": 30})
+        out = _map(c, [None] * 8)
+        assert out == [("A red car.", 4)] * 8
+        assert srv.calls == 8 and srv.max_in_flight == 4
+    finally:
+        srv.close()
 
 
 def test_timeout_and_server_errors(tiny_models):
-    """A server that accepts but never answers -> timeout; one that answers 503 then 200 -> retried."""
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    """503 then 200 -> retried once; a server that never answers -> the client's timeout; 400 -> not retried."""
+    from captioning.openai_engine import HTTPError
 
-    from captioning.openai_engine import HTTPError, OpenAIClient
+    def handle(s, n, h):
+        if h.path.startswith("/slow"):
+            s.release.wait(30)  # answers nothing until the test is over: the client must time out
+            return None, b""
+        if h.path.startswith("/bad"):
+            return 400, b'{"error": "bad request"}'
+        return (503, b"") if n == 1 else OK
 
-    calls = {"n": 0}
-
-    class H(BaseHTTPRequestHandler):
-        def log_message(self, *a):
-            pass
-
-        def do_POST(self):
-            self.rfile.read(int(self.headers["Content-Length"]))
-            calls["n"] += 1
-            if self.path.startswith("/slow"):
-                time.sleep(2)  # the client gave up after 1 s; answer nothing
-                return
-            if self.path.startswith("/bad"):
-                self.send_response(400)
-                self.end_headers()
-                self.wfile.write(b'{"error": "bad request"}')
-                return
-            if calls["n"] == 1:
-                self.send_response(503)
-                self.end_headers()
-                return
-            body = b'{"choices": [{"message": {"content": "A red car."}}], "usage": {"completion_tokens": 4}}'
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), H)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    srv = _Server(handle)
     try:
-        port = srv.server_address[1]
-        mk = lambda path, **o: _cfg(tiny_models, "", openai={"base_url": f"http://127.0.0.1:{port}{path}",
-                                                             "retries": 1, "backoff": 0.01, "timeout": 1, **o})
-        assert OpenAIClient(mk("/v1")).map([None], 0) == [("A red car.", 4)] and calls["n"] == 2  # 503 retried
-        r = OpenAIClient(mk("/slow/v1", retries=0)).map([None], 0)[0]
-        assert isinstance(r, (TimeoutError, OSError))
-        n = calls["n"]
-        r = OpenAIClient(mk("/bad/v1", retries=3)).map([None], 0)[0]
-        assert isinstance(r, HTTPError) and r.status == 400 and calls["n"] == n + 1  # 4xx: not retried
+        mk = lambda path, **o: _cfg(tiny_models, "", openai={"base_url": srv.url + path, "retries": 1,
+                                                             "backoff": 0.01, "timeout": 1, **o})
+        assert _map(mk("/v1"), [None]) == [("A red car.", 4)] and srv.calls == 2  # 503 retried
+        r = _map(mk("/slow/v1", retries=0), [None])[0]
+        assert isinstance(r, (TimeoutError, OSError)) and srv.calls == 3  # one request, no retry
+        r = _map(mk("/bad/v1", retries=3), [None])[0]
+        assert isinstance(r, HTTPError) and r.status == 400 and srv.calls == 4  # 4xx: not retried
     finally:
-        srv.shutdown()
+        srv.close()

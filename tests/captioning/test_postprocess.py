@@ -71,3 +71,50 @@ def test_t5_token_count(tiny_models):
     assert got[0] == len(tok(texts[0])["input_ids"]) and tok(texts[0])["input_ids"][-1] == tok.eos_token_id
     assert got[1] is None and got[2] > 300
     assert pp.T5Counter(None)(texts) == [None, None, None]
+
+
+# Issue 12 item 7. Before: first_sentence("Mr. Smith ...") == "Mr.", every non-Latin alt text was
+# junk, and "The image shows iPhone ..." became "IPhone ...". Each case below failed then.
+@pytest.mark.parametrize("text,first", [
+    ("Mr. Smith stands next to a red car. He smiles.", "Mr. Smith stands next to a red car."),
+    ("A tool, e.g. a hammer, lies on a bench. Nothing else.", "A tool, e.g. a hammer, lies on a bench."),
+    ("A shelf with books, i.e. novels. A lamp.", "A shelf with books, i.e. novels."),
+    ("Dr. Jones and Mrs. Lee sit at St. Mary's. Rain falls.", "Dr. Jones and Mrs. Lee sit at St. Mary's."),
+    ("The bottle holds 3.5 liters of water. It is green.", "The bottle holds 3.5 liters of water."),
+    ("A portrait of J. R. R. Tolkien at his desk. Books around.", "A portrait of J. R. R. Tolkien at his desk."),
+    ("A flag of the U.S. Navy on a ship. Waves.", "A flag of the U.S. Navy on a ship."),
+    ("A cat sleeps. The image shows it clearly.", "A cat sleeps."),
+    ('He holds a sign saying "Stop." Cars wait.', 'He holds a sign saying "Stop."'),
+    ("Look at the sky! Stars everywhere.", "Look at the sky!"),
+    ("It costs 5. Then 6.", "It costs 5."),
+    ("No sentence end here", "No sentence end here"),
+    ("一只猫在沙发上睡觉。旁边有一只狗。", "一只猫在沙发上睡觉。"),
+    ("Кошка спит на диване. Собака лает.", "Кошка спит на диване."),
+])
+def test_first_sentence(text, first):
+    assert pp.first_sentence(text) == first
+
+
+@pytest.mark.parametrize("alt", ["Эйфелева башня ночью", "埃菲尔铁塔", "猫", "東京タワー", "برج إيفل ليلا",
+                                 "מגדל אייפל", "हिंदी पाठ", "Πύργος του Άιφελ", "에펠탑"])
+def test_non_latin_alt_text_is_not_junk(alt):
+    assert not pp.is_junk_alt(alt)
+    assert short_caption(alt, "A long caption. More.") == (alt, False)
+
+
+@pytest.mark.parametrize("alt", ["😀😀", "---", "a", "Ω", "12 34", "__"])
+def test_no_letters_is_junk(alt):
+    assert pp.is_junk_alt(alt)
+
+
+@pytest.mark.parametrize("raw,expected", [
+    ("The image shows iPhone 15 on a desk.", "iPhone 15 on a desk."),
+    ("The image shows eBay's logo on a screen.", "eBay's logo on a screen."),
+    ("This image depicts mRNA strands in a lab.", "mRNA strands in a lab."),
+    ("The image shows ipad and a pencil.", "ipad and a pencil."),  # a known lowercase-first word
+    ("The image shows a dog.", "A dog."),
+    ("The image shows élan in a dance.", "Élan in a dance."),
+    ("The image shows NASA's rocket.", "NASA's rocket."),
+])
+def test_recapitalise_only_lowercase_words(raw, expected):
+    assert pp.clean(raw) == expected

@@ -4,6 +4,7 @@ eoh / decode_text), loaded with trust_remote_code from a local folder like the r
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ import torch
 from PIL import Image
 
 from captioning.config import CaptionConfig
-from captioning.sharecaptioner import BOT, USER, ShareCaptioner
+from captioning.sharecaptioner import BOT, USER, ShareCaptioner, generated_length
 from captioning.stage import engine_class, resolve_hf_api
 from common.config import ConfigError, parse
 
@@ -80,13 +81,44 @@ def test_captions_counts_and_seeds(worker):
     for text, n in a:
         assert isinstance(text, str) and 1 <= n <= 16
     assert worker.generate(ims, seed=0) == a  # reproducible per (batch, seed)
-    # token counts: EOS included when generated, padding never
+    # token counts: up to and including the first EOS; a row without EOS ran to the budget (all of it)
     eos = worker.tokenizer.eos_token_id
     torch.manual_seed(0)
     with torch.inference_mode():
         raw = worker.model.internlm_model.generate(inputs_embeds=worker.build_inputs(ims), **worker.gen_kwargs())
     for row, (_, n) in zip(raw.tolist(), a):
-        assert n == (row.index(eos) + 1 if eos in row else len([t for t in row if t != worker.tokenizer.pad_token_id]))
+        assert n == (row.index(eos) + 1 if eos in row else raw.shape[1])
+
+
+def test_generated_length():
+    eos, pad = 2, 3
+    assert generated_length([5, pad, 7, 8], eos) == 4  # no EOS: a pad id inside is a generated token
+    assert generated_length([5, pad, 7, pad], eos) == 4  # ... also at the end: the row ran to the budget
+    assert generated_length([5, 6, eos, pad, pad], eos) == 3  # cut after the first EOS (kept)
+    assert generated_length([eos, pad], eos) == 1 and generated_length([], eos) == 0
+
+
+def test_row_without_eos_is_not_cut_at_a_pad_id(tiny_models):
+    """Reproduction of issue 12 item 7: rows without EOS were cut to their count of non-pad ids, so a
+    pad id the model generated mid-row removed real tokens from the row's end. Here a token the tiny
+    model generates mid-row is made the pad id (generation is unchanged: no row finishes, so nothing
+    is padded) and the rows must come back whole."""
+    w = ShareCaptioner(_cfg(tiny_models))  # its own worker: the tokenizer is changed below
+    ims, eos = _images(3), w.tokenizer.eos_token_id
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        raw = w.model.internlm_model.generate(inputs_embeds=w.build_inputs(ims), **w.gen_kwargs()).tolist()
+    open_rows = [r for r in raw if eos not in r]
+    assert len(open_rows) >= 2  # random weights rarely say EOS within 16 tokens
+    pad = Counter(t for r in open_rows for t in r[:-1]).most_common(1)[0][0]
+    w.tokenizer.pad_token_id = pad
+    old_counts = [len([t for t in r if t != pad]) for r in open_rows]  # the old decode's count
+    assert sum(n < len(r) for n, r in zip(old_counts, open_rows)) >= 1  # it cut real tokens
+    got = w.generate(ims, seed=0)
+    for r, (text, n) in zip(raw, got):
+        if eos not in r:
+            assert n == len(r) == 16
+            assert text == w.model.decode_text([torch.tensor(r)])  # the whole row decoded
 
 
 def test_hf_api_choice(tiny_models):

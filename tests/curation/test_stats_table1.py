@@ -57,7 +57,8 @@ def _manifest_rows():
 
 
 def write_output(out: Path, manifest_rows=None, noun_rows=None, drop_columns=()):
-    """A pipeline output with manifest/part-*.parquet and stats/caption_nouns.parquet."""
+    """A pipeline output with manifest/part-*.parquet and stats/nouns/part-*.parquet (the noun
+    rows of each manifest part in that part's file, as the stats stage writes them)."""
     manifest_rows = _manifest_rows() if manifest_rows is None else manifest_rows
     noun_rows = _noun_rows() if noun_rows is None else noun_rows
     (out / "manifest").mkdir(parents=True)
@@ -66,11 +67,13 @@ def write_output(out: Path, manifest_rows=None, noun_rows=None, drop_columns=())
         by_part.setdefault(int(r["key"][:5]), []).append({k: v for k, v in r.items() if k not in drop_columns})
     for p, rows in by_part.items():
         pq.write_table(pa.Table.from_pylist(rows), out / "manifest" / f"part-{p:05d}.parquet")
-    (out / "stats").mkdir()
-    t = pa.table({"key": [r[0] for r in noun_rows], "kind": [r[1] for r in noun_rows],
-                  "words": [r[2] for r in noun_rows], "n_nouns": [len(r[3]) for r in noun_rows],
-                  "nouns": [r[3] for r in noun_rows], "error": [None] * len(noun_rows)}, schema=NOUN_SCHEMA)
-    pq.write_table(t, out / "stats" / "caption_nouns.parquet")
+    (out / "stats" / "nouns").mkdir(parents=True)
+    for p in by_part:
+        mine = [r for r in noun_rows if int(r[0][:5]) == p]
+        t = pa.table({"key": [r[0] for r in mine], "kind": [r[1] for r in mine],
+                      "words": [r[2] for r in mine], "n_nouns": [len(r[3]) for r in mine],
+                      "nouns": [r[3] for r in mine], "error": [None] * len(mine)}, schema=NOUN_SCHEMA)
+        pq.write_table(t, out / "stats" / "nouns" / f"part-{p:05d}.parquet")
     return out
 
 
@@ -171,7 +174,8 @@ def test_same_sql_files_run_unchanged_in_the_duckdb_cli(tmp_path):
     (tmp_path / "setup.sql").write_text(table1.setup_sql([out], ["demo"]))
     (tmp_path / "slices.sql").write_text(table1.slices_sql(slices))
     proc = subprocess.run(
-        [_duckdb_cli(), "-csv", "-c", f".read {tmp_path / 'setup.sql'}", "-c", f".read {table1.SQL_DIR / 'views.sql'}",
+        [_duckdb_cli(), "-csv", "-c", f".read {tmp_path / 'setup.sql'}", "-c", f".read {table1.SQL_DIR / 'files.sql'}",
+         "-c", f".read {table1.SQL_DIR / 'views.sql'}",
          "-c", f".read {tmp_path / 'slices.sql'}", "-c", f".read {table1.SQL_DIR / 'table1.sql'}"],
         capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
@@ -182,3 +186,19 @@ def test_same_sql_files_run_unchanged_in_the_duckdb_cli(tmp_path):
         for col in ("volume", "vn", "dn", "total_noun"):
             assert int(cli[k][col]) == r[col], (k, col)
         assert float(cli[k]["acl"]) == pytest.approx(r["acl"]) and float(cli[k]["avg_nouns"]) == pytest.approx(r["avg_nouns"])
+
+
+def test_same_numbers_from_an_object_store_output(tmp_path, s3_bucket):
+    """Python reads the outputs through pyarrow datasets registered in DuckDB: an s3:// output (moto
+    server) gives the numbers of the same files on local disk, also next to a local output."""
+    from common import fs
+
+    local = write_output(tmp_path / "run")
+    remote = s3_bucket + "/run"
+    for p in sorted(local.rglob("*.parquet")):
+        fs.write_bytes(fs.join(remote, str(p.relative_to(local))), p.read_bytes())
+    want = run_table1([local], ["demo"], {"calm": "aesthetic >= 6"})
+    assert run_table1([remote], ["demo"], {"calm": "aesthetic >= 6"}) == want
+    both = run_table1([local, remote], ["a", "b"])
+    assert both[("a+b", "all", "raw")]["total_noun"] == 2 * want[("demo", "all", "raw")]["total_noun"]
+    assert table1.setup_sql([remote]).startswith(f"SET VARIABLE outs = ['{remote}'];")

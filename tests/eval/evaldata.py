@@ -101,10 +101,10 @@ def make_output(out: Path, n_rows: int = 80, parts: int = 2, dim: int = 16, seed
 
 def write_shard(out: Path, keys: list[str], resolution: int = 256) -> Path:
     """A training shard written by the real features.shards writer (tiny dummy arrays)."""
-    from features.shards import npy_bytes, shards_dir
+    from features.shards import npy_bytes, shard_name, shards_dir
     from features.shards import write_shard as real_write
 
-    path = shards_dir(Path(out), resolution) / "shard-000000.tar"
+    path = Path(shards_dir(out, resolution)) / shard_name(0)
     lat = npy_bytes(np.zeros((8, 2, 2), np.float16))
     t5 = npy_bytes(np.zeros((3, 4), np.float16))
     samples = [{"key": k, "meta": {"key": k, "bucket": "1.0"}, "latent": lat, "t5_long": t5, "t5_short": t5}
@@ -113,28 +113,27 @@ def write_shard(out: Path, keys: list[str], resolution: int = 256) -> Path:
     return path
 
 
-def pipeline_cfg(out: Path, **eval_kw):
+def pipeline_cfg(out, **eval_kw):
     from curation.config import PipelineConfig
     from eval.config import EvalConfig
 
-    kw = dict(n=24, fid_extractor="tiny", fid_size=64, fid_batch_size=16, dedup_threshold=0.9)
+    kw = dict(n=24, fid_extractor="tiny", leak_threshold=0.9, bootstrap=20, kid_subsets=10)
     kw.update(eval_kw)
     return PipelineConfig(name="t", output=str(out), eval=EvalConfig(**kw))
 
 
-
-
-def gen_cfg(out: Path, tiny: Path, **eval_kw):
-    """Pipeline config for generation with the tiny T5 / VAE (the DiT comes from the CLI argument)."""
-    from curation.config import PipelineConfig
+def gen_cfg(out, tiny: Path, **eval_kw):
+    """Pipeline config for generation / scoring with the tiny T5, VAE and CLIP (the DiT comes from the
+    CLI argument)."""
     from common.config import Resources
+    from curation.config import PipelineConfig, ScoreConfig
     from eval.config import EvalConfig
     from features.config import FeaturesConfig
 
-    kw = dict(n=6, fid_extractor="tiny", fid_size=64, resolution=256, steps=2, aesthetic_quantile=0.0,
-              clip_model=str(tiny / "clip" / "model_config.json"),
-              clip_pretrained=str(tiny / "clip" / "open_clip_model.safetensors"),
+    kw = dict(n=6, fid_extractor="tiny", resolution=256, steps=2, aesthetic_quantile=0.0, bootstrap=20, kid_subsets=10,
               resources=Resources(batch_size=3, actors=1))
     kw.update(eval_kw)
     return PipelineConfig(name="t", output=str(out), eval=EvalConfig(**kw),
+                          score=ScoreConfig(clip_model=str(tiny / "clip" / "model_config.json"),
+                                            clip_pretrained=str(tiny / "clip" / "open_clip_model.safetensors")),
                           features=FeaturesConfig(vae=str(tiny / "vae"), t5=str(tiny / "t5")))

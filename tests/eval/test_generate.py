@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import numpy as np
 import pytest
@@ -22,7 +23,9 @@ def bench(tmp_path, tiny_models):
 
 
 def _pixels(d):
-    return {p.stem: np.asarray(Image.open(p)) for p in sorted(d.glob("*.png"))}
+    from pathlib import Path
+
+    return {p.stem: np.asarray(Image.open(p)) for p in sorted(Path(d).glob("*.png"))}
 
 
 def test_plan_seeds_and_sizes():
@@ -46,13 +49,13 @@ def test_generate_resume_and_batch_independence(bench):
     assert s["ok"] == 4 and s["failed"] == 0 and not s["complete"]
     s = g.generate(cfg, dit, name="a", use_ray=False, progress=False)  # resume: only the rest
     assert s["existing"] == 4 and s["ok"] == 2 and s["complete"]
-    d = g.run_dir(out, "a")
-    rows, _ = bb.read_benchmark(out, "v1")
+    d = g.run_dir(str(out), "a")
+    _, rows, _ = bb.current(cfg)
     sizes = {r["key"]: (r["height"], r["width"]) for r in g.plan(rows, cfg.eval)}
     first = _pixels(d)
     assert set(first) == set(sizes)
     assert all(a.shape == (*sizes[k], 3) and a.dtype == np.uint8 for k, a in first.items())
-    assert not [p for p in d.iterdir() if ".tmp" in p.name]  # atomic writes leave no temp files
+    assert not [n for n in os.listdir(d) if ".tmp" in n]  # atomic writes leave no temp files
     s = g.generate(cfg, dit, name="a", use_ray=False, progress=False)
     assert s["ok"] == 0 and s["existing"] == 6
     # the same prompts with batch size 1: the same images (seeds are per prompt, not per batch); only
@@ -60,12 +63,12 @@ def test_generate_resume_and_batch_independence(bench):
     cfg1 = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, resources=dataclasses.replace(
         cfg.eval.resources, batch_size=1)))
     g.generate(cfg1, dit, name="b", use_ray=False, progress=False)
-    second = _pixels(g.run_dir(out, "b"))
+    second = _pixels(g.run_dir(str(out), "b"))
     assert set(first) == set(second)
     assert all(np.abs(first[k].astype(int) - second[k].astype(int)).max() <= 1 for k in first)
     # a deleted image is regenerated (the same image up to rounding)
     victim = sorted(first)[2]
-    (d / f"{victim}.png").unlink()
+    os.unlink(os.path.join(d, f"{victim}.png"))
     s = g.generate(cfg, dit, name="a", use_ray=False, progress=False)
     assert s["ok"] == 1 and np.abs(_pixels(d)[victim].astype(int) - first[victim].astype(int)).max() <= 1
     # another protocol into the same run folder is refused
@@ -77,12 +80,11 @@ def test_generate_resume_and_batch_independence(bench):
 def test_failures_are_recorded_not_fatal(bench):
     out, cfg, dit = bench
     bad = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, resolution=256, steps=2, sampler="iddpm"))
-    gen = g.Generator(checkpoint=dit, t5=cfg.features.t5, vae=cfg.features.vae, out_dir=str(g.run_dir(out, "f")),
+    gen = g.Generator(checkpoint=dit, t5=cfg.features.t5, vae=cfg.features.vae, out_dir=g.run_dir(str(out), "f"),
                       sampler="nope", steps=2, cfg_scale=4.5, max_length=300, scale_factor=0.13025)
     import pyarrow as pa
 
-    g.run_dir(out, "f").mkdir(parents=True)
-    rows, _ = bb.read_benchmark(out, "v1")
+    _, rows, _ = bb.current(cfg)
     res = gen(pa.Table.from_pylist(g.plan(rows, bad.eval)[:2]))
     assert res.column("status").to_pylist() == ["failed", "failed"]
     assert "sampler" in res.column("error")[0].as_py()
@@ -94,7 +96,7 @@ def test_ray_actor_pool_gives_the_same_images(bench, ray_local):
     g.generate(cfg, dit, name="local", use_ray=False, progress=False)
     s = g.generate(cfg, dit, name="ray", use_ray=True, progress=False)
     assert s["ok"] == 6 and s["complete"]
-    a, b = _pixels(g.run_dir(out, "local")), _pixels(g.run_dir(out, "ray"))
+    a, b = _pixels(g.run_dir(str(out), "local")), _pixels(g.run_dir(str(out), "ray"))
     assert set(a) == set(b) and all(np.abs(a[k].astype(int) - b[k].astype(int)).max() <= 1 for k in a)
 
 
@@ -111,10 +113,11 @@ def test_cli_with_a_training_stage(tmp_path, tiny_models):
     stage_out = tmp_path / "train" / "s1"
     for step in (3, 5):
         shutil.copytree(tiny_models / "dit", stage_out / "checkpoints" / f"step-{step:08d}")
-    ev = {"n": 3, "aesthetic_quantile": 0.0, "fid_extractor": "tiny", "fid_size": 64, "resolution": 256,
-          "steps": 2, "clip_model": str(tiny_models / "clip" / "model_config.json"),
+    ev = {"n": 3, "aesthetic_quantile": 0.0, "fid_extractor": "tiny", "resolution": 256, "steps": 2,
+          "bootstrap": 5, "kid_subsets": 5}
+    sc = {"clip_model": str(tiny_models / "clip" / "model_config.json"),
           "clip_pretrained": str(tiny_models / "clip" / "open_clip_model.safetensors")}
-    doc = {"pipelines": {"x": {"output": str(out), "eval": ev,
+    doc = {"pipelines": {"x": {"output": str(out), "eval": ev, "score": sc,
                                "features": {"vae": str(tiny_models / "vae"), "t5": str(tiny_models / "t5")}}},
            "training": {"s1": {"resolution": 256, "data": {"shards": str(tmp_path / "shards")}, "steps": 5,
                                "batch_size": 1, "output": str(stage_out)}}}
@@ -124,7 +127,51 @@ def test_cli_with_a_training_stage(tmp_path, tiny_models):
     bb.main(base)
     s = g.main(base + ["--stage", "s1", "--no-ray"])
     assert s["run"] == "s1-step-00000005" and s["ok"] == 3 and s["complete"]
-    meta = json.loads((g.run_dir(out, s["run"]) / g.META).read_text())
+    meta = json.loads(open(os.path.join(g.run_dir(str(out), s["run"]), g.META)).read())
     assert meta["protocol"]["checkpoint"] == str((stage_out / "checkpoints" / "step-00000005").resolve())
     results = score.main(base + ["--stage", "s1"])
     assert [r["run"] for r in results] == ["s1-step-00000005"] and results[0]["n_scored"] == 3
+
+
+@pytest.mark.slow
+def test_sigkilled_generate_resumes_without_duplicates(tmp_path, tiny_models):
+    """A real SIGKILL of `python -m eval.generate` right after its first batch commit (proved by
+    SIGMA_KILL_MARKER); the same command again generates only the rest: every prompt exactly one
+    image, the same pixels as an uninterrupted run."""
+    import json
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "run"
+    make_output(out, n_rows=40)
+    doc = {"pipelines": {"x": {"output": str(out),
+                               "eval": {"n": 6, "aesthetic_quantile": 0.0, "fid_extractor": "tiny", "resolution": 256,
+                                        "steps": 2, "resources": {"batch_size": 2, "actors": 1}},
+                               "features": {"vae": str(tiny_models / "vae"), "t5": str(tiny_models / "t5")}}}}
+    cfg_path = tmp_path / "p.yaml"
+    cfg_path.write_text(json.dumps(doc))
+    bb.main(["--config", str(cfg_path), "--pipeline", "x"])
+    cmd = [sys.executable, "-m", "eval.generate", "--config", str(cfg_path), "--pipeline", "x",
+           "--checkpoint", str(tiny_models / "dit"), "--name", "k", "--no-ray"]
+    repo = Path(__file__).resolve().parents[2]
+    marker = tmp_path / "killed"
+    env = dict(os.environ, SIGMA_KILL_AT="eval_generate:1", SIGMA_KILL_MARKER=str(marker))
+    p = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True)
+    assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
+    assert marker.read_text().split() == ["eval_generate:1"]  # the kill happened, after the first commit
+    d = g.run_dir(str(out), "k")
+    assert len(g.existing_keys(d)) == 2  # one batch of 2 committed before the kill
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SIGMA_KILL")}
+    p = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-2000:]
+    summary = json.loads(open(os.path.join(d, "generate_summary.json")).read())
+    assert summary["existing"] == 2 and summary["ok"] == 4 and summary["complete"]
+    files = sorted(os.listdir(d))
+    assert files == sorted([f"{k}.png" for k in g.existing_keys(d)] + [g.META, "generate_summary.json"])
+    assert len(g.existing_keys(d)) == 6
+    cfg = gen_cfg(out, tiny_models, resources=dataclasses.replace(gen_cfg(out, tiny_models).eval.resources, batch_size=2))
+    g.generate(cfg, str(tiny_models / "dit"), name="clean", use_ray=False, progress=False)
+    a, b = _pixels(d), _pixels(g.run_dir(str(out), "clean"))
+    assert set(a) == set(b) and all(np.abs(a[k].astype(int) - b[k].astype(int)).max() <= 1 for k in a)

@@ -1,12 +1,13 @@
-"""Scoring end to end: FID ~0 for the reference images themselves, larger for distorted ones,
-CLIP-Score recorded with the truncated fraction, and one markdown table comparing the runs."""
+"""Scoring end to end: FID ~0 for the reference images themselves, larger for distorted ones, KID,
+CIs, strata, rewards, the protocol in every report, partial runs marked incomparable."""
 from __future__ import annotations
 
 import json
 
 import numpy as np
-from PIL import Image, ImageFilter
+from PIL import ImageFilter
 
+from common import fs
 from eval import build_benchmark as bb
 from eval import generate as g
 from eval import report, score
@@ -16,63 +17,84 @@ from evaldata import gen_cfg, make_output
 
 def _fake_run(out, cfg, name, transform, skip=()):
     """A 'generation run' made of the benchmark's own reference images (optionally distorted)."""
-    rows, info = bb.read_benchmark(out, "v1")
-    d = g.run_dir(out, name)
-    d.mkdir(parents=True)
+    _, rows, info = bb.current(cfg)
+    d = g.run_dir(str(out), name)
     meta = {"format": g.FORMAT, "run": name, "benchmark_checksum": info["checksum"],
             "protocol": {"checkpoint": f"/ckpt/{name}", "sampler": "dpm", "steps": 20, "cfg_scale": 4.5,
                          "gen_seed": 0, "resolution": 256, "aspect": "bucket"}}
-    (d / g.META).write_text(json.dumps(meta))
-    for key, img, err in iter_reference_images(out, [r["key"] for r in rows]):
+    fs.write_json(fs.join(d, g.META), meta)
+    for key, img, err in iter_reference_images(str(out), rows):
         if key not in skip:
-            transform(img).save(d / f"{key}.png")
+            g.save_png(np.asarray(transform(img)), g.image_path(d, key))
 
 
 def test_score_runs_and_report(tmp_path, tiny_models):
     out = tmp_path / "run"
     make_output(out)
-    cfg = gen_cfg(out, tiny_models, n=20)
+    rewards = {"PickScore": str(tiny_models / "rewards" / "pickscore"), "HPSv2": str(tiny_models / "rewards" / "hpsv2")}
+    cfg = gen_cfg(out, tiny_models, n=20, rewards=rewards)
     bb.build(cfg)
     _fake_run(out, cfg, "same", lambda im: im)
     _fake_run(out, cfg, "blurred", lambda im: im.filter(ImageFilter.GaussianBlur(3)))
-    rows, _ = bb.read_benchmark(out, "v1")
+    _, rows, _ = bb.current(cfg)
     _fake_run(out, cfg, "partial", lambda im: im, skip={rows[0]["key"]})
-    assert score.list_runs(out) == ["blurred", "partial", "same"]
-    res = {r: score.score_run(cfg, r, progress=False) for r in ("same", "blurred", "partial")}
-    assert abs(res["same"]["fid"]) < 1e-6  # PNG of the decoded reference pixels: identical features
-    assert res["blurred"]["fid"] > 1e-3
-    assert res["partial"]["n_scored"] == 19 and res["partial"]["missing"] == [{"key": rows[0]["key"], "reason": "missing"}]
-    assert res["same"]["protocol"]["reference_from_cache"] is False
-    assert res["blurred"]["protocol"]["reference_from_cache"] is True  # reference features computed once
-    # the truncated fraction is that of the prompts (independent count: tokens stored per row)
+    assert score.list_runs(str(out)) == ["blurred", "partial", "same"]
+    from eval.rewards import load_rewards
+
+    models = load_rewards(rewards)
+    res = {r: score.score_run(cfg, r, progress=False, rewards=models) for r in ("same", "blurred", "partial")}
+    same, blurred, partial = res["same"], res["blurred"], res["partial"]
+    assert abs(same["fid"]) < 1e-6 and blurred["fid"] > 1e-3  # PNG of the decoded reference pixels
+    assert blurred["fid_ci"][0] < blurred["fid"] < blurred["fid_ci"][1]
+    assert blurred["kid"]["kid"] > same["kid"]["kid"] and blurred["kid"]["kid_std"] > 0
+    assert same["clip_score_ci"][0] <= same["clip_score"] <= same["clip_score_ci"][1]
+    assert set(same["rewards"]) == {"PickScore", "HPSv2"} and same["rewards"]["HPSv2"]["ci"] is not None
+    # per-prompt rows: the CLIP-Score mean and the strata are consistent with them
+    per = fs.read_parquet(fs.join(score.scores_dir(str(out)), "same.rows.parquet")).to_pylist()
+    assert len(per) == 20 and np.mean([r["clip_score"] for r in per]) == same["clip_score"]
+    assert sum(s["n"] for s in same["strata"]) == 20
+    by_key = {r["key"]: r for r in rows}
+    for s in same["strata"]:
+        ks = [r["key"] for r in per if (by_key[r["key"]]["bucket"], by_key[r["key"]]["length_bin"]) == (s["bucket"], s["length_bin"])]
+        assert s["n"] == len(ks) and s["clip_score"] == np.mean([r["clip_score"] for r in per if r["key"] in ks])
+    # a run with fewer images than prompts is scored but not comparable
+    assert same["comparable"] and not partial["comparable"] and partial["n_scored"] == 19
+    assert partial["missing"] == [{"key": rows[0]["key"], "reason": "missing"}]
+    assert "1 of 20 prompts have no usable image" in partial["incomparable_because"]
+    # the protocol: FID protocol, extractor, N, reference set
+    p = same["protocol"]
+    assert p["fid_protocol"] == "pytorch-fid" and p["fid_extractor"].startswith("tiny") and p["N"] == 20
+    assert p["reference_set"]["n_images"] == 20 and p["reference_set"]["from_cache"] is False
+    assert blurred["protocol"]["reference_set"]["from_cache"] is True  # reference features computed once
+    assert p["hold_out_check"]["leaked"] == 0 and p["clip_model"] == cfg.score.clip_model
     frac = np.mean([r["clip_tokens"] > 77 for r in rows])
-    assert res["same"]["prompts_truncated_frac"] == frac and 0 < frac < 1
-    assert res["same"]["clip_score"] is not None and -100 <= res["same"]["clip_score"] <= 100
-    for k in ("torch", "torchmetrics", "open_clip"):
-        assert k in res["same"]["versions"]
-    md = report.write_report(out).read_text()
-    assert md.count("| /ckpt/") == 0 and md.count("`/ckpt/") == 3
-    for word in ("FID", "CLIP-Score", "DPM-Solver++", "20 steps", "cfg 4.5", "resize_center_crop", "64x64",
-                 "torchmetrics", "N = 20", "tiny random-weight extractor"):
+    assert same["prompts_truncated_frac"] == frac and 0 < frac < 1
+    md = fs.read_text(report.write_report(str(out)))
+    for word in ("FID", "KID", "CLIP-Score", "PickScore", "HPSv2", "pytorch-fid", "DPM-Solver++", "20 steps", "cfg 4.5",
+                 "N = 20", "tiny random-weight extractor", "Per stratum", "bootstrap", "prompts have no usable image"):
         assert word in md, word
     line = next(ln for ln in md.splitlines() if ln.startswith("| same "))
     assert "| 20/20 |" in line and "| yes |" in line
+    line = next(ln for ln in md.splitlines() if ln.startswith("| partial "))
+    assert "**no**" in line
 
 
 def test_score_cli_scores_all_runs(tmp_path, tiny_models):
     out = tmp_path / "run"
     make_output(out)
     yaml_path = tmp_path / "p.yaml"
-    ev = {"n": 8, "aesthetic_quantile": 0.0, "fid_extractor": "tiny", "fid_size": 64,
-          "clip_model": str(tiny_models / "clip" / "model_config.json"),
-          "clip_pretrained": str(tiny_models / "clip" / "open_clip_model.safetensors")}
-    yaml_path.write_text(json.dumps({"pipelines": {"x": {"output": str(out), "eval": ev}}}))
+    doc = {"output": str(out),
+           "score": {"clip_model": str(tiny_models / "clip" / "model_config.json"),
+                     "clip_pretrained": str(tiny_models / "clip" / "open_clip_model.safetensors")},
+           "eval": {"n": 8, "aesthetic_quantile": 0.0, "fid_extractor": "tiny", "fid_protocol": "clean-fid",
+                    "bootstrap": 10, "kid_subsets": 5}}
+    yaml_path.write_text(json.dumps({"pipelines": {"x": doc}}))
     bb.main(["--config", str(yaml_path), "--pipeline", "x"])
-    cfg = gen_cfg(out, tiny_models, n=8)
+    cfg = gen_cfg(out, tiny_models, n=8, fid_protocol="clean-fid", bootstrap=10, kid_subsets=5)
     _fake_run(out, cfg, "r1", lambda im: im)
     _fake_run(out, cfg, "r2", lambda im: im.rotate(180))
     results = score.main(["--config", str(yaml_path), "--pipeline", "x"])
     assert [r["run"] for r in results] == ["r1", "r2"]
-    assert results[1]["fid"] > results[0]["fid"]
+    assert results[1]["fid"] > results[0]["fid"] and results[0]["protocol"]["fid_protocol"] == "clean-fid"
     saved = json.loads((out / "eval" / "report.json").read_text())
     assert [r["run"] for r in saved["runs"]] == ["r1", "r2"]

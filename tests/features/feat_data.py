@@ -75,8 +75,10 @@ def features_cfg(out: Path, models: Path, **kw):
     from common.config import parse
     from curation.config import PipelineConfig
 
+    # 2 CPUs: actors take half a CPU each so the read / prepare tasks still get scheduled.
+    res = {"batch_size": 4, "actors": 1, "num_cpus": 0.5}
     feats = {"resolutions": [256, 512], "vae": str(models / "vae"), "t5": str(models / "t5"),
-             "shard_max_samples": 4, "t5_resources": {"batch_size": 4}, "vae_resources": {"batch_size": 4}}
+             "shard_max_samples": 4, "t5_resources": res, "vae_resources": res}
     feats.update(kw)
     return parse(PipelineConfig, {"name": "t", "output": str(out), "features": feats,
                                   "ray": {"num_cpus": 2, "progress_bars": False}})

@@ -51,3 +51,106 @@ def test_fp8_round_trip_error_and_size():
 def test_unknown_text_dtype_is_an_error():
     with pytest.raises(ValueError, match="allowed: fp16 | fp8"):
         shards.encode_tokens(_tokens(), "int4")
+
+
+# --- shard integrity: sidecar size + sha256, readers checked against the index -------------------
+
+def _samples(n=5):
+    rng = np.random.default_rng(1)
+    out = []
+    for i in range(n):
+        key = f"00003_{i:06d}"
+        lat = rng.normal(size=(8, 4, 4)).astype(np.float16)
+        out.append({"key": key, "meta": {"key": key, "bucket": "1.0"}, "latent": shards.npy_bytes(lat),
+                    "t5_long": None, "t5_short": shards.encode_tokens(rng.normal(size=(3, 8)))})
+    return out
+
+
+def _shard(where):
+    """One shard of 5 samples at `where` (local folder or URI) and its index entry."""
+    from common import fs
+
+    uri = fs.join(str(where), shards.shard_name(3, 0))
+    side = shards.write_shard(uri, _samples(), {"keys_hash": "h", "fingerprint": "f"})
+    entry = shards.build_index(64, [side], {}, {})["shards"][0]
+    return uri, side, entry
+
+
+def _sha(path):
+    import hashlib
+
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def test_sidecar_records_size_and_sha256(tmp_path):
+    import os
+
+    uri, side, entry = _shard(tmp_path)
+    assert side["bytes"] == os.path.getsize(uri) and side["sha256"] == _sha(uri) == entry["sha256"]
+    assert shards.read_sidecar(uri) == side and entry["samples"] == 5
+    assert shards.check_shard(uri, "h", "f") == (side, None)
+    assert shards.check_shard(uri, "other plan", "f") == (None, "stale")
+    os.remove(shards.sidecar_uri(uri))  # a tar without its sidecar (killed between the two) is not done
+    assert shards.check_shard(uri, "h", "f") == (None, "missing")
+
+
+def _cut(path, at_boundary: bool):
+    import tarfile
+
+    with tarfile.open(path) as tar:
+        members = tar.getmembers()
+    last = [m for m in members if m.name.startswith(members[-1].name.split(".")[0])]
+    with open(path, "r+b") as f:
+        f.truncate(last[0].offset if at_boundary else last[0].offset_data + 10)
+
+
+def test_readers_name_a_tar_cut_at_a_member_boundary(tmp_path):
+    uri, _, entry = _shard(tmp_path)
+    assert [s["key"] for s in shards.iter_shard(uri, entry)] == [f"00003_{i:06d}" for i in range(5)]
+    _cut(uri, at_boundary=True)
+    assert len(list(shards.iter_shard(uri))) == 4  # tarfile alone sees a shorter, valid-looking tar
+    assert shards.check_shard(uri, "h", "f")[1] == "truncated"
+    with pytest.raises(shards.ShardError, match=r"shard-00003-000000\.tar: \d+ bytes on disk, the index says"):
+        list(shards.iter_shard(uri, entry))
+    # Even an index that agrees with the cut size cannot hide the missing sample.
+    import os
+
+    lying = dict(entry, bytes=os.path.getsize(uri))
+    with pytest.raises(shards.ShardError, match="4 samples, the index says 5"):
+        list(shards.iter_shard(uri, lying))
+
+
+def test_readers_name_a_tar_that_ends_inside_a_member(tmp_path):
+    import os
+
+    uri, _, entry = _shard(tmp_path)
+    _cut(uri, at_boundary=False)
+    with pytest.raises(shards.ShardError, match="shard-00003-000000.tar: unreadable or ends early"):
+        list(shards.iter_shard(uri, dict(entry, bytes=os.path.getsize(uri))))
+
+
+def test_same_size_corruption_needs_the_checksum(tmp_path):
+    uri, side, _ = _shard(tmp_path)
+    with open(uri, "r+b") as f:
+        f.seek(700)
+        b = f.read(1)
+        f.seek(700)
+        f.write(bytes([b[0] ^ 0x01]))
+    assert shards.check_shard(uri, "h", "f") == (None, "corrupt")
+    assert shards.check_shard(uri, "h", "f", verify="size") == (side, None)  # the documented limit of "size"
+
+
+def test_shards_on_an_object_store(s3_bucket):
+    """Writer, sidecar, index and readers through common.fs on S3 (moto server)."""
+    from common import fs
+
+    d = s3_bucket + "/shards/64"
+    uri, side, _ = _shard(d)
+    shards.write_index(d, shards.build_index(64, [side], {}, {}))
+    assert fs.listdir(d) == [".shard-00003-000000.json", "index.json", "shard-00003-000000.tar"]
+    assert shards.check_shard(uri, "h", "f") == (side, None) and side["sha256"] == shards.file_sha256(uri)
+    assert [s["key"] for s in shards.iter_samples(d)] == [f"00003_{i:06d}" for i in range(5)]
+    assert shards.shard_keys(s3_bucket) == {f"00003_{i:06d}" for i in range(5)}
+    fs.write_bytes(uri, fs.read_bytes(uri)[:-1024])  # a shorter object under the same name
+    with pytest.raises(shards.ShardError, match="s3://.*shard-00003-000000.tar"):
+        list(shards.iter_samples(d))

@@ -1,7 +1,9 @@
 """training.checkpoint: atomic folders, keep-last, latest(), and EXACT resume of the loop."""
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import random
 
 import numpy as np
@@ -17,7 +19,7 @@ from training.config import stage_from_dict
 def tiny_stage(shards, out, **kw):
     d = {"name": "t", "resolution": 64, "data": {"shards": str(shards)}, "model": {"preset": "PixArt-tiny"},
          "steps": 6, "batch_size": 4, "lr": 1e-3, "warmup_steps": 2, "grad_clip": 1.0, "log_every": 1,
-         "checkpoint_every": 3, "keep_last": 5, "output": str(out)}
+         "checkpoint_every": 3, "keep_last": 5, "output": str(out), "lr_scaling": "none", "null_caption": "keep"}
     d.update(kw)
     return stage_from_dict(d, "t")
 
@@ -38,16 +40,16 @@ def test_exact_resume_matches_uninterrupted_run(tmp_path):
 
     part = tiny_stage(shards, tmp_path / "part", steps=3, **common)
     train(part, 0, 1)
-    assert ckpt.latest(tmp_path / "part").name == "step-00000003"
+    assert os.path.basename(ckpt.latest(tmp_path / "part")) == "step-00000003"
     # clobber the global RNGs: resume must restore them from the checkpoint, not rely on luck
     torch.manual_seed(123), np.random.seed(123), random.seed(123)
     res = train(tiny_stage(shards, tmp_path / "part", **common), 0, 1)
     assert res["start"] == 3
 
     a, b = ckpt.latest(tmp_path / "full"), ckpt.latest(tmp_path / "part")
-    assert a.name == b.name == "step-00000006"
+    assert os.path.basename(a) == os.path.basename(b) == "step-00000006"
     for name in ("model.safetensors", "ema.safetensors"):
-        wa, wb = load_file(str(a / name)), load_file(str(b / name))
+        wa, wb = load_file(os.path.join(a, name)), load_file(os.path.join(b, name))
         assert wa.keys() == wb.keys()
         for k in wa:
             assert torch.equal(wa[k], wb[k]), (name, k)
@@ -58,6 +60,18 @@ def test_exact_resume_matches_uninterrupted_run(tmp_path):
     ra, rb = ckpt.load_rank_state(a, 0), ckpt.load_rank_state(b, 0)
     assert ra["data"] == rb["data"]
 
+    # corrupt the newest checkpoint (one byte, same size): resume falls back to step 3 (it
+    # verifies), retrains 4..6 and reaches the same weights again
+    f = os.path.join(b, "model.safetensors")
+    data = bytearray(open(f, "rb").read())
+    data[len(data) // 2] ^= 0x01
+    open(f, "wb").write(bytes(data))
+    with pytest.warns(UserWarning, match="step-00000006.*model.safetensors"):
+        res = train(tiny_stage(shards, tmp_path / "part", **common), 0, 1)
+    assert res["start"] == 3
+    wa, wb = load_file(os.path.join(a, "model.safetensors")), load_file(os.path.join(b, "model.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
 
 class _Lin(torch.nn.Module):
     def __init__(self):
@@ -65,7 +79,7 @@ class _Lin(torch.nn.Module):
         self.l = torch.nn.Linear(3, 2)
 
 
-def test_atomic_folders_keep_last_and_latest(tmp_path):
+def test_commit_protocol_checksums_and_keep_last(tmp_path):
     m = _Lin()
     opt = torch.optim.SGD(m.parameters(), lr=0.1)
     assert ckpt.latest(tmp_path) is None
@@ -73,22 +87,43 @@ def test_atomic_folders_keep_last_and_latest(tmp_path):
         ckpt.save(tmp_path, step, rank=0, world_size=1, model=m, optimizer=opt,
                   rank_state={"rng": ckpt.rng_state(), "data": {"epoch": 0, "cursor": step}},
                   meta={"preset": "x"}, keep_last=2)
-    names = sorted(p.name for p in ckpt.checkpoints_dir(tmp_path).iterdir())
-    assert names == ["step-00000020", "step-00000030"]
-    # a killed save leaves only a hidden temp folder: never picked up as a checkpoint
-    (ckpt.checkpoints_dir(tmp_path) / ".tmp-step-00000040").mkdir()
-    (ckpt.checkpoints_dir(tmp_path) / "step-00000050").mkdir()  # no meta.json: incomplete
+    root = ckpt.checkpoints_dir(tmp_path)
+    assert sorted(os.listdir(root)) == ["step-00000020", "step-00000030"]
+    # a killed save: files written, no meta.json (the commit): never picked up as a checkpoint
+    os.makedirs(os.path.join(root, "step-00000050"))
+    open(os.path.join(root, "step-00000050", "model.safetensors"), "wb").write(b"partial")
     c = ckpt.latest(tmp_path)
-    assert c.name == "step-00000030" and ckpt.resolve(c) == c and ckpt.resolve(tmp_path) == c
+    assert os.path.basename(c) == "step-00000030" and ckpt.resolve(c) == c and ckpt.resolve(tmp_path) == c
     meta = ckpt.read_meta(c)
     assert meta["step"] == 30 and meta["format"] == ckpt.FORMAT
+    # meta.json records size + sha256 of every file (checked with hashlib, independently)
+    assert sorted(meta["files"]) == ["model.safetensors", "optimizer.pt", "rank-00000.pt"]
+    for name, rec in meta["files"].items():
+        data = open(os.path.join(c, name), "rb").read()
+        assert rec == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
     w = ckpt.load_weights(c)
     assert torch.equal(w["l.weight"], m.l.weight.detach())
     assert ckpt.load_rank_state(c, 0)["data"]["cursor"] == 30
     assert ckpt.load_rank_state(c, 1) is None
-    # the next save removes the stale temp folder
+    # the next save removes the partial folder of the killed save
     ckpt.save(tmp_path, 60, rank=0, world_size=1, model=m, optimizer=None, rank_state={}, meta={}, keep_last=2)
-    assert not (ckpt.checkpoints_dir(tmp_path) / ".tmp-step-00000040").exists()
+    assert sorted(os.listdir(root)) == ["step-00000030", "step-00000060"]
+
+
+def test_corrupt_or_truncated_files_are_refused(tmp_path):
+    m = _Lin()
+    c = ckpt.save(tmp_path, 1, rank=0, world_size=1, model=m, optimizer=torch.optim.SGD(m.parameters(), lr=0.1),
+                  rank_state={"rng": ckpt.rng_state()}, meta={})
+    f = os.path.join(c, "model.safetensors")
+    data = bytearray(open(f, "rb").read())
+    data[-1] ^= 0xFF  # same size, one bit pattern changed
+    open(f, "wb").write(bytes(data))
+    with pytest.raises(ckpt.CorruptCheckpoint, match="model.safetensors.*corrupt"):
+        ckpt.load_weights(c)
+    o = os.path.join(c, "optimizer.pt")
+    open(o, "wb").write(open(o, "rb").read()[:-7])
+    with pytest.raises(ckpt.CorruptCheckpoint, match="optimizer.pt"):
+        ckpt.load_optimizer(c)
 
 
 def test_rng_state_round_trip():

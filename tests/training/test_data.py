@@ -10,7 +10,7 @@ import pytest
 import torch
 import webdataset as wds
 
-from training.data import ShardBatches, apply_caption_dropout, read_index
+from training.data import ShardBatches, ShardError, read_index
 
 SCALE = 0.13025
 D = 32  # tiny T5 d_model
@@ -169,16 +169,35 @@ def test_resume_position_gives_identical_batches(shards):
             assert torch.equal(x[k], y[k])
 
 
-def test_apply_caption_dropout_uses_null_embedding():
-    y = torch.ones(3, 4, D)
-    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]])
-    null = torch.full((6, D), 7.0)
-    y2, m2 = apply_caption_dropout(y, mask, torch.tensor([False, True, False]), null)
-    assert y2.shape == (3, 6, D) and m2.shape == (3, 6)
-    assert torch.equal(y2[1], null) and m2[1].tolist() == [1] * 6
-    assert torch.equal(y2[0, :4], y[0]) and m2[0].tolist() == [1, 1, 0, 0, 0, 0]
-    y3, m3 = apply_caption_dropout(y, mask, torch.tensor([False] * 3), null)
-    assert y3 is y and m3 is mask
+def test_truncated_shard_is_refused_naming_it(shards):
+    """A tar cut at a member boundary is a valid shorter tar (the tar reader accepts it): the
+    loader must compare with index.json and name the shard, not train on what is left."""
+    import tarfile
+
+    victim = shards / "shard-000001.tar"
+    with tarfile.open(victim) as tf:
+        members = [m for m in tf if m.isfile()]
+    starts = [m.offset for i, m in enumerate(members) if i and m.name.split(".")[0] != members[i - 1].name.split(".")[0]]
+    cut = starts[4]  # the header of sample 6: a valid tar of the first 5 of its 8 samples
+    whole = victim.read_bytes()
+    victim.write_bytes(whole[:cut])
+    with pytest.raises(ShardError, match=r"shard-000001\.tar: \d+ bytes, index.json records"):
+        ShardBatches(shards, batch_size=4)
+    # an index whose byte count was rewritten too: the sample count still gives it away
+    idx = json.loads((shards / "index.json").read_text())
+    idx["shards"][1]["bytes"] = cut
+    (shards / "index.json").write_text(json.dumps(idx))
+    with pytest.raises(ShardError, match=r"shard-000001\.tar: 5 samples, index.json records 8"):
+        ShardBatches(shards, batch_size=4)
+    # cut between two members of one sample: an incomplete sample, named
+    victim.write_bytes(whole[:members[members.index(next(m for m in members if m.offset == cut)) + 1].offset])
+    idx["shards"][1]["bytes"] = victim.stat().st_size
+    (shards / "index.json").write_text(json.dumps(idx))
+    with pytest.raises(ShardError, match=r"shard-000001\.tar: sample '00000_000013' is incomplete"):
+        ShardBatches(shards, batch_size=4)
+    (shards / "shard-000001.tar").unlink()
+    with pytest.raises(ShardError, match="shard-000001.tar: listed in index.json but missing"):
+        ShardBatches(shards, batch_size=4)
 
 
 def test_reads_shards_written_by_features_shards(tmp_path):

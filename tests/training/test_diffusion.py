@@ -82,6 +82,33 @@ def test_respacing(diff):
     assert list(diff.respaced(1000).timestep_map) == list(range(1000))
 
 
+def _official_space_timesteps(num_timesteps, section_counts):
+    """Restatement of the official PixArt `diffusion/model/respace.py::space_timesteps` (IDDPM),
+    sections given as a comma string like the official `IDDPM(str(steps))` call."""
+    section_counts = [int(x) for x in section_counts.split(",")]
+    size_per, extra = num_timesteps // len(section_counts), num_timesteps % len(section_counts)
+    start_idx, all_steps = 0, []
+    for i, section_count in enumerate(section_counts):
+        size = size_per + (1 if i < extra else 0)
+        frac_stride = 1 if section_count <= 1 else (size - 1) / (section_count - 1)
+        cur_idx, taken = 0.0, []
+        for _ in range(section_count):
+            taken.append(start_idx + round(cur_idx))
+            cur_idx += frac_stride
+        all_steps += taken
+        start_idx += size
+    return set(all_steps)
+
+
+def test_respacing_equals_official_for_every_step_count():
+    differs = 0
+    for n in range(1, 1001):
+        assert space_timesteps(1000, n) == sorted(_official_space_timesteps(1000, str(n))), n
+        stride = 999 / (n - 1) if n > 1 else 1
+        differs += sorted({round(i * stride) for i in range(n)}) != space_timesteps(1000, n)
+    assert differs == 278  # the multiply-then-round rule (the old one) ties differently this often
+
+
 def test_learned_range_variance(diff):
     xt = torch.randn(2, 4, 2, 2)
     t = torch.tensor([5, 800])

@@ -78,7 +78,7 @@ def test_pos_embed_span_and_axes():
 
 
 @pytest.mark.parametrize("hw", [(8, 8), (8, 12), (12, 6), (10, 14)])
-@pytest.mark.parametrize("mode", ["conv", "pool", "discard"])
+@pytest.mark.parametrize("mode", ["conv", "uniform", "ave", "avgpool"])
 def test_forward_shapes_multi_aspect_with_kv(hw, mode):
     m = _perturb(build_model(TINY, kv_compress_ratio=2, kv_compress_mode=mode))
     x, t, y, mask = _inputs(h=hw[0], w=hw[1])
@@ -135,10 +135,18 @@ def test_kv_compress_operators_against_manual():
     avg = padded.reshape(2, c, 3, 2, 2, 2).mean((3, 5)).flatten(2).transpose(1, 2)  # (2, 6, c)
     # conv with Conv Avg Init == LayerNorm(window mean)
     torch.testing.assert_close(attn._compress(k, gh, gw), F.layer_norm(avg, (c,)), atol=1e-5, rtol=1e-5)
-    attn.mode = "pool"
+    attn.mode = "avgpool"
     torch.testing.assert_close(attn._compress(k, gh, gw), avg, atol=1e-6, rtol=1e-6)
-    attn.mode = "discard"
+    attn.mode = "uniform"
     torch.testing.assert_close(attn._compress(k, gh, gw), grid[:, :, ::2, ::2].flatten(2).transpose(1, 2))
+    # official `ave` = F.interpolate(scale_factor=1/R, mode='nearest') on the (H, W) grid: on an even
+    # grid exactly the uniform tokens (row 2i, column 2j), NOT a window mean
+    attn.mode = "ave"
+    k4 = torch.randn(2, 6 * 4, c)
+    g4 = k4.transpose(1, 2).reshape(2, c, 6, 4)
+    official = F.interpolate(g4, scale_factor=1 / 2, mode="nearest").permute(0, 2, 3, 1).reshape(2, -1, c)
+    torch.testing.assert_close(attn._compress(k4, 6, 4), official, atol=0, rtol=0)
+    torch.testing.assert_close(official, g4[:, :, ::2, ::2].flatten(2).transpose(1, 2), atol=0, rtol=0)
     assert attn.sr.weight.shape == (c, 1, 2, 2) and torch.all(attn.sr.weight == 0.25) and torch.all(attn.sr.bias == 0)
 
 
@@ -168,10 +176,16 @@ def test_init_kv_compress_when_loading_checkpoint_without_kv():
     assert init_kv_compress(dst) == ["blocks.2", "blocks.3"]
 
 
-def test_forward_with_cfg():
+def _null(m, n=10, valid=1, seed=5):
+    """A T5("")-like null buffer: n tokens, `valid` of them under its own mask."""
+    m.set_null_embedding(torch.randn(n, 32, generator=torch.Generator().manual_seed(seed)), valid)
+    return m
+
+
+def test_forward_with_cfg_explicit_negative():
     m = _perturb(build_model(TINY))
     x, t, y, mask = _inputs()
-    null_y, null_mask = m.null_caption(1)
+    null_y, null_mask = torch.randn(1, 3, 32), torch.tensor([[True, True, False]])
     out = m.forward_with_cfg(x, t, y, mask, null_y, 4.5, null_mask=null_mask)
     cond = m(x, t, y, mask)
     uncond = m(x, t, null_y.expand(2, -1, -1), null_mask.expand(2, -1))
@@ -180,19 +194,46 @@ def test_forward_with_cfg():
     torch.testing.assert_close(m.forward_with_cfg(x, t, y, mask, null_y, 1.0, null_mask), cond, atol=1e-5, rtol=1e-5)
 
 
-def test_caption_dropout_uses_whole_null_caption():
-    m = _perturb(build_model(TINY, caption_dropout=0.5))
+def test_cfg_null_policies():
+    """own: the unconditional branch is the null's valid tokens under their own mask (diffusers'
+    pipeline); condition: the padded null buffer under the PROMPT's mask (official PixArtMS)."""
+    x, t, y, mask = _inputs(L=6)
+    own = _null(_perturb(build_model(TINY)), n=10, valid=1)
+    cond = own(x, t, y, mask)
+    e = own.y_embedder.y_embedding
+    u = own(x, t, e[None, :1].expand(2, -1, -1), torch.ones(2, 1, dtype=torch.bool))
+    torch.testing.assert_close(own.forward_with_cfg(x, t, y, mask, None, 3.0)[:, :4],
+                               u[:, :4] + 3.0 * (cond[:, :4] - u[:, :4]), atol=1e-4, rtol=1e-4)
+    off = _null(_perturb(build_model(TINY, null_policy="condition")), n=10, valid=1)
+    cond = off(x, t, y, mask)
+    u = off(x, t, off.y_embedder.y_embedding[None, :6].expand(2, -1, -1), mask)  # y_embedding[:L], prompt mask
+    torch.testing.assert_close(off.forward_with_cfg(x, t, y, mask, None, 3.0)[:, :4],
+                               u[:, :4] + 3.0 * (cond[:, :4] - u[:, :4]), atol=1e-4, rtol=1e-4)
+    assert (u - own(x, t, e[None, :1].expand(2, -1, -1), torch.ones(2, 1, dtype=torch.bool))).abs().max() > 1e-3
+
+
+def test_caption_dropout_follows_null_policy():
     x, t, y, mask = _inputs()
-    m.train()
-    dropped = m(x, t, y, mask, force_drop_ids=torch.tensor([True, False]))
-    m.eval()
-    ny, nm = m.null_caption(1)
-    torch.testing.assert_close(dropped[0:1], m(x[:1], t[:1], ny, nm), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(dropped[1:], m(x[1:], t[1:], y[1:], mask[1:]), atol=1e-5, rtol=1e-5)
-    # set_null_embedding replaces the buffer (e.g. with T5("") valid tokens)
-    m.set_null_embedding(torch.ones(2, 32))
+    drop = torch.tensor([True, False])
+    for policy in ("own", "condition"):
+        m = _null(_perturb(build_model(TINY, caption_dropout=0.5, null_policy=policy)), n=10, valid=2)
+        m.train()
+        dropped = m(x, t, y, mask, force_drop_ids=drop)
+        m.eval()
+        e = m.y_embedder.y_embedding
+        if policy == "own":  # y AND mask replaced: the null's 2 valid tokens
+            ref0 = m(x[:1], t[:1], e[None, :2], torch.ones(1, 2, dtype=torch.bool))
+        else:  # official token_drop: y -> y_embedding, the caption's mask kept
+            ref0 = m(x[:1], t[:1], e[None, :y.shape[1]], mask[:1])
+        torch.testing.assert_close(dropped[0:1], ref0, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(dropped[1:], m(x[1:], t[1:], y[1:], mask[1:]), atol=1e-5, rtol=1e-5)
+        yy, mm = m.drop_captions(y, mask, drop)
+        assert torch.equal(yy[0, :6], e[:6]) and torch.equal(yy[1], y[1]) and torch.equal(mm[1], mask[1])
+        assert mm[0].tolist() == ([True, True] + [False] * 4 if policy == "own" else mask[0].tolist())
+    # set_null_embedding replaces the buffer and its own-mask length
+    m.set_null_embedding(torch.ones(4, 32), 3)
     ny, nm = m.null_caption(3, 5)
-    assert ny.shape == (3, 5, 32) and nm.sum().item() == 6 and torch.all(ny[:, :2] == 1)
+    assert ny.shape == (3, 5, 32) and nm.sum().item() == 9 and torch.all(ny[:, :4] == 1) and torch.all(ny[:, 4] == 0)
 
 
 def test_gradient_checkpointing_same_grads():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -19,9 +20,10 @@ from training.config import load_stage
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _yaml(tmp_path, training: dict) -> Path:
+def _yaml(tmp_path, training: dict, features=None) -> Path:
     p = tmp_path / "p.yaml"
-    p.write_text(yaml.safe_dump({"pipelines": {"mini": {"output": str(tmp_path / "run")}}, "training": training}))
+    mini = {"output": str(tmp_path / "run"), "features": features or {"resolutions": [256, 512]}}
+    p.write_text(yaml.safe_dump({"pipelines": {"mini": mini}, "training": training}))
     return p
 
 
@@ -32,7 +34,7 @@ def test_load_stage_resolves_pipeline_init_and_overrides(tmp_path):
         "b": {"resolution": 512, "data": {"pipeline": "mini"}, "steps": 5, "batch_size": 2, "init_from": "a",
               "model": {"preset": "PixArt-tiny", "kv_compress_ratio": 2}},
     })
-    b = load_stage(cfg_file, "b", ["steps=7", "training.b.model.kv_compress_layers=[1, 2]", "lr_scaling=sqrt"])
+    b = load_stage(cfg_file, "b", ["steps=7", "training.b.model.kv_compress_layers=[1, 2]"])
     assert b.name == "b" and b.steps == 7
     assert Path(b.data.shards) == tmp_path / "run" / "shards" / "512"
     assert Path(b.init_from) == tmp_path / "out-a"  # the previous stage's output folder
@@ -41,8 +43,10 @@ def test_load_stage_resolves_pipeline_init_and_overrides(tmp_path):
     assert b.model_kwargs() == {"base_size": 32, "pe_interpolation": 1.0, "kv_compress_ratio": 2,
                                 "kv_compress_layers": [1, 2]}
     assert b.long_ratio == 0.6 and b.caption_dropout == 0.1 and b.weight_decay == 0.0
-    assert math.isclose(b.scaled_lr(4), b.lr * math.sqrt(8 / 256))
-    a = load_stage(cfg_file, "a")
+    # default lr rule = the official auto_lr sqrt: lr * sqrt(batch * world / 256)
+    assert b.lr_scaling == "sqrt" and math.isclose(b.scaled_lr(4), b.lr * math.sqrt(8 / 256))
+    assert b.null_caption == "DeepFloyd/t5-v1_1-xxl"  # the pipeline's features.t5 (its default here)
+    a = load_stage(cfg_file, "a", ["lr_scaling=none"])
     assert a.scaled_lr(64) == a.lr and a.base_size == 16 and a.pe_interpolation == 0.5
     with pytest.raises(ConfigError, match="unknown key 'stepz'"):
         load_stage(cfg_file, "a", ["stepz=3"])
@@ -54,15 +58,47 @@ def test_load_stage_resolves_pipeline_init_and_overrides(tmp_path):
 
 def test_repo_pipelines_yaml_has_the_table4_stages():
     names = list(yaml.safe_load((REPO / "pipelines.yaml").read_text())["training"])
-    stages = {n: load_stage(REPO / "pipelines.yaml", n) for n in names}
+    stages = {n: load_stage(REPO / "pipelines.yaml", n) for n in names}  # every stage's shards are written
     paper = [s for n, s in stages.items() if n.startswith("sigma-")]
     assert [(s.resolution, s.steps, s.batch_size, s.num_workers, s.lr) for s in paper] == [
         (256, 8000, 64, 16, 2e-5), (256, 80000, 64, 16, 2e-5), (512, 10000, 32, 32, 2e-5),
         (1024, 5000, 12, 32, 1e-5), (1024, 5000, 12, 16, 1e-5), (2048, 2000, 4, 8, 2e-5),
-        (2048, 2000, 4, 8, 2e-5), (4096, 1000, 4, 8, 2e-5), (4096, 1000, 4, 8, 2e-5)]
+        (2048, 2000, 4, 8, 2e-5), (2880, 1000, 4, 8, 2e-5), (2880, 1000, 4, 8, 2e-5)]
     assert [s.name for s in paper if s.model.kv_compress_ratio > 1] == ["sigma-1024-kv", "sigma-2k-kv", "sigma-4k-kv"]
     assert stages["demo-512"].init_from == stages["demo-256"].output
     assert stages["demo-512"].pe_interpolation == 1.0 and stages["demo-256"].pe_interpolation == 0.5
+
+
+# The official PixArt-Sigma settings, restated from its configs (configs/PixArt_xl2_internal.py:
+# auto_lr = dict(rule='sqrt'), auto_scale_lr base_batch_size 256; configs/pixart_sigma_config/*:
+# warmup 1000 at 256 / 512 / 1024, 500 at 1024-KV, 100 at 2K; KV scale_factor 2 in the 1024-KV and
+# 2K configs; tools/convert_pixart_to_diffusers.py: interpolation_scale_alpha = {256: 1, 512: 1,
+# 1024: 2} for the PixArt-alpha 256 weights the first stage starts from).
+OFFICIAL = {"sigma-256-vae": (1000, 1, 1.0), "sigma-256-align": (1000, 1, 0.5), "sigma-512": (1000, 1, 1.0),
+            "sigma-1024": (1000, 1, 2.0), "sigma-1024-kv": (500, 2, 2.0), "sigma-2k": (100, 1, 4.0),
+            "sigma-2k-kv": (100, 2, 4.0), "sigma-4k": (100, 1, 5.625), "sigma-4k-kv": (100, 2, 5.625)}
+
+
+def test_paper_stages_use_the_official_settings():
+    for name, (warmup, kv, pe) in OFFICIAL.items():
+        s = load_stage(REPO / "pipelines.yaml", name)
+        assert (s.warmup_steps, s.model.kv_compress_ratio, s.pe_interpolation) == (warmup, kv, pe), name
+        g = s.batch_size * s.num_workers
+        assert s.scaled_lr(s.num_workers) == pytest.approx(s.lr * math.sqrt(g / 256)), name  # official auto_lr
+    assert load_stage(REPO / "pipelines.yaml", "sigma-256-vae").scaled_lr(16) == pytest.approx(4e-5)
+    assert load_stage(REPO / "pipelines.yaml", "sigma-2k").scaled_lr(8) == pytest.approx(7.07e-6, rel=1e-3)
+
+
+def test_stage_reading_shards_no_pipeline_writes_fails_naming_both(tmp_path):
+    stage = {"resolution": 1024, "data": {"pipeline": "mini"}, "steps": 1, "batch_size": 1}
+    cfg_file = _yaml(tmp_path, {"big": stage}, features={"resolutions": [256, 512]})
+    with pytest.raises(ConfigError, match=r"training.big .*shards/1024 of pipeline 'mini'.*"
+                                          r"pipelines.mini.features.resolutions is \[256, 512\]"):
+        load_stage(cfg_file, "big")
+    p = tmp_path / "q.yaml"
+    p.write_text(yaml.safe_dump({"pipelines": {"mini": {"stages": ["download", "score"]}}, "training": {"big": stage}}))
+    with pytest.raises(ConfigError, match="'mini', whose stages .* do not include features"):
+        load_stage(p, "big")
 
 
 def test_lr_schedule_and_came_settings(tmp_path):
@@ -94,7 +130,7 @@ def test_train_logs_ema_and_resume_is_a_noop_when_done(tmp_path):
     assert [r["lr"] for r in steps] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])
     for r in steps:
         assert math.isfinite(r["loss"]) and r["grad_norm"] > 0 and r["samples_per_s"] > 0
-    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "out")] == ["step-00000004"]  # keep_last 1
+    assert [os.path.basename(p) for p in ckpt.list_checkpoints(tmp_path / "out")] == ["step-00000004"]  # keep_last 1
     c = ckpt.latest(tmp_path / "out")
     w, e = ckpt.load_weights(c), ckpt.load_weights(c, ema=True)
     assert w.keys() == e.keys() and any(not torch.equal(w[k], e[k]) for k in w)
@@ -145,3 +181,63 @@ def test_init_from_official_pth(tmp_path):
     init_from(dst, str(tmp_path / "official.pth"))
     for k, v in src.state_dict().items():
         assert torch.equal(dst.state_dict()[k], v), k
+
+
+def test_stage_sets_null_caption_to_t5_of_empty_string(tmp_path, tiny_models):
+    """The official trainer: tokenizer("", padding="max_length", max_length=300) -> T5 encoder under
+    that mask -> [0], copied into y_embedder.y_embedding on load. Our stage does the same (once,
+    cached beside the output) and caption dropout / CFG use it."""
+    from transformers import AutoTokenizer, T5EncoderModel
+
+    from training.train import NULL_FILE, train
+
+    shards = write_synthetic_shards(tmp_path / "s", n=8, n_shards=1)
+    out = tmp_path / "out"
+    train(tiny_stage(shards, out, steps=1, null_caption=str(tiny_models / "t5")), 0, 1)
+    tok = AutoTokenizer.from_pretrained(tiny_models / "t5")
+    t5 = T5EncoderModel.from_pretrained(tiny_models / "t5").eval()
+    ids = tok("", max_length=300, padding="max_length", truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        ref = t5(ids.input_ids, attention_mask=ids.attention_mask)[0][0]  # (300, 32)
+    w = ckpt.load_weights(ckpt.latest(out))["y_embedder.y_embedding"]
+    assert w.shape == (300, 32) and int(ids.attention_mask.sum()) == 1
+    torch.testing.assert_close(w, ref, atol=1e-6, rtol=1e-5)
+    assert (out / NULL_FILE).exists()
+    model = ckpt.load_model(out)
+    assert model.config.null_valid_tokens == 1 and model.config.null_policy == "own"
+
+
+def test_init_from_refuses_pickles_unless_trusted(tmp_path):
+    """A crafted .pth whose unpickling would create a marker file: refused with a message naming
+    it, and the marker never appears; --trust-pickle / trust_pickle: true loads a pickle-only file."""
+    import argparse
+
+    from training.model import build_model
+    from training.train import init_from
+
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    sd = build_model("PixArt-tiny").state_dict()
+    torch.save({"state_dict": sd, "payload": Evil()}, tmp_path / "evil.pth")
+    with pytest.raises(ValueError, match=r"evil\.pth: refused.*--trust-pickle"):
+        init_from(build_model("PixArt-tiny"), str(tmp_path / "evil.pth"))
+    assert not marker.exists()
+    # the CLIs refuse it too (convert, sample), with the file named, and nothing runs
+    from training import convert, sample
+
+    with pytest.raises(SystemExit, match=r"evil\.pth: refused"):
+        convert.main(["--to-diffusers", str(tmp_path / "evil.pth"), str(tmp_path / "d"), "--image-size", "64"])
+    with pytest.raises(ValueError, match=r"evil\.pth: refused"):
+        sample.load_dit(tmp_path / "evil.pth", preset="PixArt-tiny", image_size=64)
+    assert not marker.exists()
+    # a file that only needs a harmless class: loads when trusted
+    torch.save({"state_dict": sd, "args": argparse.Namespace(lr=1)}, tmp_path / "old.pth")
+    with pytest.raises(ValueError, match="refused"):
+        init_from(build_model("PixArt-tiny"), str(tmp_path / "old.pth"))
+    m = build_model("PixArt-tiny")
+    init_from(m, str(tmp_path / "old.pth"), trust_pickle=True)
+    assert all(torch.equal(m.state_dict()[k], v) for k, v in sd.items())
