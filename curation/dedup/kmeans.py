@@ -3,8 +3,9 @@ them for fast assignment, and every row assigned to its nearest cluster plus the
 boundary it lies close to. What was measured on a 1M-row topic mixture (benchmarks/scale_bench.py)
 decided each choice below.
 
-Space: clustering (not the search) happens after removing the DROP_COMPONENTS leading principal
-components of the sample and renormalising ("all-but-the-top"): those directions carry variance
+Space: clustering (not the search) happens after removing the leading principal components of
+the sample (D / 100 of them, the "all-but-the-top" rule of thumb: 8 for ViT-L/14's 768-d) and
+renormalising: those directions carry variance
 shared by every topic (in CLIP: style, lighting, ...), so cells cut along them split every topic
 and near duplicates, which differ mostly along them, straddle the cuts. Dropping 8 raised the
 share of planted pairs sharing a cluster from 0.990 to 0.999 with fewer copies per row.
@@ -34,12 +35,18 @@ import math
 import numpy as np
 
 SAMPLE_PER_CLUSTER = 16  # sample rows per centroid: more costs fit time without better recall
-DROP_COMPONENTS = 8  # leading principal components left out of the clustering space
 
 
-def fit_space(sample: np.ndarray, drop: int = DROP_COMPONENTS) -> np.ndarray:
+def drop_components(dim: int) -> int:
+    """Leading principal components left out of the clustering space: D / 100 (8 at 768-d). On 64-d
+    test data dropping 8 lost pairs (recall 0.985), D / 100 kept 1.0."""
+    return int(round(dim / 100))
+
+
+def fit_space(sample: np.ndarray, drop: int | None = None) -> np.ndarray:
     """(drop, D) float32: the leading principal directions of the (centred) sample, <= 20000 rows."""
     x = np.asarray(sample[:20000], np.float32)
+    drop = drop_components(x.shape[1]) if drop is None else drop
     if drop <= 0 or len(x) < 2 * drop:
         return np.zeros((0, x.shape[1] if x.ndim == 2 else 0), np.float32)
     _, _, vt = np.linalg.svd(x - x.mean(0), full_matrices=False)
@@ -57,7 +64,7 @@ def project(x, components):
     return t / t.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
 
-def fit_centroids(sample: np.ndarray, n_clusters: int, seed: int = 0, drop: int = DROP_COMPONENTS) -> dict:
+def fit_centroids(sample: np.ndarray, n_clusters: int, seed: int = 0, drop: int | None = None) -> dict:
     """sample (S, D) -> {"components" (drop, D): the clustering space, "fine" (K, D) f32 centroids
     ordered by cell, "coarse" (K1, D) f32 cell centres, "cell_start" (K1 + 1,) int64: the centroids
     of cell c are fine[cell_start[c]:cell_start[c + 1]]}."""
