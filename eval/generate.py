@@ -51,10 +51,10 @@ def existing_keys(d: str) -> set[str]:
 
 def resolve_checkpoint(checkpoint: str) -> Path:
     """A stage output folder means its newest complete checkpoint: record that exact folder."""
-    from training.checkpoint import resolve
+    from training import latest_checkpoint
 
     p = Path(checkpoint).resolve()
-    return Path(resolve(p) or p) if p.is_dir() else p
+    return Path(latest_checkpoint(p) or p) if p.is_dir() else p
 
 
 def default_name(checkpoint: str, stage: str | None = None) -> str:
@@ -74,7 +74,7 @@ def protocol(cfg, checkpoint: str) -> dict:
 
 def plan(rows: list[dict], ecfg) -> list[dict]:
     """Rows with seed, height, width, in generation order (bucket, key)."""
-    from features.buckets import table
+    from common.buckets import table
 
     sizes = table(ecfg.resolution)
     side = ecfg.resolution
@@ -117,10 +117,9 @@ class Generator:
                  num_gpus: float = 0.0, image_size: int | None = None):
         import torch
 
-        from features.t5 import load_t5, pick_device_dtype
-        from features.vae import load_vae
-        from training.null import encode_null
-        from training.sample import load_dit
+        from common.device import pick_device_dtype
+        from common.models import load_t5, load_vae
+        from training import encode_null, load_dit
 
         self.device, self.dtype = pick_device_dtype(precision, num_gpus)
         self.tok, self.t5 = load_t5(t5, self.device, self.dtype)
@@ -137,7 +136,7 @@ class Generator:
         """One run of consecutive seeds and one size -> uint8 (B, H, W, 3)."""
         import torch
 
-        from training.sample import decode_latents, encode_prompts, sample_latents
+        from training import decode_latents, encode_prompts, sample_latents
 
         # Local inference mode, not a global switch: the stage also runs in-process (tests, --no-ray).
         with torch.inference_mode():
@@ -259,7 +258,7 @@ def main(argv=None) -> dict:
     save_resolved(cfg, cfg.out)
     checkpoint, name = args.checkpoint, args.name
     if args.stage:
-        from training.config import load_stage
+        from training import load_stage
 
         checkpoint = str(load_stage(args.config, args.stage).output_dir)
         name = name or default_name(checkpoint, args.stage)

@@ -2,7 +2,7 @@
 
 For each generation run (<output>/eval/generations/<run>/, default: all of them), against the
 benchmark version that the pipeline's eval config selects:
-0. refuses to score when any key of the training shards (features.shards, the only reader) is in
+0. refuses to score when any key of the training shards (common.shards, the only reader) is in
    that version's exclusion list: the number would be flattered by a leak;
 1. FID under `eval.fid_protocol` with `eval.fid_extractor` (eval.fid), real side = the cached
    reference features (eval.reference), KID (mean, std and standard error over subsets);

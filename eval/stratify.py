@@ -33,8 +33,8 @@ def id_key(i: int) -> str:
 
 
 def nearest_bucket(ratio: float, resolution: int = BUCKET_RESOLUTION) -> str:
-    """Aspect bucket key (h/w) of features.buckets: the same assignment the training shards use."""
-    from features.buckets import nearest_key
+    """Aspect bucket key (h/w) of common.buckets: the same assignment the training shards use."""
+    from common.buckets import nearest_key
 
     return nearest_key(ratio, resolution)
 
@@ -61,8 +61,8 @@ def quotas(sizes: dict, n: int) -> dict:
 
 
 def nearest_buckets(ratios: np.ndarray, resolution: int = BUCKET_RESOLUTION) -> np.ndarray:
-    """Vectorised features.buckets.nearest_key (ties go to the smaller key) -> (N,) str."""
-    from features.buckets import table
+    """Vectorised common.buckets.nearest_key (ties go to the smaller key) -> (N,) str."""
+    from common.buckets import table
 
     keys = sorted(table(resolution), key=float)
     vals = np.array([float(k) for k in keys])

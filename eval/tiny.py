@@ -1,5 +1,5 @@
 """Tiny random-weight twins of the reward models' architectures (eval/rewards.py), built offline by
-`make models` (common.tiny_models). Each is written in the layout its real release has, so the
+`make models` (curation.tiny_models). Each is written in the layout its real release has, so the
 real loading code runs on it:
 
   rewards/pickscore/    transformers CLIPModel + CLIPProcessor (save_pretrained), the real CLIP

@@ -4,10 +4,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from common.config import ConfigError, Resources
+from common.shards import TEXT_DTYPES
 
-SUPPORTED_RESOLUTIONS = (256, 512, 1024, 2048, 2880)  # the bucket tables of features/buckets.py
+SUPPORTED_RESOLUTIONS = (256, 512, 1024, 2048, 2880)  # the bucket tables of common/buckets.py
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
-TEXT_DTYPES = ("fp16", "fp8")  # stored T5 tokens: features.shards.encode_tokens
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ import json
 
 from common import fs, manifest
 from common.config import ConfigError
-from features import buckets, shards
+from common import buckets, shards
 
 MANIFEST_COLS = ["key", "url", "caption", "caption_short", "caption_long", "aesthetic", "width", "height",
                  "selected", "status"]

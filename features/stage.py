@@ -24,7 +24,8 @@ from collections import Counter
 from common import fs, manifest
 from common.config import ConfigError, Resources, fingerprint
 from common.partstage import commit_groups, nodes_of, read_images, run_tasks
-from features import plan, shards
+from common import shards
+from features import plan
 
 PIPELINE_VERSION = "features/1"  # bump when preprocessing or the stored layout changes
 

@@ -13,30 +13,13 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from features.shards import encode_tokens
-
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def pick_device_dtype(precision: str, num_gpus: float) -> tuple[str, torch.dtype]:
-    """auto: bf16 on GPU (fp16 overflows in T5-XXL and the SDXL VAE), fp32 on CPU."""
-    device = "cuda" if num_gpus and torch.cuda.is_available() else "cpu"
-    if precision == "auto":
-        return device, (torch.bfloat16 if device == "cuda" else torch.float32)
-    return device, _DTYPES[precision]
-
-
-def load_t5(name: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
-    from transformers import AutoTokenizer, T5EncoderModel
-
-    tok = AutoTokenizer.from_pretrained(name)
-    model = T5EncoderModel.from_pretrained(name, dtype=dtype).to(device).eval()
-    return tok, model
-
+from common.device import pick_device_dtype
+from common.models import load_t5
+from common.shards import encode_tokens
 
 class T5Embedder:
     """Model-backed stage: rows with text_long / text_short -> adds t5_long, t5_short (npy bytes of
-    (n, D) in `text_dtype`, see features.shards.encode_tokens; null when the text is null), n_long,
+    (n, D) in `text_dtype`, see common.shards.encode_tokens; null when the text is null), n_long,
     n_short (int32), t5_error."""
 
     def __init__(self, t5: str, max_length: int = 300, precision: str = "auto", num_gpus: float = 0.0,

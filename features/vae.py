@@ -14,8 +14,9 @@ import torch
 
 from common.images import decode_image
 from features.preprocess import preprocess, to_model_input
-from features.shards import npy_bytes
-from features.t5 import pick_device_dtype
+from common.shards import npy_bytes
+from common.device import pick_device_dtype
+from common.models import load_vae
 
 _CARRY_DROP = ("image", "targets")
 
@@ -56,12 +57,6 @@ def prepare_batch(batch: pa.Table) -> pa.Table:
     for k, v in extra.items():
         table = table.append_column(k, pa.array(v, types[k]))
     return table
-
-
-def load_vae(name: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
-    from diffusers import AutoencoderKL
-
-    return AutoencoderKL.from_pretrained(name, torch_dtype=dtype).to(device).eval()
 
 
 class VaeEncoder:

@@ -22,8 +22,8 @@ TINY_DIR = Path(os.environ.get("SIGMA_TINY_MODELS", REPO / "models" / "tiny"))
 
 @pytest.fixture(scope="session")
 def tiny_models() -> Path:
-    """Path of the tiny random-weight models (built by `python -m common.tiny_models` if absent)."""
-    from common.tiny_models import ensure_tiny_models
+    """Path of the tiny random-weight models (built by `python -m curation.tiny_models` if absent)."""
+    from curation.tiny_models import ensure_tiny_models
 
     return ensure_tiny_models(TINY_DIR)
 

@@ -7,7 +7,7 @@ Design (why it is not a plain WebDataset pipeline):
   stores it and resume continues with exactly the next batch (the official loader restarts the
   epoch). All per-sample randomness (long/short caption, caption dropout, latent sampling noise) is
   also derived from the position, so a resumed run sees bit-identical batches.
-- Random access through features.shards (the only reader of the format): each rank lists the
+- Random access through common.shards (the only reader of the format): each rank lists the
   members of its shards once (`scan_members`: tar headers + json only) and a batch reads only its
   members (`read_member`). Shards are local or on an object store (common.fs).
 - Trust nothing: every shard's size and sample count must equal index.json; a shard that is
@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from common import fs
-from features.shards import decode_tokens, open_shard, read_index, read_member, repad, scan_members
+from common.shards import decode_tokens, open_shard, read_index, read_member, repad, scan_members
 
 __all__ = ["ShardBatches", "Prefetch", "make_batches", "SampleRef", "ShardError", "scan_shard", "read_index"]
 

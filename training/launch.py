@@ -25,7 +25,7 @@ from training.config import TrainStageConfig, load_stage, stage_from_dict
 
 def _check(cfg: TrainStageConfig) -> None:
     """Fail before starting Ray when the inputs of the stage are missing or do not fit."""
-    from features.shards import read_index
+    from common.shards import read_index
     from training.checkpoint import latest, resolve
 
     try:

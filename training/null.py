@@ -15,11 +15,11 @@ A null source (`null_from`) is one of:
 """
 from __future__ import annotations
 
-import os
 
 import torch
 
 from common import fs
+from common.models import load_t5
 from training.files import is_weight_file, load_safetensors, torch_load
 
 KEY, MASK_KEY = "uncond_prompt_embeds", "uncond_prompt_embeds_mask"
@@ -34,20 +34,6 @@ def encode_null(tokenizer, t5, max_length: int = 300) -> Null:
     dev = next(t5.parameters()).device
     out = t5(input_ids=tok.input_ids.to(dev), attention_mask=tok.attention_mask.to(dev)).last_hidden_state
     return out[0].float().cpu(), int(tok.attention_mask.sum())
-
-
-def load_t5(source: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
-    """(tokenizer, T5 encoder) from a T5 folder / hub name or a diffusers pipeline folder."""
-    from transformers import AutoTokenizer, T5EncoderModel
-
-    src = os.path.expanduser(str(source))
-    if os.path.isfile(os.path.join(src, "model_index.json")):
-        tok_dir, enc_dir = os.path.join(src, "tokenizer"), os.path.join(src, "text_encoder")
-    else:
-        tok_dir = enc_dir = src
-    tok = AutoTokenizer.from_pretrained(tok_dir)
-    t5 = T5EncoderModel.from_pretrained(enc_dir, dtype=dtype).to(device).eval()
-    return tok, t5
 
 
 def read_null(uri: str, trust_pickle: bool = False) -> Null:

@@ -91,7 +91,7 @@ def prepare_null(cfg: TrainStageConfig, rank: int, barrier, device: torch.device
     if source == "keep":
         return None
     if source is None:  # explicit shards folder: the T5 the features stage recorded
-        from features.shards import read_index
+        from common.shards import read_index
 
         source = read_index(cfg.shards_dir).get("t5", {}).get("name")
         if not source:

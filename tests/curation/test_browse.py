@@ -3,7 +3,7 @@
 The run is synthetic (curation.browse.sample: manifest, download tars, candidate pairs, report,
 written through common.manifest / common.fs). Every number the page shows is checked against an
 independent computation: DuckDB straight over the manifest parquet for filters, a plain loop for
-the what-if selection, features.buckets.assign for the buckets.
+the what-if selection, common.buckets.assign for the buckets.
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ from curation.browse import sample
 from curation.browse.app import serve
 from curation.browse.filters import FilterError
 from curation.browse.store import Run
-from features.buckets import assign
+from common.buckets import assign
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 PAGE = 48
@@ -162,7 +162,7 @@ def test_grid_filters_sort_and_paging(driver, base, run, tmp_path):
         after(d, "renders", btn.click)
         n, cards = grid_count(d)
         assert n == ddb_count(out, where) and cards == min(PAGE, n) and n > 0, label
-    # the most common aspect bucket at 256 px (features.buckets.assign), as its preset filters it
+    # the most common aspect bucket at 256 px (common.buckets.assign), as its preset filters it
     ok = [r for r in run["rows"] if r["width"]]
     top_bucket, top_n = Counter(assign(r["width"], r["height"], 256)[0] for r in ok).most_common(1)[0]
     after(d, "renders", d.find_element(By.XPATH, f"//button[@class='preset' and text()='bucket {top_bucket}']").click)

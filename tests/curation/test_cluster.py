@@ -16,7 +16,7 @@ import pytest
 from common import fs, holdout, manifest
 from curation import demo_data as dd
 from curation import run as run_mod
-from features import shards
+from common import shards
 from raycluster import Cluster, cluster_env
 
 REPO = Path(__file__).resolve().parents[2]

@@ -158,7 +158,7 @@ KILL_STAGES = ("download", "score", "dedup", "select", "caption", "features")
 def test_sigkill_in_every_stage_then_rerun_resumes(demo_server, tiny_models, tmp_path):
     """SIGKILL right after the first commit of each stage, rerun the same command each time: no
     duplicates or gaps, and what was committed before a kill is never redone."""
-    from features import shards
+    from common import shards
 
     expect = dd.write_url_list(demo_server, demo_server.items, tmp_path / "urls.parquet")
     out = tmp_path / "out"

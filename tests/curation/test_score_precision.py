@@ -2,14 +2,14 @@
 
 open_clip's fp16 keeps LayerNorms and the positional embedding fp32, so an input dtype taken from
 the first parameter was fp32 and every fp16 batch failed in the patch conv (found by the real-size
-smoke, tests/common/test_real_size.py). Reference: the same weights in fp32.
+smoke, tests/curation/test_real_size.py). Reference: the same weights in fp32.
 """
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from common import real_size as rs
+from curation import real_size as rs
 from curation.score import Scorer
 
 

@@ -23,7 +23,8 @@ from curation import clip_tiny_modeling as ctm
 from curation import demo_data as dd
 from curation import tiny
 from curation.config import load_pipeline
-from curation.score import Scorer, load_clip
+from common.models import load_clip
+from curation.score import Scorer
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -100,9 +100,9 @@ def make_output(out: Path, n_rows: int = 80, parts: int = 2, dim: int = 16, seed
 
 
 def write_shard(out: Path, keys: list[str], resolution: int = 256) -> Path:
-    """A training shard written by the real features.shards writer (tiny dummy arrays)."""
-    from features.shards import npy_bytes, shard_name, shards_dir
-    from features.shards import write_shard as real_write
+    """A training shard written by the real common.shards writer (tiny dummy arrays)."""
+    from common.shards import npy_bytes, shard_name, shards_dir
+    from common.shards import write_shard as real_write
 
     path = Path(shards_dir(out, resolution)) / shard_name(0)
     lat = npy_bytes(np.zeros((8, 2, 2), np.float16))

@@ -1,4 +1,4 @@
-"""features.shards: the stored T5 token encodings (fp16 as-is, fp8 e4m3 + per-token scale)."""
+"""common.shards: the stored T5 token encodings (fp16 as-is, fp8 e4m3 + per-token scale)."""
 from __future__ import annotations
 
 import io
@@ -6,7 +6,7 @@ import io
 import numpy as np
 import pytest
 
-from features import shards
+from common import shards
 
 
 def _tokens(seed=0, n=37, d=64):

@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from features import buckets, plan, shards
+from common import buckets, shards
+from features import plan
 from features.stage import run_features
 from feat_data import features_cfg, make_pipeline_output
 

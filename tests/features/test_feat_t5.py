@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from features.shards import load_npy, repad
+from common.shards import load_npy, repad
 
 CAPTIONS = [
     "A dog.",

@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from features import buckets
+from common import buckets
 from features.preprocess import to_model_input
-from features.shards import load_npy
+from common.shards import load_npy
 
 
 @pytest.fixture(scope="module")

@@ -31,7 +31,8 @@ from typing import Iterator
 import numpy as np
 
 from common import fs
-from features.config import TEXT_DTYPES  # noqa: F401 (re-exported: benchmarks use shards.TEXT_DTYPES)
+
+TEXT_DTYPES = ("fp16", "fp8")  # stored T5 tokens (features.text_dtype): see encode_tokens
 
 FORMAT = "sigma-shards/2"  # 2: per-part shard names, sha256 + bytes per shard in sidecars and index
 INDEX = "index.json"

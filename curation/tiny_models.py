@@ -1,4 +1,4 @@
-"""`python -m common.tiny_models --out models/tiny`: build every tiny offline model.
+"""`python -m curation.tiny_models --out models/tiny`: build every tiny offline model.
 
 Random weights, real architectures, no network. Each package owns its builder in `<pkg>/tiny.py`
 (`build(out_dir) -> dict of written paths`); this command only calls them in order, so tests, CI

@@ -1,6 +1,6 @@
 """Real-size smoke of the `pixart-sigma` pipeline (issue 12, item 8), on CPU.
 
-Every model at its real configuration with random weights (common.real_size: ViT-L-14 + the 768-d
+Every model at its real configuration with random weights (curation.real_size: ViT-L-14 + the 768-d
 aesthetic MLP, the SDXL VAE, a T5 encoder of T5-v1.1-XXL's width and heads with 2 layers and the
 tiny sentencepiece tokenizer, PixArt-XL/2 with KV compression in layers 14-27), one small batch
 through each stage's real code path with the `pixart-sigma` settings: score (a photo + a broken
@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from common import real_size as rs
+from curation import real_size as rs
 
 pytestmark = pytest.mark.slow
 
@@ -37,7 +37,7 @@ def _report(name: str, *reports: dict) -> None:
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
     d = tmp_path_factory.mktemp("real_size")
-    rs.lean_malloc()  # RSS peaks = memory held, not what glibc kept after frees (see common.real_size)
+    rs.lean_malloc()  # RSS peaks = memory held, not what glibc kept after frees (see curation.real_size)
     yield SimpleNamespace(dir=d, cfg=rs.pipeline_config(), tok=rs.tokenizer_dir(d))
     shutil.rmtree(d, ignore_errors=True)  # ~6 GB of weights and checkpoint
 
@@ -63,7 +63,7 @@ def features(work, vae_dir):
 
 @pytest.fixture(scope="module")
 def trained(work, features):
-    cfg = rs.train_config(features.shards, work.dir / "train", str(features.null), steps=1, batch_size=2,
+    cfg = rs.train_config(common.shards, work.dir / "train", str(features.null), steps=1, batch_size=2,
                           resolution=RES)
     res = rs.run_train(cfg)
     _report("train", res["run"])
@@ -108,9 +108,9 @@ def test_features_t5_vae_256(features):
             assert r[f"n_{kind}"] == n
         # features at 256 px: 640x427 (h/w 0.667) -> the 0.68 bucket 208x304 -> latent (8, 26, 38)
         assert (r["bucket"], r["bucket_h"], r["bucket_w"], r["upscaled"]) == ("0.68", 208, 304, False)
-    from features import shards
+    from common import shards
 
-    samples = list(shards.iter_samples(features.shards))
+    samples = list(shards.iter_samples(common.shards))
     assert [s["key"] for s in samples] == [r["key"] for r in out]
     for s, r in zip(samples, out):
         assert s["latent"].dtype == np.float16 and s["latent"].shape == (8, 26, 38)
@@ -171,9 +171,9 @@ def test_train_step_xl_kv(features, trained):
 
 
 def test_sample_step_from_checkpoint(work, features, trained, vae_dir):
-    from features import shards
+    from common import shards
 
-    s = next(shards.iter_samples(features.shards))
+    s = next(shards.iter_samples(common.shards))
     y, mask = shards.repad([s["t5_long"].astype(np.float32)])
     res = rs.run_sample(str(trained.cfg.output_dir), vae_dir, torch.from_numpy(y), torch.from_numpy(mask),
                         RES, RES, steps=1, cfg_scale=4.5)
