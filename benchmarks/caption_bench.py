@@ -24,7 +24,7 @@ def bench_hf(tiny: Path, n: int, new_tokens: int) -> list[dict]:
 
     from captioning.config import CaptionConfig
     from captioning.hf import HFCaptioner
-    from common.config import parse
+    from _sigma.config import parse
 
     # Share-Captioner's sampling (3 beams, sampling, repetition penalty 1.5), fixed generated length.
     c = parse(CaptionConfig, {"model": str(tiny / "captioner"), "generation": {"max_new_tokens": new_tokens}})
@@ -48,7 +48,7 @@ def bench_openai(tiny: Path, n: int, new_tokens: int) -> list[dict]:
     from captioning.config import CaptionConfig
     from captioning.openai_engine import OpenAIClient
     from captioning.vllm_server import serve
-    from common.config import parse
+    from _sigma.config import parse
 
     rows = []
     with serve(str(tiny / "captioner-text")) as base:

@@ -21,7 +21,7 @@ os.environ["SIGMA_QUIET"] = "1"
 
 import img2dataset  # noqa: E402
 
-from common.config import parse  # noqa: E402
+from _sigma.config import parse  # noqa: E402
 from curation import demo_data as dd  # noqa: E402
 from curation.config import PipelineConfig  # noqa: E402
 from curation.download import img2dataset_kwargs, run_download  # noqa: E402

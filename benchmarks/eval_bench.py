@@ -91,7 +91,7 @@ def main() -> None:
           f"{fast:.2f} img/s vs batch 1 {base:.2f} img/s -> ratio {fast / base:.2f}x", flush=True)
 
     from eval.generate import Generator
-    from common.buckets import table
+    from _sigma.buckets import table
 
     tiny = Path(args.tiny)
     gen = Generator(checkpoint=str(tiny / "dit"), t5=str(tiny / "t5"), vae=str(tiny / "vae"), out_dir="/tmp",

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from common import shards  # noqa: E402
+from _sigma import shards  # noqa: E402
 from features import tiny  # noqa: E402
 from features.t5 import T5Embedder  # noqa: E402
 

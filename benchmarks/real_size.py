@@ -175,7 +175,7 @@ def bench_t5(cfg, work, p, dev) -> dict:
 def synthetic_shards(d: Path, res: int, n: int, dim: int = 4096, seed: int = 0) -> Path:
     """n samples of one square bucket at real dims (latent (8, res/8, res/8), T5 (n_tok, 4096)
     fp16 with the paper's 60/40 long/short lengths), written by the features shard writer."""
-    from common import shards
+    from _sigma import shards
 
     rng = np.random.default_rng(seed)
     samples = []

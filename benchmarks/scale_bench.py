@@ -1,7 +1,7 @@
 """Dedup + select at scale (issue 11 item 7), with the Table 1 SQL over the result.
 
 Per size (default 10K, 100K, 1M rows), three subprocesses:
-1. generate (untimed): a synthetic *scored* output written through common.manifest (parts of
+1. generate (untimed): a synthetic *scored* output written through _sigma.manifest (parts of
    10,000 rows, fp16 768-d embeddings) -- CLIP-like structure: a shared direction, a Zipf mixture of
    topics (~1 per 300 rows), noise with a decaying spectrum; 95 % status ok; planted exact copies (1 %
    of rows: same sha256, embedding, size) and near duplicates (2 %: cosine drawn from 0.92-0.99,
@@ -78,7 +78,7 @@ def _attrs(part: int, n: int):
 
 
 def generate_part(part: int, n_parts: int, n: int, out: str, world, total: int) -> None:
-    from common import manifest
+    from _sigma import manifest
 
     rng = np.random.default_rng([SEED, part, 3])
     x = _base(part, n, world)
@@ -163,7 +163,7 @@ def cmd_run(out: str) -> dict:
     import resource
     import threading
 
-    from common.raystage import init_ray
+    from _sigma.raystage import init_ray
     from curation.config import RayConfig, load_pipeline
     from curation.dedup import run_dedup
     from curation.select import run_select
@@ -200,7 +200,7 @@ def cmd_recall(out: str, threshold: float) -> dict:
     import pyarrow.compute as pc
     import torch
 
-    from common import fs, manifest
+    from _sigma import fs, manifest
     from curation.dedup.pairs import pair_files
 
     torch.set_num_threads(2)

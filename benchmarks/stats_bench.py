@@ -63,7 +63,7 @@ def bench_extraction(n: int, workers: int, batch_size: int) -> tuple[float, floa
     """(end-to-end captions/s including actor start, captions/s after the first batch came back)."""
     import ray
 
-    from common.raystage import init_ray, map_stage
+    from _sigma.raystage import init_ray, map_stage
     from curation.config import Resources
     from curation.stats.nouns import NounTagger
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from common.config import ConfigError, Resources
+from _sigma.config import ConfigError, Resources
 
 ENGINES = ("hf", "vllm", "openai")
 HF_APIS = ("auto", "chat_template", "sharecaptioner")

@@ -1,7 +1,7 @@
 """The caption stage: `run_caption(cfg, out, progress) -> summary` (called by curation.run).
 
 Captions the selected rows (`selected == true`) of every manifest part and adds the caption_*
-columns (docs/ARCHITECTURE.md). Stage IO is common.partstage: a plan task per part counts the rows
+columns (docs/ARCHITECTURE.md). Stage IO is _sigma.partstage: a plan task per part counts the rows
 to caption (`plan_part`), the read step recomputes them on the worker reading the part's images
 (`pending_rows`), the engine runs as a Ray Data step, and a commit task per part merges the new
 captions into the manifest part and writes it atomically with the stage fingerprint
@@ -28,7 +28,7 @@ CAPTION_COLS = [n for n in OUT_SCHEMA.names if n not in ("key", "_part")]
 
 def caption_fingerprint(c: CaptionConfig) -> str:
     """What changes the captions (not resources, concurrency or endpoints)."""
-    from common.config import fingerprint
+    from _sigma.config import fingerprint
 
     return fingerprint({"engine": c.engine, "hf_api": resolve_hf_api(c) if c.engine == "hf" else None,
                         "model": c.model, "prompt": c.prompt, "system": c.system_prompt,
@@ -67,7 +67,7 @@ def _part_counts(t: pa.Table) -> Counter:
 def pending_rows(out: str, part: int, fp: str) -> list[dict]:
     """rows_fn of the read step (runs on the worker reading the part): the part's rows to caption
     now, with their alt text: selected rows without a terminal caption_status under this config."""
-    from common import manifest
+    from _sigma import manifest
 
     done = manifest.stage_done(out, part, STAGE, fp)
     t = manifest.read_part(out, part, _READ_COLS if done else ["key", "caption", "selected"])
@@ -78,7 +78,7 @@ def pending_rows(out: str, part: int, fp: str) -> list[dict]:
 
 def plan_part(part: int, out: str, fp: str) -> dict:
     """Plan task of one part: rows to caption, whether the part needs a commit, its current counts."""
-    from common import manifest
+    from _sigma import manifest
 
     done = manifest.stage_done(out, part, STAGE, fp)
     t = manifest.read_part(out, part, _READ_COLS)
@@ -122,7 +122,7 @@ def engine_class(engine: str, hf_api: str = "chat_template"):
 def finish_part(part: int, new: pa.Table | None, out: str, fp: str) -> dict:
     """Commit task of one part (on a worker): this run's rows over the part's caption columns, the
     part written with the stage done; returns the part's counts."""
-    from common import manifest
+    from _sigma import manifest
 
     base = manifest.read_part(out, part)
     prev_ok = manifest.stage_done(out, part, STAGE, fp)
@@ -180,9 +180,9 @@ def run_caption(cfg, out: str, progress: bool = True) -> dict:
 
     import ray
 
-    from common import fs, manifest
-    from common.partstage import commit_groups, nodes_of, read_images, run_tasks
-    from common.raystage import init_ray, map_stage
+    from _sigma import fs, manifest
+    from _sigma.partstage import commit_groups, nodes_of, read_images, run_tasks
+    from _sigma.raystage import init_ray, map_stage
 
     c: CaptionConfig = cfg.caption
     out, fp = fs.normalize(out), caption_fingerprint(c)

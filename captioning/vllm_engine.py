@@ -51,7 +51,7 @@ def build_request(row: dict, c: CaptionConfig) -> dict:
     The only decode of the image. Its raw bytes are dropped from the row (`image: None`) so the
     stages after this carry the decoded, downscaled PIL image once, inside `messages`.
     """
-    from common.images import decode_image
+    from _sigma.images import decode_image
 
     if row.get("image") is None:
         im, reason = None, "image not found in the download shard"

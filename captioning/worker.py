@@ -100,7 +100,7 @@ class CaptionWorker:
         return res
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from common.images import decode_image
+        from _sigma.images import decode_image
 
         _maybe_crash()
         keys = batch.column("key").to_pylist()

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 from pathlib import Path
 
-from common.config import ConfigError, Resources, apply_overrides, check_paths, load_yaml, parse  # noqa: F401 (Resources re-exported)
+from _sigma.config import ConfigError, Resources, apply_overrides, check_paths, load_yaml, parse  # noqa: F401 (Resources re-exported)
 from captioning.config import CaptionConfig
 from eval.config import EvalConfig
 from features.config import FeaturesConfig
@@ -245,8 +245,8 @@ class PipelineConfig:
 
     @property
     def out(self) -> str:
-        """The output folder: a normalised local path or URI (common.fs)."""
-        from common import fs
+        """The output folder: a normalised local path or URI (_sigma.fs)."""
+        from _sigma import fs
 
         return fs.normalize(self.output)
 

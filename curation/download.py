@@ -1,7 +1,7 @@
 """Download stage: img2dataset as a library, then one manifest part per img2dataset shard.
 
 Only module that reads img2dataset's per-shard parquet under `<output>/download/` (the image tars
-are read through common.images, the shard records through curation.integrity). Input part i has
+are read through _sigma.images, the shard records through curation.integrity). Input part i has
 at most part_size rows and img2dataset shards each input file separately with
 number_sample_per_shard = part_size, so shard i == part i; our key rides along as `sigma_key`.
 img2dataset writes straight to the output filesystem (fsspec: local or s3://); its `_stats.json`
@@ -20,8 +20,8 @@ import sys
 
 import pyarrow as pa
 
-from common import fs, manifest
-from common.config import fingerprint, to_dict
+from _sigma import fs, manifest
+from _sigma.config import fingerprint, to_dict
 from curation import crawl, integrity
 from curation.inputs import KEY_COL, input_info, input_rows, read_input_part
 
@@ -128,7 +128,7 @@ def download_fingerprint(cfg, info: dict) -> str:
 def run_download(cfg, out: str, progress: bool = True) -> dict:
     """Check every part (img2dataset shard and manifest part: fingerprint, size, sha256), fetch the
     shards that are missing, stale or corrupt, then (re)build the manifest parts that need it."""
-    from common.partstage import nodes_of, run_tasks
+    from _sigma.partstage import nodes_of, run_tasks
 
     out = fs.normalize(out)
     info = input_info(out)

@@ -19,9 +19,9 @@ import pyarrow.csv as pcsv
 import pyarrow.json as pjson
 import pyarrow.parquet as pq
 
-from common import fs
-from common.config import ConfigError
-from common.images import KEY_FIELD
+from _sigma import fs
+from _sigma.config import ConfigError
+from _sigma.images import KEY_FIELD
 
 INPUT = "input"
 KEY_COL = KEY_FIELD  # img2dataset overwrites a column named `key` with its own id
@@ -173,7 +173,7 @@ def _files(cfg) -> list[str]:
 
 def prepare_inputs(cfg, out: str, progress: bool = False) -> dict:
     """Split the URL list into `input/part-NNNNN.parquet` (idempotent; refuses a different input)."""
-    from common.partstage import run_tasks
+    from _sigma.partstage import run_tasks
 
     out = fs.normalize(out)
     files = _files(cfg)

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import hashlib
 
-from common import fs, manifest
-from common.images import DOWNLOAD, download_tar, download_tar_problem
+from _sigma import fs, manifest
+from _sigma.images import DOWNLOAD, download_tar, download_tar_problem
 
 SUMS = "_sums"
 _FILES = (("tar", "{:05d}.tar"), ("parquet", "{:05d}.parquet"), ("stats", "{:05d}_stats.json"))

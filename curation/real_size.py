@@ -13,7 +13,7 @@ stage code loads it from; the stage's own class then loads it exactly as on a cl
             features.vae.prepare_batch,        SDXL VAE, configs/real_size/sdxl-vae.json
             VaeEncoder
             features.stage.commit_shard +      the shard commit task and index of the features stage
-            common.shards
+            _sigma.shards
   train     training.train.train               PixArt-XL/2, KV compression R=2 in layers 14-27: the
                                                `sigma-1024-kv` stage of pipelines.yaml, resolution
                                                and step count overridden
@@ -317,7 +317,7 @@ def write_shards(cfg, table, out: Path, resolution: int, t5_dir: Path, vae_dir: 
     """The features stage's commit task of one shard (features.stage.commit_shard: tar + sidecar)
     and the index its driver builds from the commit summary (shards.build_index -> write_index),
     under `<out>/shards/<resolution>/`. Returns (that folder, the index)."""
-    from common import shards
+    from _sigma import shards
     from features.stage import commit_shard
 
     fc = cfg.features

@@ -17,7 +17,7 @@ for _k, _v in {"NO_ALBUMENTATIONS_UPDATE": "1", "RAY_USAGE_STATS_ENABLED": "0", 
 if not os.environ.get("RAY_ADDRESS"):  # embedded Ray on the loopback address; never for a cluster's job
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
-from common.config import ConfigError, save_resolved  # noqa: E402
+from _sigma.config import ConfigError, save_resolved  # noqa: E402
 from curation.config import STAGES, PipelineConfig, load_pipeline  # noqa: E402
 
 
@@ -80,7 +80,7 @@ def resolve(args) -> tuple[PipelineConfig, list[str]]:
 
 def summarize(cfg: PipelineConfig, out: str, timings: list[dict]) -> dict:
     """The run's summary from the part footers (counts only) and each stage's own result."""
-    from common import fs, manifest
+    from _sigma import fs, manifest
 
     s = manifest.run_summary(out)
     return {"pipeline": cfg.name, "output": out, "rows": s["rows"], "status": s["status"], "selected": s["selected"],
@@ -101,8 +101,8 @@ def print_summary(s: dict) -> None:
 def run(cfg: PipelineConfig, stages: list[str], progress: bool = True) -> dict:
     """Everything is validated (config, lock, URL list, stage order) before the resolved config is
     saved and the first stage starts: a refused run changes nothing in the output."""
-    from common import fs
-    from common.runlock import run_lock
+    from _sigma import fs
+    from _sigma.runlock import run_lock
 
     out = fs.normalize(cfg.output)
     with run_lock(out):
@@ -110,9 +110,9 @@ def run(cfg: PipelineConfig, stages: list[str], progress: bool = True) -> dict:
 
 
 def _run_locked(cfg: PipelineConfig, stages: list[str], out: str, progress: bool) -> dict:
-    from common import fs
-    from common.manifest import check_invariants, list_parts
-    from common.raystage import init_ray
+    from _sigma import fs
+    from _sigma.manifest import check_invariants, list_parts
+    from _sigma.raystage import init_ray
     from curation.inputs import prepare_inputs
 
     init_ray(cfg.ray)
@@ -127,7 +127,7 @@ def _run_locked(cfg: PipelineConfig, stages: list[str], out: str, progress: bool
         t0 = time.time()
         result = fn(cfg, out, progress) or {}
         dt = time.time() - t0
-        # nodes: {Ray node id: tasks} where the stage's plan / commit tasks ran (common.partstage)
+        # nodes: {Ray node id: tasks} where the stage's plan / commit tasks ran (_sigma.partstage)
         timings.append({"stage": name, "seconds": round(dt, 2), "rows_per_s": round(info["rows"] / max(dt, 1e-9), 1),
                         "nodes": result.get("nodes") or {}, "result": result})
         if name != "stats":

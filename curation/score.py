@@ -14,10 +14,10 @@ import pyarrow.compute as pc
 import torch
 from torch import nn
 
-from common.config import fingerprint
-from common.device import pick_device_precision
-from common.images import decode_image
-from common.models import clip_input_dtype, load_clip
+from _sigma.config import fingerprint
+from _sigma.device import pick_device_precision
+from _sigma.images import decode_image
+from _sigma.models import clip_input_dtype, load_clip
 
 MISSING = "image missing from the download tar"
 
@@ -119,7 +119,7 @@ def score_fingerprint(cfg) -> str:
 
 def downloaded_rows(out: str, part: int) -> list[dict]:
     """The rows score reads: every key of the part whose download succeeded."""
-    from common import manifest
+    from _sigma import manifest
 
     t = manifest.read_part(out, part, ["key", "download_status"])
     return [{"key": k} for k, s in zip(t.column("key").to_pylist(), t.column("download_status").to_pylist())
@@ -134,7 +134,7 @@ def finish_part(part: int, scored: pa.Table | None, out: str, fp: str) -> dict:
     """Commit one part (on a worker): embeddings file first, then the manifest columns (the
     'done' marker). A downloaded row whose bytes are not in the tar or do not decode becomes
     failed_decode with the reason."""
-    from common import manifest
+    from _sigma import manifest
 
     scored = _empty_scored() if scored is None else scored
     has_emb = pc.is_valid(scored.column("embedding"))
@@ -167,9 +167,9 @@ def run_score(cfg, out: str, progress: bool = True) -> dict:
 
     import ray
 
-    from common import fs
-    from common.partstage import commit_groups, nodes_of, pending_parts, read_images, run_tasks
-    from common.raystage import map_stage
+    from _sigma import fs
+    from _sigma.partstage import commit_groups, nodes_of, pending_parts, read_images, run_tasks
+    from _sigma.raystage import map_stage
 
     out, fp = fs.normalize(out), score_fingerprint(cfg)
     todo = pending_parts(out, "score", fp)

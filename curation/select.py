@@ -5,7 +5,7 @@ dup_kind, dup_similarity; never recomputes scores or similarities.
    dedup settings (`<out>/dedup/_done.json`). One worker task resolves the stored candidate pairs
    at select.dedup_threshold with select's own criteria (curation/dedup/resolve.py) and writes
    `<out>/dedup/resolved/<fingerprint>/part-NNNNN.parquet` (+ `_done.json`).
-2. One Ray task per pending part (common.partstage.run_tasks) reads the part and its resolved
+2. One Ray task per pending part (_sigma.partstage.run_tasks) reads the part and its resolved
    rows and writes the manifest part with the select columns.
 So changing a threshold and rerunning `--stages select` costs a read of the stored pairs, the
 involved rows' fields and one pass over the parts; the driver sees counts only.
@@ -19,8 +19,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from common import fs, manifest
-from common.config import ConfigError, fingerprint
+from _sigma import fs, manifest
+from _sigma.config import ConfigError, fingerprint
 
 DUP_COLUMNS = pa.schema([("key", pa.string()), ("duplicate_of", pa.string()), ("dup_kind", pa.string()),
                          ("dup_similarity", pa.float32())])
@@ -108,7 +108,7 @@ def _resolve_task(item: dict, *, out: str, cfg, target: str, fp: str) -> dict:
 def resolve_duplicates(cfg, out: str, parts: list[int], progress: bool) -> tuple[str | None, dict]:
     """(folder of the resolved rows, its _done info), resolving unless already done for these
     settings. Raises ConfigError when dedup has not finished for the current scores."""
-    from common.partstage import run_tasks
+    from _sigma.partstage import run_tasks
     from curation.dedup import dedup_fingerprint, read_done
     from curation.dedup.pairs import dedup_dir
 
@@ -136,7 +136,7 @@ def resolve_duplicates(cfg, out: str, parts: list[int], progress: bool) -> tuple
 
 
 def run_select(cfg, out: str, progress: bool = True) -> dict:
-    from common.partstage import nodes_of, run_tasks
+    from _sigma.partstage import nodes_of, run_tasks
 
     out = fs.normalize(out)
     parts = manifest.list_parts(out)

@@ -9,7 +9,7 @@ shift-invariant edge energies: curation/clip_tiny_modeling.py), and a closed-for
 generated calibration images (no training loop) centres, scales and rotates it into the 64-d
 embedding. Unrelated images land far apart, re-encoded / resized / slightly cropped /
 colour-jittered copies close (numbers in tests/curation/test_tiny_clip.py). The model is an
-open_clip custom config + safetensors checkpoint, loaded by common.models.load_clip like any
+open_clip custom config + safetensors checkpoint, loaded by _sigma.models.load_clip like any
 other. The text tower keeps seeded random weights (CLIP-Score plumbing only). The aesthetic MLP
 is fitted to colourfulness, so that aesthetic cuts keep vivid images and drop grey ones.
 """

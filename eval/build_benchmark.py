@@ -9,7 +9,7 @@ Every version is immutable and lives in `<out>/eval/benchmarks/<label>-<fp>/` wh
 fingerprint of the selection settings (EvalConfig.selection): a changed config builds a NEW
 version beside the old one, the same config finds and verifies the existing one. Files, in the
 order written (the last one marks the version complete):
-  exclude.parquet   what training must never see (eval.leaks; read by common.holdout for features)
+  exclude.parquet   what training must never see (eval.leaks; read by _sigma.holdout for features)
   benchmark.parquet key, prompt, prompt_long, prompt_short, image, sha256, aesthetic, bucket,
                     width, height, length_bin, clip_tokens, category
   benchmark.json    checksum (sha256 of the canonical rows), counts, the selection report
@@ -25,8 +25,8 @@ import json
 
 import numpy as np
 
-from common import fs, holdout
-from common.config import fingerprint
+from _sigma import fs, holdout
+from _sigma.config import fingerprint
 from eval.clipscore import clip_token_counts, length_summary
 from eval.stratify import length_bins
 
@@ -84,8 +84,8 @@ def current(cfg) -> tuple[str, list[dict], dict]:
 
 
 def training_keys(out: str) -> set[str]:
-    """Keys already in a training shard (common.shards is the only shard reader)."""
-    from common.shards import shard_keys
+    """Keys already in a training shard (_sigma.shards is the only shard reader)."""
+    from _sigma.shards import shard_keys
 
     return shard_keys(out)
 
@@ -227,7 +227,7 @@ def run_eval_split(cfg, out: str, progress: bool = True) -> dict:
 
 
 def main(argv=None) -> dict:
-    from common.config import save_resolved
+    from _sigma.config import save_resolved
     from curation.config import load_pipeline
 
     ap = argparse.ArgumentParser(description="Build the eval benchmark and its hold-out list.")

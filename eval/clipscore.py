@@ -45,7 +45,7 @@ class ClipScorer:
     """Loads open_clip once; `__call__(images, prompts)` -> (B,) float64 of 100 x cosine."""
 
     def __init__(self, clip_model: str, clip_pretrained: str | None, device: str = "cpu", precision: str = "fp32"):
-        from common.models import load_clip
+        from _sigma.models import load_clip
 
         self.device = device
         self.model, self.preprocess, self.tokenizer = load_clip(clip_model, clip_pretrained, device, precision)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from common.config import ConfigError, Resources
+from _sigma.config import ConfigError, Resources
 
 # Paper protocol (PixArt-Sigma / Sana): 30K prompts, DPM-Solver++ 20 steps, cfg 4.5, seed 0.
 REWARD_NAMES = ("ImageReward", "HPSv2", "PickScore")

@@ -106,7 +106,7 @@ class TorchScriptInception(nn.Module):
 
 
 def file_sha256(path: str, chunk: int = 1 << 20) -> str:
-    from common import fs
+    from _sigma import fs
 
     h = hashlib.sha256()
     with fs.open_stream(path) as fh:
@@ -116,7 +116,7 @@ def file_sha256(path: str, chunk: int = 1 << 20) -> str:
 
 
 def _weights(ecfg) -> str:
-    from common.config import ConfigError
+    from _sigma.config import ConfigError
 
     if not ecfg.fid_weights:
         raise ConfigError("eval.fid_weights: required with fid_extractor: torchscript (the TorchScript file; "

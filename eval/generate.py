@@ -8,9 +8,9 @@ sample i of a call the noise of seed + i, so a batch of consecutive rows of one 
 and every image depends only on its own seed, never on the batch size or the worker.
 
 Resumable: outputs are <output>/eval/generations/<run>/<key>.png, each one atomic commit through
-common.fs (local: temp + rename; object store: one PUT), so the output may be local or s3/gs;
+_sigma.fs (local: temp + rename; object store: one PUT), so the output may be local or s3/gs;
 existing ones are skipped, so a killed run rerun with the same command fills only the gaps and
-never writes an image twice. The driver calls common.faults.after_commit("eval_generate") each time
+never writes an image twice. The driver calls _sigma.faults.after_commit("eval_generate") each time
 a batch's images are committed (the SIGKILL tests). A run folder records its protocol in
 generation.json; generating into it with a different protocol, checkpoint or benchmark is refused.
 
@@ -28,8 +28,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from common import faults, fs
-from common.holdout import EVAL_DIR
+from _sigma import faults, fs
+from _sigma.holdout import EVAL_DIR
 from eval.build_benchmark import current
 
 FORMAT = "sigma-eval-generations/1"
@@ -74,7 +74,7 @@ def protocol(cfg, checkpoint: str) -> dict:
 
 def plan(rows: list[dict], ecfg) -> list[dict]:
     """Rows with seed, height, width, in generation order (bucket, key)."""
-    from common.buckets import table
+    from _sigma.buckets import table
 
     sizes = table(ecfg.resolution)
     side = ecfg.resolution
@@ -117,8 +117,8 @@ class Generator:
                  num_gpus: float = 0.0, image_size: int | None = None):
         import torch
 
-        from common.device import pick_device_dtype
-        from common.models import load_t5, load_vae
+        from _sigma.device import pick_device_dtype
+        from _sigma.models import load_t5, load_vae
         from training import encode_null, load_dit
 
         self.device, self.dtype = pick_device_dtype(precision, num_gpus)
@@ -209,7 +209,7 @@ def generate(cfg, checkpoint: str, name: str | None = None, use_ray: bool = True
         if use_ray:
             import ray
 
-            from common.raystage import init_ray, map_stage
+            from _sigma.raystage import init_ray, map_stage
 
             init_ray(cfg.ray)
             # One block per batch keeps each batch a run of consecutive seeds (one sampler call).
@@ -239,7 +239,7 @@ def generate(cfg, checkpoint: str, name: str | None = None, use_ray: bool = True
 
 
 def main(argv=None) -> dict:
-    from common.config import save_resolved
+    from _sigma.config import save_resolved
     from curation.config import load_pipeline
 
     ap = argparse.ArgumentParser(description="Generate one image per benchmark prompt from a checkpoint.")

@@ -10,11 +10,11 @@ A row of the manifest is held out when it
 - has any caption (caption, caption_short, caption_long) equal to a benchmark prompt, compared
   lower-cased with collapsed whitespace (`same_prompt`): the model must not have seen the text.
 
-One Ray task per manifest part (common.partstage.run_tasks) reads the part's columns and
+One Ray task per manifest part (_sigma.partstage.run_tasks) reads the part's columns and
 embeddings, compares them with the benchmark (its embeddings (B, D) float32, sha256s and prompts
 are shipped once through the object store) in blocks of rows, and writes its matches as a piece;
 the driver never loads the manifest's embeddings, it concatenates the pieces (O(held-out rows))
-into `exclude.parquet` (common.holdout is the reader).
+into `exclude.parquet` (_sigma.holdout is the reader).
 """
 from __future__ import annotations
 
@@ -23,8 +23,8 @@ import uuid
 import numpy as np
 import pyarrow as pa
 
-from common import fs, holdout, manifest
-from common.partstage import run_tasks
+from _sigma import fs, holdout, manifest
+from _sigma.partstage import run_tasks
 
 STATE_KEY = b"sigma.searched"  # parquet footer: {part: part_state} of the parts already searched
 BLOCK = 1024  # manifest rows per similarity block: (1024, B) float32 scores (~120 MB at B = 30K)
@@ -184,7 +184,7 @@ def update_exclusions(out: str, version: str, rows: list[dict], emb_fn, threshol
 
 
 def _summary(table: pa.Table, threshold: float, states: dict, res: list[dict], unchanged: bool = False) -> dict:
-    from common.partstage import nodes_of
+    from _sigma.partstage import nodes_of
 
     counts = {r: 0 for r in holdout.REASONS}
     for reason in table.column("reason").to_pylist():

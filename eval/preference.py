@@ -12,7 +12,7 @@ order) that both runs have images for.
 
 Recording: each click (or key: 1 / left arrow = left, t = tie, 2 / right arrow = right) is POSTed to
 the small local server (`serve`, 127.0.0.1 only), which keeps one atomically rewritten
-`choices/<annotator>.json` per annotator (through common.fs: local or object store). Opened
+`choices/<annotator>.json` per annotator (through _sigma.fs: local or object store). Opened
 without the server (file://), the page keeps choices in the browser and offers them as a JSON
 download in the same format; `winrate` takes such files as extra arguments.
 
@@ -29,8 +29,8 @@ import re
 
 import numpy as np
 
-from common import fs
-from common.holdout import EVAL_DIR
+from _sigma import fs
+from _sigma.holdout import EVAL_DIR
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
@@ -84,7 +84,7 @@ def _html(page_id: str, items: list[dict]) -> str:
 # --- recording server ---------------------------------------------------------------------------
 
 def make_server(page: str, host: str = "127.0.0.1", port: int = 0):
-    """A ThreadingHTTPServer serving `page` (via common.fs) and recording POST /api/choice."""
+    """A ThreadingHTTPServer serving `page` (via _sigma.fs) and recording POST /api/choice."""
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 

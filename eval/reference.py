@@ -4,8 +4,8 @@ and cached, one row per benchmark key so that KID, bootstrap and per-stratum FID
 Cache: <out>/eval/reference/<id>.npz, id = sha256(benchmark checksum | protocol | extractor id |
 extractor file sha256)[:16]; the npz holds `keys` (N,) str, `feats` (N, D) float32 (the extractors
 compute in float32, so nothing is lost) and a JSON `meta` (protocol, extractor, failures). Images
-of our own benchmark come from the download tars (common.images, the only reader), those of a
-published set from its folder; both decoded by common.images.decode_image. An image that cannot
+of our own benchmark come from the download tars (_sigma.images, the only reader), those of a
+published set from its folder; both decoded by _sigma.images.decode_image. An image that cannot
 be used is reported (key + reason), never fatal.
 """
 from __future__ import annotations
@@ -19,8 +19,8 @@ from collections import defaultdict
 import numpy as np
 from tqdm import tqdm
 
-from common import fs
-from common.holdout import EVAL_DIR
+from _sigma import fs
+from _sigma.holdout import EVAL_DIR
 from eval import fid
 
 FORMAT = "sigma-eval-reference/2"
@@ -36,7 +36,7 @@ def cache_uri(out: str, cid: str) -> str:
 
 def iter_reference_images(out: str, rows: list[dict], source_path: str | None = None):
     """Yield (key, RGB image | None, error | None) for every benchmark row, grouped by tar."""
-    from common.images import decode_image, iter_download_images
+    from _sigma.images import decode_image, iter_download_images
 
     by_part: dict[int, set[str]] = defaultdict(set)
     for r in rows:

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import json
 
-from common import fs
-from common.holdout import EVAL_DIR
+from _sigma import fs
+from _sigma.holdout import EVAL_DIR
 
 # Protocol keys that must agree for two rows of the table to be comparable.
 COMPARABLE = ("benchmark_checksum", "prompt", "fid_protocol", "fid_extractor", "fid_extractor_sha256",

@@ -2,7 +2,7 @@
 
 For each generation run (<output>/eval/generations/<run>/, default: all of them), against the
 benchmark version that the pipeline's eval config selects:
-0. refuses to score when any key of the training shards (common.shards, the only reader) is in
+0. refuses to score when any key of the training shards (_sigma.shards, the only reader) is in
    that version's exclusion list: the number would be flattered by a leak;
 1. FID under `eval.fid_protocol` with `eval.fid_extractor` (eval.fid), real side = the cached
    reference features (eval.reference), KID (mean, std and standard error over subsets);
@@ -13,7 +13,7 @@ benchmark version that the pipeline's eval config selects:
 then writes <output>/eval/scores/<run>.json (numbers + the whole protocol: FID protocol, extractor
 sha256, N, reference set, versions), <run>.rows.parquet (per prompt) and re-renders the report.
 A run with fewer images than prompts is scored but marked incomparable (its FID is not the
-benchmark's FID). All paths go through common.fs (local or object store).
+benchmark's FID). All paths go through _sigma.fs (local or object store).
 """
 from __future__ import annotations
 
@@ -27,8 +27,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import fs, holdout
-from common.holdout import EVAL_DIR
+from _sigma import fs, holdout
+from _sigma.holdout import EVAL_DIR
 from eval import fid, metrics
 from eval.build_benchmark import current, training_keys
 from eval.clipscore import CONTEXT, ClipScorer, clip_token_counts
@@ -193,7 +193,7 @@ def _save(out: str, run: str, keys, gen, cs, rew, result) -> None:
 
 
 def main(argv=None) -> list[dict]:
-    from common.config import save_resolved
+    from _sigma.config import save_resolved
     from curation.config import load_pipeline
     from eval.report import write_report
     from eval.rewards import load_rewards

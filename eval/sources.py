@@ -1,4 +1,4 @@
-"""Published prompt sets with their reference images, read from a local folder or URI (common.fs).
+"""Published prompt sets with their reference images, read from a local folder or URI (_sigma.fs).
 
 MJHQ-30K (playgroundai/MJHQ-30K, the set of Sana's and Playground v2.5's tables), as unpacked:
   <path>/meta_data.json                       {"<id>": {"category": "animals", "prompt": "..."}, ...}
@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import io
 
-from common import fs
+from _sigma import fs
 from eval.stratify import nearest_bucket, quotas, rank
 
 

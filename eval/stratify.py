@@ -14,8 +14,8 @@ import re
 
 import numpy as np
 
-from common import manifest
-from common.partstage import run_tasks
+from _sigma import manifest
+from _sigma.partstage import run_tasks
 
 POOL_FACTOR = 2.0  # first pool: 2 x quota (+8) rows per stratum in draw order; grows x4 when needed
 BUCKET_RESOLUTION = 1024  # ratio keys are the same at 256/512/1024/2048: strata never depend on eval.resolution
@@ -33,8 +33,8 @@ def id_key(i: int) -> str:
 
 
 def nearest_bucket(ratio: float, resolution: int = BUCKET_RESOLUTION) -> str:
-    """Aspect bucket key (h/w) of common.buckets: the same assignment the training shards use."""
-    from common.buckets import nearest_key
+    """Aspect bucket key (h/w) of _sigma.buckets: the same assignment the training shards use."""
+    from _sigma.buckets import nearest_key
 
     return nearest_key(ratio, resolution)
 
@@ -61,8 +61,8 @@ def quotas(sizes: dict, n: int) -> dict:
 
 
 def nearest_buckets(ratios: np.ndarray, resolution: int = BUCKET_RESOLUTION) -> np.ndarray:
-    """Vectorised common.buckets.nearest_key (ties go to the smaller key) -> (N,) str."""
-    from common.buckets import table
+    """Vectorised _sigma.buckets.nearest_key (ties go to the smaller key) -> (N,) str."""
+    from _sigma.buckets import table
 
     keys = sorted(table(resolution), key=float)
     vals = np.array([float(k) for k in keys])

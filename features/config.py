@@ -3,10 +3,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from common.config import ConfigError, Resources
-from common.shards import TEXT_DTYPES
+from _sigma.config import ConfigError, Resources
+from _sigma.shards import TEXT_DTYPES
 
-SUPPORTED_RESOLUTIONS = (256, 512, 1024, 2048, 2880)  # the bucket tables of common/buckets.py
+SUPPORTED_RESOLUTIONS = (256, 512, 1024, 2048, 2880)  # the bucket tables of _sigma/buckets.py
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 
 
@@ -22,7 +22,7 @@ class FeaturesConfig:
     shard_max_samples: int = 1000  # a shard closes at this many samples ...
     shard_max_bytes: int = 1_000_000_000  # ... or at this (estimated) size; 0 = no byte limit
     # Keys never put in a shard: text file (one key a line) or parquet with `key`, local path or URI.
-    # The output's own eval hold-out (common.holdout: every benchmark version) is always excluded too.
+    # The output's own eval hold-out (_sigma.holdout: every benchmark version) is always excluded too.
     exclude_keys: str | None = None
     # Stored T5 tokens: fp16 (lossless w.r.t. the official fp16 files) or fp8 (e4m3 + per-token
     # scale: half the text bytes, ~2-3 % RMS relative error; see benchmarks/RESULTS.md).

@@ -11,20 +11,20 @@ a caption, not held out), sorted by key, are cut into shards at `shard_max_sampl
 - cost: each part ends with one partial shard per resolution (at most 1 shard per part smaller
   than the cut), i.e. with 10,000-row parts and 1,000-sample shards at most ~10 % extra shards.
 Exclusions (`features.exclude_keys` and the eval hold-out of this output) are read by the workers
-through common.fs, so they work on local and object-store outputs alike.
+through _sigma.fs, so they work on local and object-store outputs alike.
 """
 from __future__ import annotations
 
 import functools
 import json
 
-from common import fs, manifest
-from common.config import ConfigError
-from common import buckets, shards
+from _sigma import fs, manifest
+from _sigma.config import ConfigError
+from _sigma import buckets, shards
 
 MANIFEST_COLS = ["key", "url", "caption", "caption_short", "caption_long", "aesthetic", "width", "height",
                  "selected", "status"]
-HOLDOUT = "eval-holdout"  # exclusion source: common.holdout.excluded_keys(out), the eval hold-out
+HOLDOUT = "eval-holdout"  # exclusion source: _sigma.holdout.excluded_keys(out), the eval hold-out
 
 
 def exclusion_sources(out: str, fc) -> list[str]:
@@ -51,7 +51,7 @@ def load_exclusions(out: str, sources: list[str]) -> set[str]:
     keys: set[str] = set()
     for src in sources:
         if src == HOLDOUT:
-            from common.holdout import excluded_keys
+            from _sigma.holdout import excluded_keys
 
             keys |= excluded_keys(out)
         else:

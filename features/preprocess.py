@@ -12,7 +12,7 @@ import math
 import numpy as np
 from PIL import Image
 
-from common import buckets
+from _sigma import buckets
 
 LANCZOS_FROM = 2048  # base resolutions >= this use Lanczos (sharper on big downscales)
 

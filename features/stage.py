@@ -1,6 +1,6 @@
 """The features stage: `run_features(cfg, out, progress)` (called by curation.run).
 
-Driver coordinates, workers write (common.partstage):
+Driver coordinates, workers write (_sigma.partstage):
 1. plan: one task per manifest part (`features.plan.plan_part`) cuts the part's rows into shards
    per target resolution and checks which of them are already on disk (sidecar matches the plan,
    tar verified by size and sha256); the driver gets a few numbers per shard, never rows;
@@ -21,10 +21,10 @@ import json
 import time
 from collections import Counter
 
-from common import fs, manifest
-from common.config import ConfigError, Resources, fingerprint
-from common.partstage import commit_groups, nodes_of, read_images, run_tasks
-from common import shards
+from _sigma import fs, manifest
+from _sigma.config import ConfigError, Resources, fingerprint
+from _sigma.partstage import commit_groups, nodes_of, read_images, run_tasks
+from _sigma import shards
 from features import plan
 
 PIPELINE_VERSION = "features/1"  # bump when preprocessing or the stored layout changes
@@ -96,7 +96,7 @@ def _compute(cfg, out: str, todo: list[dict], fps: dict, dim: int, sources: list
     """Compute and commit the shards in `todo` (plan entries); returns {group id: commit summary}."""
     import ray
 
-    from common.raystage import map_stage
+    from _sigma.raystage import map_stage
     from features.t5 import T5Embedder
     from features.vae import VaeEncoder, prepare_batch
 
@@ -124,7 +124,7 @@ def _compute(cfg, out: str, todo: list[dict], fps: dict, dim: int, sources: list
 
 def run_features(cfg, out: str, progress: bool = True) -> dict:
     """Plan per part, compute the shards not yet done, write one index per resolution."""
-    from common.raystage import init_ray
+    from _sigma.raystage import init_ray
 
     out, fc = fs.normalize(out), cfg.features
     t0 = time.time()

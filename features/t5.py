@@ -13,13 +13,13 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from common.device import pick_device_dtype
-from common.models import load_t5
-from common.shards import encode_tokens
+from _sigma.device import pick_device_dtype
+from _sigma.models import load_t5
+from _sigma.shards import encode_tokens
 
 class T5Embedder:
     """Model-backed stage: rows with text_long / text_short -> adds t5_long, t5_short (npy bytes of
-    (n, D) in `text_dtype`, see common.shards.encode_tokens; null when the text is null), n_long,
+    (n, D) in `text_dtype`, see _sigma.shards.encode_tokens; null when the text is null), n_long,
     n_short (int32), t5_error."""
 
     def __init__(self, t5: str, max_length: int = 300, precision: str = "auto", num_gpus: float = 0.0,

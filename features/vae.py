@@ -12,11 +12,11 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from common.images import decode_image
+from _sigma.images import decode_image
 from features.preprocess import preprocess, to_model_input
-from common.shards import npy_bytes
-from common.device import pick_device_dtype
-from common.models import load_vae
+from _sigma.shards import npy_bytes
+from _sigma.device import pick_device_dtype
+from _sigma.models import load_vae
 
 _CARRY_DROP = ("image", "targets")
 

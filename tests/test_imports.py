@@ -1,7 +1,7 @@
 """The import direction of docs/ARCHITECTURE.md, checked on every module's AST (no import runs).
 
 Layers, bottom up:
-  base           common.*  imports no other package of the repo.
+  base           _sigma.*  imports no other package of the repo.
   config layer   <stage>.config: the config dataclasses of pipelines.yaml (no stage code, no torch);
                  imports only the base and other config modules. Any module may import it.
   stages         curation, captioning, features, training, eval: import the base, the config layer,
@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-BASE = "common"
+BASE = "_sigma"
 STAGES = ("curation", "captioning", "features", "training", "eval")
 PACKAGES = (BASE, *STAGES)
 CONFIG = {f"{p}.config" for p in STAGES}
@@ -30,6 +30,7 @@ ORCHESTRATION = {
     "curation.tiny_models",  # builds each package's tiny models (`<pkg>.tiny`)
     "curation.real_size",  # the real-size smoke: every stage's code on real-size random models
 }
+RENAMED = {"common": "_sigma"}  # an old checkout's editable install may still resolve the old name
 IMPORT_ERRORS = {"ImportError", "ModuleNotFoundError"}
 
 
@@ -74,6 +75,8 @@ def violations(module: str, source: str, is_pkg: bool = False, api=public_api) -
     own = module.split(".")[0]
     out = []
     for line, target, names in _imports(module, tree, is_pkg):
+        if target.split(".")[0] in RENAMED:
+            out.append(f"{module}:{line} imports {target}: renamed to {RENAMED[target.split('.')[0]]}")
         if not in_repo(target) or target.split(".")[0] == own:
             continue
         top = target.split(".")[0]
@@ -119,7 +122,8 @@ def test_every_module_follows_the_import_direction():
     found = []
     for module, path in repo_modules():
         if module is None:
-            found += [v for v in violations("tests." + path.stem, path.read_text()) if "except ImportError" in v]
+            found += [v for v in violations("tests." + path.stem, path.read_text())
+                      if "except ImportError" in v or "renamed to" in v]
         else:
             found += violations(module, path.read_text(), path.name == "__init__.py")
     assert not found, "\n".join(found)
@@ -131,14 +135,14 @@ def test_orchestration_and_config_modules_exist():
 
 
 @pytest.mark.parametrize("module, source, expect", [
-    ("common.fs", "from features import shards", "base layer"),
-    ("common.fs", "def f():\n    import training.model", "base layer"),
+    ("_sigma.fs", "from features import shards", "base layer"),
+    ("_sigma.fs", "def f():\n    import training.model", "base layer"),
     ("eval.generate", "from training.sample import load_dit", "top-level public API"),
     ("eval.generate", "import training", "top-level public API"),
     ("eval.generate", "from training import train", "not in training.__all__"),
     ("eval.generate", "import importlib\nimportlib.import_module('features.t5')", "top-level public API"),
     ("features.config", "from curation.score import Scorer", "config module"),
-    ("curation.score", "try:\n    from common.models import load_clip\nexcept ImportError:\n    load_clip = None",
+    ("curation.score", "try:\n    from _sigma.models import load_clip\nexcept ImportError:\n    load_clip = None",
      "except ImportError"),
     ("curation.score", "try:\n    import features.t5\nexcept (ValueError, ModuleNotFoundError):\n    pass",
      "except ImportError"),
@@ -151,7 +155,7 @@ def test_the_check_finds_each_kind_of_violation(module, source, expect):
 @pytest.mark.parametrize("module, source", [
     ("eval.generate", "from training import load_dit, sample_latents"),
     ("eval.score", "from curation.config import load_pipeline"),
-    ("features.stage", "from common import shards\nfrom features import plan\nfrom . import vae"),
+    ("features.stage", "from _sigma import shards\nfrom features import plan\nfrom . import vae"),
     ("curation.run", "from features.stage import run_features"),
     ("curation.tiny", "try:\n    import skimage.data\nexcept ImportError:\n    pass"),
 ])

@@ -10,7 +10,7 @@ Layout (`<stage output>/checkpoints/step-00001000/`, the output a local path or 
                         and `files`: {name: {bytes, sha256}} of every file above
 
 Commit protocol (the same on local disks and object stores, which have no folder rename): every
-file is written atomically (common.fs: temp + fsync + rename locally, one PUT on object stores),
+file is written atomically (_sigma.fs: temp + fsync + rename locally, one PUT on object stores),
 then rank 0 writes meta.json LAST. A folder is a checkpoint iff its meta.json exists; a killed
 save leaves a folder without it, which is ignored and removed by the next save. Re-saving a step
 first removes its meta.json. Every read checks the file's size and sha256 against meta.json, so a
@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from safetensors.torch import load as st_load
 
-from common import fs
+from _sigma import fs
 
 FORMAT = "sigma-ckpt/2"
 PREFIX = "step-"

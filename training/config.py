@@ -7,7 +7,7 @@ pipeline, the output folder of the stage named in `init_from`, the T5 of the nul
 absolute paths or URIs, so the resolved config that is saved beside the outputs and sent to every
 worker is self-contained. It also refuses a stage whose shards no pipeline writes (the pipeline's
 features.resolutions must hold the stage resolution), naming both.
-`data.shards`, `output` and `init_from` are local paths or URIs (s3://, gs://; common.fs).
+`data.shards`, `output` and `init_from` are local paths or URIs (s3://, gs://; _sigma.fs).
 """
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from common import fs
-from common.config import ConfigError, apply_overrides, load_yaml, parse
+from _sigma import fs
+from _sigma.config import ConfigError, apply_overrides, load_yaml, parse
 
 
 @dataclass(frozen=True)

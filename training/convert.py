@@ -24,7 +24,7 @@ import warnings
 
 import torch
 
-from common import fs
+from _sigma import fs
 from training.files import load_safetensors, torch_load
 from training.model import PRESETS, ModelConfig, PixArtSigma, init_kv_compress, pe_settings
 from training.null import null_from

@@ -7,9 +7,9 @@ Design (why it is not a plain WebDataset pipeline):
   stores it and resume continues with exactly the next batch (the official loader restarts the
   epoch). All per-sample randomness (long/short caption, caption dropout, latent sampling noise) is
   also derived from the position, so a resumed run sees bit-identical batches.
-- Random access through common.shards (the only reader of the format): each rank lists the
+- Random access through _sigma.shards (the only reader of the format): each rank lists the
   members of its shards once (`scan_members`: tar headers + json only) and a batch reads only its
-  members (`read_member`). Shards are local or on an object store (common.fs).
+  members (`read_member`). Shards are local or on an object store (_sigma.fs).
 - Trust nothing: every shard's size and sample count must equal index.json; a shard that is
   missing, truncated (even at a member boundary, which a tar reader accepts silently) or holds an
   incomplete sample raises `ShardError` naming it, before any step is trained.
@@ -26,8 +26,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from common import fs
-from common.shards import decode_tokens, open_shard, read_index, read_member, repad, scan_members
+from _sigma import fs
+from _sigma.shards import decode_tokens, open_shard, read_index, read_member, repad, scan_members
 
 __all__ = ["ShardBatches", "Prefetch", "make_batches", "SampleRef", "ShardError", "scan_shard", "read_index"]
 

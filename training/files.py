@@ -5,7 +5,7 @@ Every `.pth` / `.pt` that training reads (an official checkpoint in `init_from`,
 `torch_load`: a file whose unpickling needs anything beyond tensors and plain containers (a class,
 a function call: what a crafted pickle uses to run code) is REFUSED with a message naming it,
 unless the caller passes trust_pickle=True (the `--trust-pickle` flags, `trust_pickle: true` in a
-training stage). Files are local paths or URIs (common.fs).
+training stage). Files are local paths or URIs (_sigma.fs).
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pickle
 
 import torch
 
-from common import fs
+from _sigma import fs
 
 
 class PickleRefused(ValueError):

@@ -18,14 +18,14 @@ import argparse
 import os
 import sys
 
-from common import fs
-from common.config import ConfigError, check_paths, save_resolved, to_dict
+from _sigma import fs
+from _sigma.config import ConfigError, check_paths, save_resolved, to_dict
 from training.config import TrainStageConfig, load_stage, stage_from_dict
 
 
 def _check(cfg: TrainStageConfig) -> None:
     """Fail before starting Ray when the inputs of the stage are missing or do not fit."""
-    from common.shards import read_index
+    from _sigma.shards import read_index
     from training.checkpoint import latest, resolve
 
     try:

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from common import fs
-from common.models import load_t5
+from _sigma import fs
+from _sigma.models import load_t5
 from training.files import is_weight_file, load_safetensors, torch_load
 
 KEY, MASK_KEY = "uncond_prompt_embeds", "uncond_prompt_embeds_mask"

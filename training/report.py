@@ -11,7 +11,7 @@ import io
 import json
 import sys
 
-from common import fs
+from _sigma import fs
 
 
 def read_logs(output_dir) -> dict[int, list[dict]]:

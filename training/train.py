@@ -5,11 +5,11 @@ One flat loop, the same under Ray Train workers, torchrun and a plain single pro
   noise ~ N(0, I) -> diffusion loss (eps MSE + VB for the learned variance) under autocast ->
   backward -> grad-norm clip -> CAME step at the scheduled lr -> EMA -> log -> checkpoint.
 The null caption is T5("") padded to 300 tokens (training.null), set after the weights are loaded
-as the official load_checkpoint does. The output is a local folder or a URI (common.fs).
+as the official load_checkpoint does. The output is a local folder or a URI (_sigma.fs).
 Differences from the official trainer, on purpose: every rank has its own seed; RNG and the exact
 data position are checkpointed, so resume continues with the next batch; the stage resumes by
 itself from the newest checkpoint that verifies (checksums in meta.json) when its output already
-holds one; a checkpoint commit is reported to common.faults (the SIGKILL tests).
+holds one; a checkpoint commit is reported to _sigma.faults (the SIGKILL tests).
 """
 from __future__ import annotations
 
@@ -26,8 +26,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from common import faults, fs
-from common.config import to_dict
+from _sigma import faults, fs
+from _sigma.config import to_dict
 from training import checkpoint as ckpt
 from training.config import TrainStageConfig
 from training.data import make_batches
@@ -91,7 +91,7 @@ def prepare_null(cfg: TrainStageConfig, rank: int, barrier, device: torch.device
     if source == "keep":
         return None
     if source is None:  # explicit shards folder: the T5 the features stage recorded
-        from common.shards import read_index
+        from _sigma.shards import read_index
 
         source = read_index(cfg.shards_dir).get("t5", {}).get("name")
         if not source:

@@ -20,7 +20,7 @@ import threading
 from flask import Flask, Response, jsonify, request, send_from_directory
 from werkzeug.exceptions import HTTPException
 
-from common import fs
+from _sigma import fs
 from curation.browse import report as report_mod
 from curation.browse import whatif as whatif_mod
 from curation.browse.filters import FilterError

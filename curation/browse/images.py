@@ -1,7 +1,7 @@
 """Images of a run for the browser: the downloaded originals, thumbnails made lazily and cached.
 
 Originals live in `<out>/download/NNNNN.tar` (img2dataset webdataset; shard i = manifest part i).
-`common.images.iter_download_images` reads a whole tar to find a key, which is what a stage wants
+`_sigma.images.iter_download_images` reads a whole tar to find a key, which is what a stage wants
 but not a page showing 48 random rows of a 10,000-image part. So the first look at a part indexes
 its tar once (member headers and the small json members only, read through an 8 MiB buffer, so an
 object-store tar costs a few ranged GETs per 8 MiB, not one per member): key -> (data offset,
@@ -9,7 +9,7 @@ size). The index is cached on local disk beside the thumbnails, keyed by the tar
 so a re-downloaded part is indexed again. The bytes read here are the same ones
 iter_download_images yields (tested).
 
-Decoding goes through common.images.decode_image (EXIF orientation, CMYK, 16-bit, bomb limit): an
+Decoding goes through _sigma.images.decode_image (EXIF orientation, CMYK, 16-bit, bomb limit): an
 image that no longer decodes gives its reason, never an exception.
 """
 from __future__ import annotations
@@ -21,8 +21,8 @@ import os
 import tarfile
 import threading
 
-from common import fs
-from common.images import IMAGE_EXTS, KEY_FIELD, decode_image, download_tar
+from _sigma import fs
+from _sigma.images import IMAGE_EXTS, KEY_FIELD, decode_image, download_tar
 
 THUMB_SIDE = 256  # long side of a grid thumbnail (px)
 FULL_SIDE = 2048  # long side of the detail view's image (px); originals can be 10K+ px

@@ -4,7 +4,7 @@ Table 1 comes from `report/table1.csv` (curation.stats) laid out beside the pape
 curation.stats.table1.display_rows; figures are the PNGs the stats stage (Figure 6 =
 caption_length_hist.png), training and sampling wrote; the stage summary is `report/summary.json`
 (curation.run); eval scores are `eval/scores/*.json` (eval.score). Everything is read through
-common.fs, so an object-store run works the same. Missing pieces are reported as missing.
+_sigma.fs, so an object-store run works the same. Missing pieces are reported as missing.
 
 `served_files` is the whitelist of run files the browser may send: only names found by listing
 report/ (recursively), eval/, eval/scores/ and train/<stage>/training_curves.png inside the run
@@ -20,7 +20,7 @@ import time
 
 import pyarrow as pa
 
-from common import fs, manifest
+from _sigma import fs, manifest
 
 SERVED_EXT = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".md": "text/plain; charset=utf-8",
               ".csv": "text/plain; charset=utf-8", ".json": "application/json", ".sql": "text/plain; charset=utf-8"}

@@ -1,6 +1,6 @@
 """Synthetic runs for the browser's tests, benchmark and README screenshot (no models, no Ray).
 
-`make_run(out)` writes, through common.manifest / common.fs (so `out` may be s3://), a small run
+`make_run(out)` writes, through _sigma.manifest / _sigma.fs (so `out` may be s3://), a small run
 with every piece the browser reads: manifest parts with the columns of every stage, download
 tars laid out as img2dataset writes them (shard i = part i, `sigma_key` in the json member), one
 ok row whose stored bytes no longer decode, dedup candidate pairs in the format of this round's
@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 import yaml
 
-from common import fs, manifest
+from _sigma import fs, manifest
 
 SELECT = {"aesthetic_min": 5.0, "min_side": 512, "max_aspect_ratio": 4.5, "min_aspect_ratio": 1 / 4.5,
           "drop_duplicates": True, "dedup_threshold": 0.95}

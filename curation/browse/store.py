@@ -1,8 +1,8 @@
 """One run's manifest in DuckDB: the table every page of the browser queries.
 
-Built once per server start: the manifest (common.manifest.manifest_dataset, local or object
+Built once per server start: the manifest (_sigma.manifest.manifest_dataset, local or object
 store, no httpfs) is copied into an in-memory table `m` sorted by key, with every column made
-scalar (nested ones as their text) plus `bucket` (common.buckets.assign at one resolution,
+scalar (nested ones as their text) plus `bucket` (_sigma.buckets.assign at one resolution,
 done per distinct width x height, not per row). `m` is never written again, so its rowid is the
 row's position in key order (paging.py relies on it); ART indexes on key and duplicate_of (and on
 the pairs' a and b) make the per-row lookups point reads. Dedup's candidate pairs,
@@ -21,7 +21,7 @@ import threading
 import pyarrow as pa
 import yaml
 
-from common import fs, manifest
+from _sigma import fs, manifest
 from curation.browse import filters
 from curation.browse.filters import FilterError, quote_ident
 
@@ -174,8 +174,8 @@ class Run:
                                   "GROUP BY 1 ORDER BY 2 DESC, 1")
 
     def _bucket_table(self, resolution: int, name: str, sizes: list[tuple[int, int]]) -> None:
-        """Table name(width, height, bucket): common.buckets.assign once per distinct size."""
-        from common.buckets import assign
+        """Table name(width, height, bucket): _sigma.buckets.assign once per distinct size."""
+        from _sigma.buckets import assign
 
         t = pa.table({"width": pa.array([w for w, _ in sizes], pa.int64()),
                       "height": pa.array([h for _, h in sizes], pa.int64()),
@@ -209,7 +209,7 @@ class Run:
 
     def bucket_table(self, resolution: int) -> str:
         """Name of the width/height -> bucket table at `resolution` (made on first use)."""
-        from common.buckets import TABLES
+        from _sigma.buckets import TABLES
 
         if resolution not in TABLES:
             raise FilterError(f"no bucket table for resolution {resolution}; have {sorted(TABLES)}")

@@ -25,8 +25,8 @@ import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from common import faults, fs, manifest
-from common.config import fingerprint
+from _sigma import faults, fs, manifest
+from _sigma.config import fingerprint
 from curation.dedup import kmeans, search
 from curation.dedup.pairs import (done_uri, pair_file, pair_file_meta, pairs_dir, read_done)
 

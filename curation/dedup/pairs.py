@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from common import fs
+from _sigma import fs
 
 ROW_BASE = 1_000_000  # rows per part are < 1e6 (InputConfig.part_size)
 PAIR_SCHEMA = pa.schema([("a", pa.string()), ("b", pa.string()), ("similarity", pa.float32()), ("kind", pa.string())])

@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pyarrow as pa
 
-from common import fs, manifest
+from _sigma import fs, manifest
 from curation.dedup.pairs import ROW_BASE, id_keys, key_ids, read_pairs
 
 NONE, EXACT, NEAR = 0, 1, 2

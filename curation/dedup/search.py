@@ -18,7 +18,7 @@ import uuid
 
 import numpy as np
 
-from common import fs, manifest
+from _sigma import fs, manifest
 from curation.dedup import kmeans
 from curation.dedup.pairs import dedup_dir, key_ids, sha_words, write_pairs
 

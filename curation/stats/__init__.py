@@ -12,7 +12,7 @@ What it writes:
 - `<output>/report/table1.csv` (exact numbers) and `table1.md` (the paper's layout),
   `caption_length_hist.png` (Figure 6), `aesthetic_hist.png`, `status_breakdown.png`,
   `stats_setup.sql` + `stats_slices.sql` (to rerun the same SQL in the duckdb CLI, local outputs).
-All of it through common.fs: the output may be a local folder or an object-store URI.
+All of it through _sigma.fs: the output may be a local folder or an object-store URI.
 
 Definitions (nouns.py and curation/sql/table1.sql give the details):
 - caption kinds: raw (alt text), long (captioner), derived_short (short caption derived from the long
@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import time
 
-from common import fs
+from _sigma import fs
 from curation.stats import report, table1
 from curation.stats.extract import extract_nouns, nouns_dir
 
@@ -66,7 +66,7 @@ def build_report(outs: list[str], names: list[str], scfg, report_dir: str, aesth
 
 def run_stats(cfg, out: str, progress: bool = True) -> dict:
     """The stats stage: nouns of every caption (resumable), then Table 1 + figures into <out>/report."""
-    from common import manifest
+    from _sigma import manifest
 
     out = fs.normalize(out)
     if not manifest.list_parts(out):

@@ -19,8 +19,8 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 if not os.environ.get("RAY_ADDRESS"):  # embedded Ray on the loopback address; never for a cluster's job
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
-from common.config import ConfigError, save_resolved  # noqa: E402
-from common.runlock import run_lock  # noqa: E402
+from _sigma.config import ConfigError, save_resolved  # noqa: E402
+from _sigma.runlock import run_lock  # noqa: E402
 from curation.config import load_pipeline  # noqa: E402
 
 
@@ -39,7 +39,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
-    from common import fs, manifest
+    from _sigma import fs, manifest
     from curation.stats import build_report, extract_nouns
 
     args = parse_args(argv)
@@ -68,7 +68,7 @@ def main(argv=None) -> int:
 
 
 def _run(args, cfgs, primary, extract_nouns, build_report) -> dict:
-    from common import fs
+    from _sigma import fs
 
     save_resolved(primary, primary.out, extra={"entry_point": "curation.stats",
                                                "compared_with": [c.name for c in cfgs[1:]]})

@@ -1,6 +1,6 @@
 """Resumable noun extraction over the manifest: `<output>/stats/nouns/part-NNNNN.parquet`.
 
-Stage IO is common.partstage: per manifest part a plan task computes the texts to tag
+Stage IO is _sigma.partstage: per manifest part a plan task computes the texts to tag
 (`nouns.caption_rows`) and hashes them together with the extraction settings (spaCy model +
 version, POS set, max_chars). A part whose noun file carries the same fingerprint is skipped; the
 others are read again on the workers (`_read_texts`), tagged by spaCy actors on Ray Data, and each
@@ -16,8 +16,8 @@ import json
 
 import pyarrow as pa
 
-from common import fs, manifest
-from common.config import fingerprint
+from _sigma import fs, manifest
+from _sigma.config import fingerprint
 from curation.stats.nouns import KINDS, NOUN_SCHEMA, SOURCE_COLUMNS, NounTagger, caption_rows
 
 STATS_DIR = "stats"
@@ -113,9 +113,9 @@ def extract_nouns(cfg, out: str, progress: bool = True) -> dict:
     """Bring stats/nouns/ up to date with the manifest; returns counts."""
     import ray
 
-    from common.config import Resources
-    from common.partstage import commit_groups, nodes_of, run_tasks
-    from common.raystage import init_ray, map_stage
+    from _sigma.config import Resources
+    from _sigma.partstage import commit_groups, nodes_of, run_tasks
+    from _sigma.raystage import init_ray, map_stage
 
     out, scfg = fs.normalize(out), cfg.stats
     init_ray(getattr(cfg, "ray", None))

@@ -1,7 +1,7 @@
 """Figures of the stats stage (matplotlib, Agg): caption-length histograms (paper Figure 6),
 aesthetic-score histogram, status / reject-reason breakdown. Each takes the pyarrow result of its
 SQL file (curation/sql/*.sql: already aggregated, so plotting cost does not grow with the data)
-and writes one PNG atomically (common.fs: local or object store).
+and writes one PNG atomically (_sigma.fs: local or object store).
 """
 from __future__ import annotations
 
@@ -27,10 +27,10 @@ def _plt():
 
 
 def _save(fig, target: str) -> str:
-    """PNG bytes -> one atomic write through common.fs (local file or object)."""
+    """PNG bytes -> one atomic write through _sigma.fs (local file or object)."""
     import io
 
-    from common import fs
+    from _sigma import fs
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")

@@ -2,8 +2,8 @@
 
 The SQL files run unchanged in the duckdb CLI and here: they read the views of `views.sql`, which
 take their parameters from DuckDB variables (`SET VARIABLE outs = [...]`) and read two source views.
-Here the sources are pyarrow datasets registered in DuckDB (`common.manifest.manifest_dataset`, the
-per-part noun files), scanned lazily through common.fs: local and object-store outputs alike. The
+Here the sources are pyarrow datasets registered in DuckDB (`_sigma.manifest.manifest_dataset`, the
+per-part noun files), scanned lazily through _sigma.fs: local and object-store outputs alike. The
 CLI defines them with `files.sql` (local globs: local outputs only). `setup_sql` writes the SET
 statements, `slices_sql` the view of the configured slices; both are also saved under
 `<output>/report/` so the same numbers can be reproduced in the CLI.
@@ -41,7 +41,7 @@ def _lit(s: str) -> str:
 
 def setup_sql(outs: list[str | Path], pipelines: list[str] | None = None, vn_min_count: int = 10) -> str:
     """SET VARIABLE statements that parameterise views.sql (valid in the CLI and in Python)."""
-    from common import fs
+    from _sigma import fs
 
     lines = [f"SET VARIABLE outs = [{', '.join(_lit(fs.normalize(o)) for o in outs)}];"]
     if pipelines:
@@ -61,7 +61,7 @@ def slices_sql(slices: dict[str, str]) -> str:
 
 def register_sources(con, outs) -> None:
     """manifest_files / caption_nouns_files (see views.sql) over pyarrow datasets of each output."""
-    from common import manifest
+    from _sigma import manifest
     from curation.stats.extract import nouns_dataset
 
     views = {"manifest_files": [], "caption_nouns_files": []}
@@ -86,7 +86,7 @@ def connect(outs, pipelines=None, slices=None, vn_min_count: int = 10):
         try:
             con.execute(f"SELECT count(*) FROM manifest WHERE ({where})").fetchall()
         except duckdb.Error as e:
-            from common.config import ConfigError
+            from _sigma.config import ConfigError
 
             raise ConfigError(f"stats.slices.{name}: {where!r} is not a valid WHERE clause over the manifest: "
                               f"{str(e).splitlines()[0]}") from None

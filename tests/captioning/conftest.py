@@ -10,7 +10,7 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from common import manifest
+from _sigma import manifest
 from curation.inputs import KEY_COL
 
 

@@ -9,7 +9,7 @@ from PIL import Image
 
 from captioning import prompt
 from captioning.config import CaptionConfig
-from common.config import ConfigError, load_yaml, parse
+from _sigma.config import ConfigError, load_yaml, parse
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from captioning.config import CaptionConfig
-from common.config import parse
+from _sigma.config import parse
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 LAX = {"min_words": 1, "require_sentence_end": False, "min_distinct_ratio": 0.0, "max_repeat_ngram": 1000}
@@ -72,7 +72,7 @@ def test_client_against_real_server(vllm_server, tiny_models):
 
 def test_stage_openai_through_ray(vllm_server, tiny_models, small_output, ray_local):
     from captioning.stage import run_caption
-    from common import manifest
+    from _sigma import manifest
     from curation.config import PipelineConfig
 
     out, info = small_output

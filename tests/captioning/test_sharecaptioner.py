@@ -14,7 +14,7 @@ from PIL import Image
 from captioning.config import CaptionConfig
 from captioning.sharecaptioner import BOT, USER, ShareCaptioner, generated_length
 from captioning.stage import engine_class, resolve_hf_api
-from common.config import ConfigError, parse
+from _sigma.config import ConfigError, parse
 
 
 def _cfg(tiny, **kw):
@@ -140,7 +140,7 @@ def test_caption_stage_with_the_sharecaptioner_api(small_output, tiny_models, ra
     from curation.config import PipelineConfig
 
     from captioning.stage import run_caption
-    from common import manifest
+    from _sigma import manifest
 
     out, info = small_output
     lax = {"min_words": 1, "require_sentence_end": False, "min_distinct_ratio": 0.0, "max_repeat_ngram": 1000}

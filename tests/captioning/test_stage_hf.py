@@ -13,8 +13,8 @@ from PIL import Image
 
 from captioning.config import CaptionConfig
 from captioning.stage import caption_fingerprint, run_caption
-from common import manifest
-from common.config import parse
+from _sigma import manifest
+from _sigma.config import parse
 
 REPO = Path(__file__).resolve().parents[2]
 LAX = {"min_words": 1, "require_sentence_end": False, "min_distinct_ratio": 0.0, "max_repeat_ngram": 1000}

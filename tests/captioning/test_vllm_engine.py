@@ -14,7 +14,7 @@ from PIL import Image
 
 from captioning import vllm_engine as ve
 from captioning.config import CaptionConfig
-from common.config import parse
+from _sigma.config import parse
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -41,7 +41,7 @@ def jpeg(size, color) -> bytes:
 
 def config(model_dir: Path, max_model_len: int, min_words: int = 1):
     from captioning.config import CaptionConfig
-    from common.config import parse
+    from _sigma.config import parse
 
     return parse(CaptionConfig, {
         "engine": "vllm", "model": str(model_dir),
@@ -83,7 +83,7 @@ def reference(model_dir: Path, conversation: list, blobs: dict) -> dict:
     import torch
     from transformers import AutoProcessor, Idefics3ForConditionalGeneration
 
-    from common.images import decode_image
+    from _sigma.images import decode_image
 
     proc = AutoProcessor.from_pretrained(model_dir)
     model = Idefics3ForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()

@@ -1,5 +1,5 @@
 """Synthetic scored outputs for the dedup / select tests: manifest parts + embeddings written
-through common.manifest, with planted exact copies (same sha256 and embedding) and near
+through _sigma.manifest, with planted exact copies (same sha256 and embedding) and near
 duplicates (cosine drawn from 0.92-0.99), and an independent brute-force pair search."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import hashlib
 import numpy as np
 import pyarrow as pa
 
-from common import manifest
+from _sigma import manifest
 
 
 def key(i: int, part_rows: int) -> str:

@@ -1,9 +1,9 @@
 """curation.browse in a real headless Chromium (Debian's chromium + chromedriver, `make browser`).
 
 The run is synthetic (curation.browse.sample: manifest, download tars, candidate pairs, report,
-written through common.manifest / common.fs). Every number the page shows is checked against an
+written through _sigma.manifest / _sigma.fs). Every number the page shows is checked against an
 independent computation: DuckDB straight over the manifest parquet for filters, a plain loop for
-the what-if selection, common.buckets.assign for the buckets.
+the what-if selection, _sigma.buckets.assign for the buckets.
 """
 from __future__ import annotations
 
@@ -26,13 +26,13 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from common import fs
-from common.images import iter_download_images
+from _sigma import fs
+from _sigma.images import iter_download_images
 from curation.browse import sample
 from curation.browse.app import serve
 from curation.browse.filters import FilterError
 from curation.browse.store import Run
-from common.buckets import assign
+from _sigma.buckets import assign
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 PAGE = 48
@@ -162,7 +162,7 @@ def test_grid_filters_sort_and_paging(driver, base, run, tmp_path):
         after(d, "renders", btn.click)
         n, cards = grid_count(d)
         assert n == ddb_count(out, where) and cards == min(PAGE, n) and n > 0, label
-    # the most common aspect bucket at 256 px (common.buckets.assign), as its preset filters it
+    # the most common aspect bucket at 256 px (_sigma.buckets.assign), as its preset filters it
     ok = [r for r in run["rows"] if r["width"]]
     top_bucket, top_n = Counter(assign(r["width"], r["height"], 256)[0] for r in ok).most_common(1)[0]
     after(d, "renders", d.find_element(By.XPATH, f"//button[@class='preset' and text()='bucket {top_bucket}']").click)
@@ -386,7 +386,7 @@ def test_nothing_outside_the_run_is_served(base, run, tmp_path):
 def test_s3_run_through_the_command_line(s3_bucket, run, tmp_path):
     """A run on S3 (moto server): `python -m curation.browse` binds 127.0.0.1 by default, counts
     match DuckDB over a local copy, thumbnails come from the tar on S3 through the index, and the
-    bytes it reads are the ones common.images.iter_download_images yields."""
+    bytes it reads are the ones _sigma.images.iter_download_images yields."""
     out = f"{s3_bucket}/runs/sample"
     remote = sample.make_run(out, parts=2, rows_per_part=12, seed=3, report=False)
     local = sample.make_run(str(tmp_path / "twin"), parts=2, rows_per_part=12, seed=3, report=False)

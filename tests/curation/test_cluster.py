@@ -13,14 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from common import fs, holdout, manifest
+from _sigma import fs, holdout, manifest
 from curation import demo_data as dd
 from curation import run as run_mod
-from common import shards
+from _sigma import shards
 from raycluster import Cluster, cluster_env
 
 REPO = Path(__file__).resolve().parents[2]
-PART_STAGES = ("download", "score", "caption", "features", "stats")  # stages on common.partstage
+PART_STAGES = ("download", "score", "caption", "features", "stats")  # stages on _sigma.partstage
 
 
 def _args(tiny: Path, urls: str, out: str) -> list[str]:

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from scored_data import brute_pairs, representative, synthetic, write_scored
 
-from common import fs
+from _sigma import fs
 from curation.config import DedupConfig, PipelineConfig
 from curation.dedup import kmeans, read_done, run_dedup, search
 from curation.dedup.pairs import ROW_BASE, key_ids, pair_file, pair_files

@@ -4,11 +4,11 @@ import io
 
 from PIL import Image
 
-from common import manifest
-from common.config import parse
+from _sigma import manifest
+from _sigma.config import parse
 from curation import demo_data as dd
 from curation.config import PipelineConfig
-from common.images import iter_download_images as iter_images
+from _sigma.images import iter_download_images as iter_images
 from curation.download import run_download
 from curation.inputs import prepare_inputs
 

@@ -7,8 +7,8 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from common.config import ConfigError, parse
-from common.images import decode_image
+from _sigma.config import ConfigError, parse
+from _sigma.images import decode_image
 from curation import run as run_mod
 from curation.config import RESERVED_COLUMNS, RESERVED_PREFIXES, InputConfig
 
@@ -54,7 +54,7 @@ def test_a_refused_run_keeps_the_saved_config_and_secrets_are_redacted(tmp_path,
     assert "empty" in capsys.readouterr().err
     assert (out / "config.resolved.yaml").read_text() == "previous run\n"
     # An accepted run saves the config, without the secret.
-    from common.config import save_resolved
+    from _sigma.config import save_resolved
     from curation.run import resolve
 
     cfg, _ = resolve(run_mod.parse_args(args + ["--input", str(tmp_path / "empty.csv")]))

@@ -14,8 +14,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from common import manifest
-from common.config import parse
+from _sigma import manifest
+from _sigma.config import parse
 from curation import crawl
 from curation.config import PipelineConfig
 from curation.download import run_download

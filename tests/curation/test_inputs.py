@@ -5,7 +5,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from common.config import parse
+from _sigma.config import parse
 from curation.config import InputConfig
 from curation.inputs import InputError, make_key, prepare_inputs, read_input_part
 

@@ -5,8 +5,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from common import manifest
-from common.config import parse
+from _sigma import manifest
+from _sigma.config import parse
 from curation import demo_data as dd
 from curation.config import PipelineConfig
 from curation.download import run_download

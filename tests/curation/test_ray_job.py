@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from common import manifest
+from _sigma import manifest
 from curation import demo_data as dd
 
 REPO = Path(__file__).resolve().parents[2]

@@ -9,7 +9,7 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from common import manifest
+from _sigma import manifest
 from curation import demo_data as dd
 from curation import run as run_mod
 
@@ -149,7 +149,7 @@ def _mtimes(paths) -> dict:
 
 
 STAGES_ALL = "download,score,dedup,select,caption,eval_split,features,stats"
-# The stages whose commits the driver reports to common.faults.
+# The stages whose commits the driver reports to _sigma.faults.
 # stats is killed on an s3 output in tests/curation/test_stats_stage.py.
 KILL_STAGES = ("download", "score", "dedup", "select", "caption", "features")
 
@@ -158,7 +158,7 @@ KILL_STAGES = ("download", "score", "dedup", "select", "caption", "features")
 def test_sigkill_in_every_stage_then_rerun_resumes(demo_server, tiny_models, tmp_path):
     """SIGKILL right after the first commit of each stage, rerun the same command each time: no
     duplicates or gaps, and what was committed before a kill is never redone."""
-    from common import shards
+    from _sigma import shards
 
     expect = dd.write_url_list(demo_server, demo_server.items, tmp_path / "urls.parquet")
     out = tmp_path / "out"

@@ -13,13 +13,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from common.runlock import LockError, run_lock
+from _sigma.runlock import LockError, run_lock
 from curation import demo_data as dd
 from curation import run as run_mod
 from hostile_web import HostileServer
 
 REPO = Path(__file__).resolve().parents[2]
-_HOLD = "import sys, time; from common.runlock import run_lock\nwith run_lock(sys.argv[1]):\n    print('held', flush=True); time.sleep(120)\n"
+_HOLD = "import sys, time; from _sigma.runlock import run_lock\nwith run_lock(sys.argv[1]):\n    print('held', flush=True); time.sleep(120)\n"
 
 
 def _holder(out: str, env=None) -> subprocess.Popen:
@@ -95,7 +95,7 @@ def test_s3_lease_refuses_expires_and_is_taken_over(s3_bucket, monkeypatch):
 
 _DRIVER = textwrap.dedent("""
     import sys
-    from common.config import parse
+    from _sigma.config import parse
     from curation.config import PipelineConfig
     from curation.download import run_download
     from curation.inputs import prepare_inputs

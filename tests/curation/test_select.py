@@ -5,8 +5,8 @@ import pyarrow as pa
 import pytest
 from scored_data import brute_pairs, representative, synthetic, write_scored
 
-from common import fs, manifest
-from common.config import ConfigError
+from _sigma import fs, manifest
+from _sigma.config import ConfigError
 from curation.config import DedupConfig, PipelineConfig, SelectConfig
 from curation.dedup import dedup_fingerprint, run_dedup
 from curation.dedup.pairs import done_uri, key_ids, pair_files, write_pairs

@@ -6,7 +6,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from common import manifest
+from _sigma import manifest
 from curation.config import PipelineConfig, SelectConfig, StatsConfig
 from curation.stats import nouns_dir, run_stats
 from curation.stats.extract import nouns_uri, settings_fingerprint
@@ -168,7 +168,7 @@ def test_sigkill_on_an_s3_output_then_the_same_command_resumes(tmp_path, s3_buck
     import subprocess
     import sys
 
-    from common import fs
+    from _sigma import fs
 
     out = s3_bucket + "/run"
     n_parts, reps = 8, 40  # big enough that tagging outlasts the first commit: the kill lands mid-stage

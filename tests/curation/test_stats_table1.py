@@ -191,7 +191,7 @@ def test_same_sql_files_run_unchanged_in_the_duckdb_cli(tmp_path):
 def test_same_numbers_from_an_object_store_output(tmp_path, s3_bucket):
     """Python reads the outputs through pyarrow datasets registered in DuckDB: an s3:// output (moto
     server) gives the numbers of the same files on local disk, also next to a local output."""
-    from common import fs
+    from _sigma import fs
 
     local = write_output(tmp_path / "run")
     remote = s3_bucket + "/run"

@@ -18,12 +18,12 @@ import pyarrow as pa
 import pytest
 from PIL import Image, ImageEnhance
 
-from common.images import decode_image
+from _sigma.images import decode_image
 from curation import clip_tiny_modeling as ctm
 from curation import demo_data as dd
 from curation import tiny
 from curation.config import load_pipeline
-from common.models import load_clip
+from _sigma.models import load_clip
 from curation.score import Scorer
 
 REPO = Path(__file__).resolve().parents[2]

@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from common import manifest
+from _sigma import manifest
 
 WORDS = ("red blue green small large old new wooden glass metal cat dog tree house river mountain "
          "city street car boat sky cloud light shadow window door table chair flower garden bird "
@@ -100,9 +100,9 @@ def make_output(out: Path, n_rows: int = 80, parts: int = 2, dim: int = 16, seed
 
 
 def write_shard(out: Path, keys: list[str], resolution: int = 256) -> Path:
-    """A training shard written by the real common.shards writer (tiny dummy arrays)."""
-    from common.shards import npy_bytes, shard_name, shards_dir
-    from common.shards import write_shard as real_write
+    """A training shard written by the real _sigma.shards writer (tiny dummy arrays)."""
+    from _sigma.shards import npy_bytes, shard_name, shards_dir
+    from _sigma.shards import write_shard as real_write
 
     path = Path(shards_dir(out, resolution)) / shard_name(0)
     lat = npy_bytes(np.zeros((8, 2, 2), np.float16))
@@ -125,7 +125,7 @@ def pipeline_cfg(out, **eval_kw):
 def gen_cfg(out, tiny: Path, **eval_kw):
     """Pipeline config for generation / scoring with the tiny T5, VAE and CLIP (the DiT comes from the
     CLI argument)."""
-    from common.config import Resources
+    from _sigma.config import Resources
     from curation.config import PipelineConfig, ScoreConfig
     from eval.config import EvalConfig
     from features.config import FeaturesConfig

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from common import fs, holdout, manifest
+from _sigma import fs, holdout, manifest
 from eval import build_benchmark as bb
 from eval import stratify
 from evaldata import make_output, pipeline_cfg, write_shard
@@ -213,7 +213,7 @@ def test_pooled_selection_equals_the_full_greedy(tmp_path, monkeypatch):
 
 
 def test_vectorised_buckets_match_features_buckets():
-    from common.buckets import nearest_key, table
+    from _sigma.buckets import nearest_key, table
 
     keys = np.array([float(k) for k in table(1024)])
     ratios = np.concatenate([np.linspace(0.05, 6, 997), keys, (keys[1:] + keys[:-1]) / 2])  # incl. exact ties

@@ -30,7 +30,7 @@ def _pixels(d):
 
 def test_plan_seeds_and_sizes():
     from eval.config import EvalConfig
-    from common.buckets import table
+    from _sigma.buckets import table
 
     rows = [{"key": f"00000_{i:06d}", "prompt": f"p{i}", "bucket": b} for i, b in enumerate(["1.0", "0.57", "1.0", "2.0"])]
     plan = g.plan(rows, EvalConfig(resolution=256, gen_seed=7))

@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from common import holdout, manifest
+from _sigma import holdout, manifest
 from eval import build_benchmark as bb
 from eval import score
 from evaldata import make_output, pipeline_cfg, write_shard
@@ -153,7 +153,7 @@ def test_score_refuses_shards_holding_a_held_out_key(built):
 def test_sha256_of_the_fixture_is_the_image_bytes(built):
     """The exact-copy rule compares the manifest's sha256, which the download stage computes over
     the original bytes: check the fixture keeps that contract."""
-    from common.images import iter_download_images
+    from _sigma.images import iter_download_images
 
     out, _, _, rows = built
     r = rows[0]

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from common import fs
+from _sigma import fs
 from eval import build_benchmark as bb
 from eval import generate as g
 from eval import preference as pref

@@ -10,7 +10,7 @@ import tarfile
 import numpy as np
 from PIL import Image
 
-from common import fs
+from _sigma import fs
 from eval import build_benchmark as bb
 from eval import fid, reference
 from evaldata import pipeline_cfg

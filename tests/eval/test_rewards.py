@@ -83,7 +83,7 @@ def test_imagereward_loads_the_original_layout_and_follows_its_score(tiny_models
 
 
 def test_unknown_or_missing_reward_models_are_errors(tmp_path):
-    from common.config import ConfigError
+    from _sigma.config import ConfigError
     from eval.config import EvalConfig
 
     with pytest.raises(ConfigError, match="unknown model 'Aesthetic'"):

@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from common import fs, holdout
+from _sigma import fs, holdout
 from eval import build_benchmark as bb
 from eval import generate as g
 from eval import report, score

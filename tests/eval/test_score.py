@@ -7,7 +7,7 @@ import json
 import numpy as np
 from PIL import ImageFilter
 
-from common import fs
+from _sigma import fs
 from eval import build_benchmark as bb
 from eval import generate as g
 from eval import report, score

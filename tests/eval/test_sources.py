@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from common import holdout, manifest
+from _sigma import holdout, manifest
 from eval import build_benchmark as bb
 from eval import generate as g
 from eval import reference, score

@@ -33,7 +33,7 @@ def _tar_add(tar, name, data):
 
 def make_pipeline_output(out: Path, n_parts: int = 2, per_part: int = 6) -> dict:
     """Manifest parts + img2dataset-like download tars. Returns facts the tests check against."""
-    from common import manifest
+    from _sigma import manifest
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "download").mkdir(exist_ok=True)
@@ -72,7 +72,7 @@ def make_pipeline_output(out: Path, n_parts: int = 2, per_part: int = 6) -> dict
 
 def features_cfg(out: Path, models: Path, **kw):
     """A PipelineConfig for `out` with a FeaturesConfig parsed from `kw` (strict parser)."""
-    from common.config import parse
+    from _sigma.config import parse
     from curation.config import PipelineConfig
 
     # 2 CPUs: actors take half a CPU each so the read / prepare tasks still get scheduled.

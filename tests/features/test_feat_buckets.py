@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from common import buckets
+from _sigma import buckets
 from features import preprocess
 
 
@@ -22,7 +22,7 @@ def test_tables_have_40_distinct_buckets_sized_for_the_dit(res):
 
 
 # The official PixArt-Sigma tables (diffusion/data/datasets/utils.py, ASPECT_RATIO_<res>), restated
-# here as data ("key:HxW", h/w keys): every table of common.buckets must equal them exactly.
+# here as data ("key:HxW", h/w keys): every table of _sigma.buckets must equal them exactly.
 OFFICIAL = {
     256: (
         "0.25:128x512 0.26:128x496 0.27:128x480 0.28:128x464 0.32:144x448 0.33:144x432 0.35:144x416 0.4:160x400 "

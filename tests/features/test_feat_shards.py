@@ -1,4 +1,4 @@
-"""common.shards: the stored T5 token encodings (fp16 as-is, fp8 e4m3 + per-token scale)."""
+"""_sigma.shards: the stored T5 token encodings (fp16 as-is, fp8 e4m3 + per-token scale)."""
 from __future__ import annotations
 
 import io
@@ -6,7 +6,7 @@ import io
 import numpy as np
 import pytest
 
-from common import shards
+from _sigma import shards
 
 
 def _tokens(seed=0, n=37, d=64):
@@ -68,7 +68,7 @@ def _samples(n=5):
 
 def _shard(where):
     """One shard of 5 samples at `where` (local folder or URI) and its index entry."""
-    from common import fs
+    from _sigma import fs
 
     uri = fs.join(str(where), shards.shard_name(3, 0))
     side = shards.write_shard(uri, _samples(), {"keys_hash": "h", "fingerprint": "f"})
@@ -141,8 +141,8 @@ def test_same_size_corruption_needs_the_checksum(tmp_path):
 
 
 def test_shards_on_an_object_store(s3_bucket):
-    """Writer, sidecar, index and readers through common.fs on S3 (moto server)."""
-    from common import fs
+    """Writer, sidecar, index and readers through _sigma.fs on S3 (moto server)."""
+    from _sigma import fs
 
     d = s3_bucket + "/shards/64"
     uri, side, _ = _shard(d)

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common import buckets, shards
+from _sigma import buckets, shards
 from features import plan
 from features.stage import run_features
 from feat_data import features_cfg, make_pipeline_output
@@ -202,7 +202,7 @@ def test_rerun_verifies_reused_shards_and_redoes_only_bad_ones(run1, tmp_path, f
 
 
 def test_exclusions_replan_only_their_part(run1, tmp_path, feature_models):
-    """features.exclude_keys and the output's eval hold-out (common.holdout: every benchmark
+    """features.exclude_keys and the output's eval hold-out (_sigma.holdout: every benchmark
     version's exclude.parquet) are both held out; only the part that lost rows gets new shards."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -239,7 +239,7 @@ def test_key_lists_text_and_parquet(tmp_path):
 
 
 def test_config_validation():
-    from common.config import ConfigError, parse
+    from _sigma.config import ConfigError, parse
     from features.config import FeaturesConfig
 
     c = parse(FeaturesConfig, {"resolutions": [512, 2880], "t5_resources": {"batch_size": 2, "num_gpus": 1}})

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from common.shards import load_npy, repad
+from _sigma.shards import load_npy, repad
 
 CAPTIONS = [
     "A dog.",

@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from common import buckets
+from _sigma import buckets
 from features.preprocess import to_model_input
-from common.shards import load_npy
+from _sigma.shards import load_npy
 
 
 @pytest.fixture(scope="module")

@@ -202,7 +202,7 @@ def test_truncated_shard_is_refused_naming_it(shards):
 
 def test_reads_shards_written_by_features_shards(tmp_path):
     """The contract end to end: shards from the features package's own writer."""
-    from common import shards as fs
+    from _sigma import shards as fs
 
     rng = np.random.default_rng(0)
     samples = []

@@ -10,7 +10,7 @@ import os
 import pytest
 import yaml
 
-from common import fs
+from _sigma import fs
 from test_data import write_synthetic_shards
 from training import checkpoint as ckpt
 

@@ -1,6 +1,6 @@
 """Training on object storage, killed for real: shards, null caption and checkpoints on a real S3
 HTTP server (moto, tests/conftest.py); the first run is SIGKILLed right after its 2nd checkpoint
-commit (common.faults, proven by the marker file); the rerun resumes from that checkpoint on S3 and
+commit (_sigma.faults, proven by the marker file); the rerun resumes from that checkpoint on S3 and
 ends with weights bit-identical to an uninterrupted run."""
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from common import fs
+from _sigma import fs
 from test_data import write_synthetic_shards
 from training import checkpoint as ckpt
 

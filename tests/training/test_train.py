@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from common.config import ConfigError
+from _sigma.config import ConfigError
 from test_checkpoint import tiny_stage
 from test_data import write_synthetic_shards
 from training import checkpoint as ckpt

@@ -142,7 +142,7 @@ KEY_FIELD = "sigma_key"  # our key rides through img2dataset as an extra column 
 
 
 def download_tar(out: str, part: int) -> str:
-    from common import fs
+    from _sigma import fs
 
     return fs.join(fs.normalize(out), DOWNLOAD, f"{part:05d}.tar")
 
@@ -152,7 +152,7 @@ def iter_download_images(out: str, part: int, keys: set[str] | None = None) -> I
     `keys` when given. Nothing when the part has no tar (every download of it failed). A truncated
     or corrupt tar ends the iteration early with a warning on stderr, never an exception: the rows
     not yielded are the callers' "missing from the tar" rows (download_tar_problem says why)."""
-    from common import fs
+    from _sigma import fs
 
     uri = download_tar(out, part)
     if not fs.exists(uri):
@@ -168,7 +168,7 @@ _TAR_ERRORS = (tarfile.TarError, EOFError, OSError, ValueError, zlib.error)
 
 
 def _iter_tar(uri: str, keys: set[str] | None) -> Iterator[tuple[str, bytes]]:
-    from common import fs
+    from _sigma import fs
 
     pending: dict[str, dict] = {}
     with fs.open_input(uri) as f, tarfile.open(fileobj=f, mode="r:") as tar:
@@ -195,7 +195,7 @@ def _iter_tar(uri: str, keys: set[str] | None) -> Iterator[tuple[str, bytes]]:
 
 def download_tar_problem(out: str, part: int) -> str | None:
     """Why part's download tar cannot be read to the end (naming the file), or None."""
-    from common import fs
+    from _sigma import fs
 
     uri = download_tar(out, part)
     if not fs.exists(uri):

@@ -3,7 +3,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from common import manifest
+from _sigma import manifest
 
 
 def _part(keys):

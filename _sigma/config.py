@@ -25,7 +25,7 @@ class ConfigError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class Resources:
     """Where a Ray Data step runs: set per stage in pipelines.yaml, used at the adapter's call site
-    (common.raystage.map_stage). Lives here so every package's config can use it without cycles."""
+    (_sigma.raystage.map_stage). Lives here so every package's config can use it without cycles."""
 
     batch_size: int = 32
     actors: int = 1  # actor-pool size for model-backed stages (ignored by plain functions)
@@ -255,7 +255,7 @@ def redact(obj: Any, key: str = "") -> Any:
 def save_resolved(cfg: Any, output_dir: str | os.PathLike, name: str = "config.resolved.yaml", extra: dict | None = None) -> str:
     """Write the resolved config beside an output (local folder or URI), atomically; returns its path.
     Environment-variable mappings are written with their values redacted (see `redact`)."""
-    from common import fs
+    from _sigma import fs
 
     doc = {"resolved": redact(to_dict(cfg))}
     if extra:

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from common.config import ConfigError, apply_overrides, check_paths, parse, save_resolved
+from _sigma.config import ConfigError, apply_overrides, check_paths, parse, save_resolved
 from curation.config import PipelineConfig, load_pipeline
 
 REPO = Path(__file__).resolve().parents[2]

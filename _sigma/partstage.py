@@ -4,7 +4,7 @@ A stage over the manifest is four steps, each here once:
 1. plan: which parts are pending (`pending_parts`, from the fingerprints in the part footers) and
    how many rows each will send (`run_tasks` over a small per-part counting function);
 2. read: `read_images` (a `flat_map` step) yields a part's rows with their downloaded image bytes;
-3. run: the stage's own batch function or model-backed class (`common.raystage.map_stage`);
+3. run: the stage's own batch function or model-backed class (`_sigma.raystage.map_stage`);
 4. commit: `commit_groups` appends a step that writes each output block as per-part *pieces*
    under `<output>/_work/<stage>/<run>/` (on the worker that computed them) and sends the driver
    one small row per piece (part, rows, path). Once a part's pieces hold all its rows, a commit
@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import pyarrow as pa
 
-from common import faults, fs, manifest
+from _sigma import faults, fs, manifest
 
 PART_COL = "_part"  # carried through a stage so results can be regrouped per part (or shard)
 WORK = "_work"
@@ -101,7 +101,7 @@ def read_images(item: dict, rows_fn: Callable[[str, int], list[dict]] | None = N
 
     Yields each row (which may carry its own `_part`, e.g. a shard id) plus `image`: the original
     bytes, or None when the key is not in the part's download tar (the stage records why)."""
-    from common.images import iter_download_images
+    from _sigma.images import iter_download_images
 
     out, part = item["out"], int(item["part"])
     rows = rows_fn(out, part) if rows_fn is not None else None

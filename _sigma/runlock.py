@@ -26,8 +26,8 @@ import time
 import uuid
 from typing import Iterator
 
-from common import fs
-from common.config import ConfigError
+from _sigma import fs
+from _sigma.config import ConfigError
 
 LOCK_NAME = "_lock.json"
 

@@ -13,7 +13,7 @@ way to release its keys.
 """
 from __future__ import annotations
 
-from common import fs
+from _sigma import fs
 
 EVAL_DIR = "eval"
 BENCHMARKS = "benchmarks"

@@ -1,11 +1,11 @@
 """The manifest: one parquet file per part, exactly one row per input row. Only module that reads
-or writes `manifest/` and `embeddings/` (local folders or object-store prefixes, via common.fs).
+or writes `manifest/` and `embeddings/` (local folders or object-store prefixes, via _sigma.fs).
 
 Stages add columns; each part's parquet metadata records a fingerprint per finished stage, so a
 rerun skips parts whose stage fingerprint matches (resume) and recomputes stale ones (config
 changed), and a small per-part summary (rows, statuses, selected) so that the driver can report a
 whole run from the parquet footers alone, never reading row data. Parts are written by the Ray
-worker that computed them, each as one atomic commit (common.fs.write_parquet).
+worker that computed them, each as one atomic commit (_sigma.fs.write_parquet).
 
 Integrity: every part written records its size and sha256 in a sidecar
 `manifest/_sums/part-NNNNN.json`, written just before the part (with the previous record kept,
@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from common import fs
+from _sigma import fs
 
 MANIFEST = "manifest"
 EMBEDDINGS = "embeddings"

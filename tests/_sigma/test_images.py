@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from common.images import decode_image
+from _sigma.images import decode_image
 from curation.demo_data import bad_items
 
 ITEMS = {it.name: it for it in bad_items()}

@@ -2,7 +2,7 @@
 
 Stages are plain functions over a pyarrow batch, or model-backed classes (load in `__init__`, run in
 `__call__`); neither imports Ray. Here they become `map_batches` steps with the resources their
-config names. How results are committed (by workers, never by the driver) is common.partstage.
+config names. How results are committed (by workers, never by the driver) is _sigma.partstage.
 """
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def init_ray(ray_cfg=None, quiet: bool = True):
 
 def map_stage(ds, stage: Callable | type, res, constructor_kwargs: dict | None = None,
               batch_format: str = "pyarrow", runtime_env: dict | None = None):
-    """Turn a stage into a Ray Data step with the resources `res` (a common.config.Resources)."""
+    """Turn a stage into a Ray Data step with the resources `res` (a _sigma.config.Resources)."""
     from ray.data import ActorPoolStrategy
 
     common = dict(batch_size=res.batch_size, batch_format=batch_format, num_cpus=res.num_cpus,

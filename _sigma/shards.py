@@ -1,5 +1,5 @@
 """Training shards: the only reader/writer of `<output>/shards/<resolution>/` (local or object store,
-through common.fs).
+through _sigma.fs).
 
 Layout (docs/ARCHITECTURE.md, "Training shards"):
   shard-PPPPP-NNNNNN.tar  WebDataset: per sample `<key>.json`, `<key>.latent.npy` (fp16 (8, h/8, w/8):
@@ -15,7 +15,7 @@ Layout (docs/ARCHITECTURE.md, "Training shards"):
                      has the recorded size (and sha256, when verified): that is the resume rule.
   index.json         written last, from verified sidecars / fresh commits: what training reads.
 Tars are byte-deterministic (fixed mtime/uid/mode, samples sorted by key) and each file is one
-atomic commit (common.fs: temp + rename locally, one whole-object PUT on object stores).
+atomic commit (_sigma.fs: temp + rename locally, one whole-object PUT on object stores).
 Readers check each shard against its index entry (size up front, sample count at the end) and raise
 `ShardError` naming the shard instead of silently training on what is left of it.
 """
@@ -30,7 +30,7 @@ from typing import Iterator
 
 import numpy as np
 
-from common import fs
+from _sigma import fs
 
 TEXT_DTYPES = ("fp16", "fp8")  # stored T5 tokens (features.text_dtype): see encode_tokens
 
@@ -315,7 +315,7 @@ def iter_shard(uri, expect: dict | None = None) -> Iterator[dict]:
         raise ShardError(f"shard {uri}: {n} samples, the index says {expect['samples']}")
 
 
-# --- random access (training): member spans from the tar headers, through common.fs -------------
+# --- random access (training): member spans from the tar headers, through _sigma.fs -------------
 def scan_members(uri: str, buffer_bytes: int = 8 << 20) -> list[dict]:
     """Every sample of one shard (local path or URI), in tar order, without reading its arrays:
     {"key", "meta" (the decoded json member, None if absent), "members": {suffix: (offset, size)}}.

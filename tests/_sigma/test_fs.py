@@ -1,4 +1,4 @@
-"""common.fs: one API for local folders and a real S3 server (moto, HTTP on 127.0.0.1)."""
+"""_sigma.fs: one API for local folders and a real S3 server (moto, HTTP on 127.0.0.1)."""
 import os
 
 import duckdb
@@ -6,7 +6,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from common import fs, manifest
+from _sigma import fs, manifest
 
 
 @pytest.fixture(params=["local", "s3"])
