@@ -16,12 +16,17 @@ def pick_device(num_gpus: float = 1.0) -> str:
     return "cuda" if num_gpus and num_gpus > 0 and torch.cuda.is_available() else "cpu"
 
 
+def resolve_precision(precision: str, device: str, auto_gpu: str = "fp16") -> str:
+    """The precision name on `device` ("cuda", "cuda:1", "cpu"): `auto` -> `auto_gpu` on CUDA, fp32 elsewhere."""
+    if precision != "auto":
+        return precision
+    return auto_gpu if str(device).startswith("cuda") else "fp32"
+
+
 def pick_device_precision(precision: str, num_gpus: float, auto_gpu: str = "fp16") -> tuple[str, str]:
     """(device, precision name); `auto` -> `auto_gpu` on CUDA, fp32 on the CPU."""
     device = pick_device(num_gpus)
-    if precision == "auto":
-        precision = auto_gpu if device == "cuda" else "fp32"
-    return device, precision
+    return device, resolve_precision(precision, device, auto_gpu)
 
 
 def pick_device_dtype(precision: str, num_gpus: float, auto_gpu: str = "bf16") -> tuple[str, torch.dtype]:

@@ -225,6 +225,28 @@ def atomic_output(uri: str) -> Iterator[IO[bytes]]:
                 out.write(chunk)
 
 
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[str]:
+    """Build a LOCAL folder atomically (model folders): yields a temp folder beside `path`; when the
+    block ends without an exception the old folder (if any) is removed and the temp one renamed
+    over it, else the temp folder is removed. A reader sees the old folder or the new one."""
+    import shutil
+
+    target = os.path.abspath(os.fspath(path))
+    d = os.path.dirname(target)
+    os.makedirs(d, exist_ok=True)
+    tmp = os.path.join(d, f".{os.path.basename(target)}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    os.makedirs(tmp)
+    try:
+        yield tmp
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync_dir(d)
+
+
 def write_bytes(uri: str, data: bytes) -> None:
     with atomic_output(uri) as f:
         f.write(data)

@@ -267,8 +267,8 @@ def failed_rows(d) -> list[dict]:
 def _check_size(uri: str, expect: dict) -> None:
     size = fs.size(uri)
     if size is None:
-        raise ShardError(f"shard {uri}: missing, the index lists it with {expect['samples']} samples")
-    if size != expect["bytes"]:
+        raise ShardError(f"shard {uri}: missing, the index lists it with {expect.get('samples')} samples")
+    if expect.get("bytes") is not None and size != expect["bytes"]:
         raise ShardError(f"shard {uri}: {size} bytes on disk, the index says {expect['bytes']} "
                          "(truncated or rewritten: rerun the features stage)")
 
@@ -338,6 +338,26 @@ def scan_members(uri: str, buffer_bytes: int = 8 << 20) -> list[dict]:
                 fh.seek(off)
                 g["meta"] = json.loads(fh.read(size))
     return list(groups.values())
+
+
+def scan_shard(d, entry: dict) -> list[dict]:
+    """`scan_members` of the shard `entry` (its index entry: name, samples, bytes) of folder `d`,
+    checked against the entry before anything is trained on it: size, every sample complete (json,
+    latent and at least one T5 member), sample count. Raises ShardError naming the shard."""
+    uri = fs.join(_uri(d), entry["name"])
+    _check_size(uri, entry)
+    try:
+        found = scan_members(uri)
+    except Exception as e:  # noqa: BLE001 - a tar error names the shard, whatever the reader raised
+        raise ShardError(f"shard {uri}: unreadable tar ({type(e).__name__}: {e})") from None
+    for g in found:
+        mem = g["members"]
+        if g["meta"] is None or "latent.npy" not in mem or not ({"t5_long.npy", "t5_short.npy"} & set(mem)):
+            raise ShardError(f"shard {uri}: sample {g['key']!r} is incomplete (members {sorted(mem)})")
+    if entry.get("samples") is not None and len(found) != entry["samples"]:
+        raise ShardError(f"shard {uri}: {len(found)} samples, the index says {entry['samples']} (truncated or "
+                         "rewritten: rerun the features stage)")
+    return found
 
 
 def open_shard(uri: str):

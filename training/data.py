@@ -27,13 +27,10 @@ import numpy as np
 import torch
 
 from _sigma import fs
-from _sigma.shards import decode_tokens, open_shard, read_index, read_member, repad, scan_members
+from _sigma import shards
+from _sigma.shards import ShardError, decode_tokens, open_shard, read_index, read_member, repad
 
 __all__ = ["ShardBatches", "Prefetch", "make_batches", "SampleRef", "ShardError", "scan_shard", "read_index"]
-
-
-class ShardError(ValueError):
-    """A shard that does not match index.json (missing, truncated, incomplete samples)."""
 
 
 @dataclass(frozen=True)
@@ -45,28 +42,9 @@ class SampleRef:
 
 
 def scan_shard(shards_dir: str, entry: dict) -> list[SampleRef]:
-    """The samples of one shard of the index (entry: name, samples, bytes), checked against it."""
-    uri = fs.join(shards_dir, entry["name"])
-    size = fs.size(uri)
-    if size is None:
-        raise ShardError(f"{uri}: listed in index.json but missing")
-    if entry.get("bytes") is not None and size != entry["bytes"]:
-        raise ShardError(f"{uri}: {size} bytes, index.json records {entry['bytes']} (truncated or rewritten; "
-                         "rerun the features stage)")
-    try:
-        found = scan_members(uri)
-    except Exception as e:  # noqa: BLE001 - a tar error names the shard, whatever the reader raised
-        raise ShardError(f"{uri}: unreadable tar ({type(e).__name__}: {e})") from None
-    refs = []
-    for g in found:
-        mem = g["members"]
-        if g["meta"] is None or "latent.npy" not in mem or not ({"t5_long.npy", "t5_short.npy"} & set(mem)):
-            raise ShardError(f"{uri}: sample {g['key']!r} is incomplete (members {sorted(mem)})")
-        refs.append(SampleRef(entry["name"], g["key"], str(g["meta"]["bucket"]), mem))
-    if entry.get("samples") is not None and len(refs) != entry["samples"]:
-        raise ShardError(f"{uri}: {len(refs)} samples, index.json records {entry['samples']} (truncated or "
-                         "rewritten; rerun the features stage)")
-    return refs
+    """The samples of one shard of the index, checked against its entry (_sigma.shards.scan_shard)."""
+    return [SampleRef(entry["name"], g["key"], str(g["meta"]["bucket"]), g["members"])
+            for g in shards.scan_shard(shards_dir, entry)]
 
 
 def _scan_all(shards_dir: str, entries: list[dict]) -> list[SampleRef]:

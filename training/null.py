@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from _sigma import fs
+from _sigma.device import DTYPES, pick_device, resolve_precision
 from _sigma.models import load_t5
 from training.files import is_weight_file, load_safetensors, torch_load
 
@@ -69,9 +70,9 @@ def null_from(source, max_length: int = 300, trust_pickle: bool = False, device:
     source = str(source)
     if is_weight_file(source):
         return read_null(source, trust_pickle)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or pick_device()
     # bf16 on GPU as the features stage encodes captions (fp16 overflows in T5-XXL), fp32 on CPU
-    tok, t5 = load_t5(source, device, torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    tok, t5 = load_t5(source, device, DTYPES[resolve_precision("auto", device, auto_gpu="bf16")])
     try:
         return encode_null(tok, t5, max_length)
     finally:

@@ -32,6 +32,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from _sigma import fs
+from _sigma.device import pick_device
 from training.diffusion import GaussianDiffusion
 
 VAE_DOWNSAMPLE = 8
@@ -207,7 +209,7 @@ def main(argv=None) -> None:
     ap.add_argument("--max-length", type=int, default=300)
     ap.add_argument("--negative-prompt", default=None, help="use T5(text) as the null caption")
     ap.add_argument("--scale-factor", type=float, default=None, help="VAE scale (default: the VAE config)")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", default=pick_device())
     args = ap.parse_args(argv)
 
     from diffusers import AutoencoderKL
@@ -250,14 +252,13 @@ def main(argv=None) -> None:
                            args.seed + idx[0], null_mask)
         imgs = decode_latents(vae, lat, scale)
         for i, img in zip(idx, imgs):
-            tmp = out / (names[i] + ".tmp.png")
-            Image.fromarray(img).save(tmp)
-            os.replace(tmp, out / names[i])
+            with fs.atomic_output(str(out / names[i])) as f:
+                Image.fromarray(img).save(f, format="PNG")
             done += 1
     summary = {"prompts": len(prompts), "written": done, "skipped_existing": len(prompts) - len(todo),
                "sampler": args.sampler, "steps": args.steps or DEFAULT_STEPS[args.sampler], "cfg": args.cfg,
                "size": [args.height, args.width], "seconds": round(time.time() - t0, 1)}
-    (out / "sample_summary.json").write_text(json.dumps(summary, indent=2))
+    fs.write_json(str(out / "sample_summary.json"), summary, indent=2)
     print(f"[sample] {json.dumps(summary)}", flush=True)
 
 

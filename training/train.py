@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 from _sigma import faults, fs
 from _sigma.config import to_dict
+from _sigma.device import DTYPES, pick_device, resolve_precision
 from training import checkpoint as ckpt
 from training.config import TrainStageConfig
 from training.data import make_batches
@@ -53,18 +54,16 @@ def lr_at(step: int, base_lr: float, warmup: int) -> float:
     return base_lr * min(1.0, step / warmup) if warmup > 0 else base_lr
 
 
-def pick_device(cfg: TrainStageConfig, local_rank: int = 0) -> torch.device:
-    if cfg.use_gpu and torch.cuda.is_available():
+def train_device(cfg: TrainStageConfig, local_rank: int = 0) -> torch.device:
+    if pick_device(1 if cfg.use_gpu else 0) == "cuda":
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
 
 
 def autocast_dtype(cfg: TrainStageConfig, device: torch.device) -> torch.dtype | None:
-    p = cfg.precision
-    if p == "auto":
-        p = "bf16" if device.type == "cuda" else "fp32"
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[p]
+    p = resolve_precision(cfg.precision, device.type, auto_gpu="bf16")
+    return None if p == "fp32" else DTYPES[p]
 
 
 def build(cfg: TrainStageConfig):
@@ -210,7 +209,7 @@ def train(cfg: TrainStageConfig, rank: int = 0, world_size: int = 1, local_rank:
     if distributed and not dist.is_initialized():
         raise RuntimeError("world_size > 1 needs an initialised process group (training.launch does it)")
     barrier = dist.barrier if distributed else (lambda: None)
-    device = pick_device(cfg, rank if local_rank is None else local_rank)
+    device = train_device(cfg, rank if local_rank is None else local_rank)
     amp = autocast_dtype(cfg, device)
     out = cfg.output_dir
     seed_everything(rank_seed(cfg.seed, rank))

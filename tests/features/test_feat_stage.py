@@ -175,10 +175,8 @@ def test_rerun_verifies_reused_shards_and_redoes_only_bad_ones(run1, tmp_path, f
     _cut_at_member_boundary(d / NAMES[2])
     with pytest.raises(shards.ShardError, match=NAMES[2]):  # readers refuse the cut tar
         list(shards.iter_samples(d))
-    from training.data import ShardError, scan_shard  # the training reader refuses it too
-
-    with pytest.raises(ShardError, match=NAMES[2]):
-        scan_shard(str(d), entry[NAMES[2]])
+    with pytest.raises(shards.ShardError, match=NAMES[2]):  # the training reader refuses it too
+        shards.scan_shard(str(d), entry[NAMES[2]])
     (d / NAMES[1]).unlink()
     with open(d / NAMES[3], "r+b") as f:  # one flipped byte inside a payload, size unchanged
         f.seek(2000)

@@ -181,13 +181,13 @@ def test_truncated_shard_is_refused_naming_it(shards):
     cut = starts[4]  # the header of sample 6: a valid tar of the first 5 of its 8 samples
     whole = victim.read_bytes()
     victim.write_bytes(whole[:cut])
-    with pytest.raises(ShardError, match=r"shard-000001\.tar: \d+ bytes, index.json records"):
+    with pytest.raises(ShardError, match=r"shard-000001\.tar: \d+ bytes on disk, the index says"):
         ShardBatches(shards, batch_size=4)
     # an index whose byte count was rewritten too: the sample count still gives it away
     idx = json.loads((shards / "index.json").read_text())
     idx["shards"][1]["bytes"] = cut
     (shards / "index.json").write_text(json.dumps(idx))
-    with pytest.raises(ShardError, match=r"shard-000001\.tar: 5 samples, index.json records 8"):
+    with pytest.raises(ShardError, match=r"shard-000001\.tar: 5 samples, the index says 8"):
         ShardBatches(shards, batch_size=4)
     # cut between two members of one sample: an incomplete sample, named
     victim.write_bytes(whole[:members[members.index(next(m for m in members if m.offset == cut)) + 1].offset])
@@ -196,7 +196,7 @@ def test_truncated_shard_is_refused_naming_it(shards):
     with pytest.raises(ShardError, match=r"shard-000001\.tar: sample '00000_000013' is incomplete"):
         ShardBatches(shards, batch_size=4)
     (shards / "shard-000001.tar").unlink()
-    with pytest.raises(ShardError, match="shard-000001.tar: listed in index.json but missing"):
+    with pytest.raises(ShardError, match="shard-000001.tar: missing, the index lists it"):
         ShardBatches(shards, batch_size=4)
 
 
