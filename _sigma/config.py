@@ -37,6 +37,10 @@ class Resources:
             raise ConfigError("resources: batch_size and actors must be >= 1, num_gpus >= 0, num_cpus > 0")
 
 
+# The precision of a model-backed stage: `auto` picks per device (_sigma.device.resolve_precision).
+Precision = Literal["auto", "fp32", "fp16", "bf16"]
+
+
 def _type_name(tp: Any) -> str:
     origin = get_origin(tp)
     if origin is Literal:

@@ -2,12 +2,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
-from _sigma.config import ConfigError, Resources
+from _sigma.config import ConfigError, Precision, Resources
 
-ENGINES = ("hf", "vllm", "openai")
-HF_APIS = ("auto", "chat_template", "sharecaptioner")
 # Share-Captioner's instruction (its XComposer chat frame is applied by the model's chat template).
 SHARE_CAPTIONER_PROMPT = "Analyze the image in a comprehensive and detailed manner."
 
@@ -85,18 +83,18 @@ class VLLMConfig:
 
 @dataclass(frozen=True)
 class CaptionConfig:
-    engine: str = "hf"  # hf | vllm | openai
+    engine: Literal["hf", "vllm", "openai"] = "hf"
     model: str = field(default="Lin-Chen/ShareCaptioner", metadata={"path": True})  # local dir or hub name
     served_model_name: str | None = None  # openai engine: the server's model name (default: model)
     trust_remote_code: bool = False  # Share-Captioner needs True (and transformers 4.31 via runtime_env_pip)
     # hf engine's model interface: chat_template (processor + chat template: llava-hf, Qwen2-VL, ...),
     # sharecaptioner (InternLM-XComposer v1 remote code), auto (from the model's config.json)
-    hf_api: str = "auto"
+    hf_api: Literal["auto", "chat_template", "sharecaptioner"] = "auto"
     prompt: str = SHARE_CAPTIONER_PROMPT
     system_prompt: str | None = None
     generation: GenerationConfig = GenerationConfig()
     quality: QualityConfig = QualityConfig()
-    precision: str = "auto"  # auto (fp16 on GPU, fp32 on CPU) | fp32 | fp16 | bf16
+    precision: Precision = "auto"  # auto: fp16 on GPU, fp32 on CPU
     image_max_side: int = 0  # downscale before the processor (0: let the processor resize)
     runtime_env_pip: tuple[str, ...] = ()  # hf actors run in their own Ray runtime_env with these pip pins
     runtime_env_vars: dict[str, str] = field(default_factory=dict)  # env vars of the caption actors
@@ -106,13 +104,7 @@ class CaptionConfig:
     resources: Resources = Resources(batch_size=8)
 
     def __post_init__(self):
-        if self.engine not in ENGINES:
-            raise ConfigError(f"engine: got {self.engine!r}, allowed: {' | '.join(ENGINES)}")
-        if self.hf_api not in HF_APIS:
-            raise ConfigError(f"hf_api: got {self.hf_api!r}, allowed: {' | '.join(HF_APIS)}")
         if self.hf_api == "sharecaptioner" and not self.trust_remote_code:
             raise ConfigError("hf_api: sharecaptioner loads the model's remote code: set trust_remote_code: true")
-        if self.precision not in ("auto", "fp32", "fp16", "bf16"):
-            raise ConfigError(f"precision: got {self.precision!r}, allowed: auto | fp32 | fp16 | bf16")
         if not self.prompt.strip():
             raise ConfigError("prompt: must not be empty")

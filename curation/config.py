@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 from pathlib import Path
 
-from _sigma.config import ConfigError, Resources, apply_overrides, check_paths, load_yaml, parse  # noqa: F401 (Resources re-exported)
+from _sigma.config import (ConfigError, Precision, Resources, apply_overrides, check_paths, load_yaml, parse,
+                           save_resolved)
 from captioning.config import CaptionConfig
 from eval.config import EvalConfig
 from features.config import FeaturesConfig
@@ -28,15 +29,13 @@ RESERVED_PREFIXES = ("caption_", "dup_", "_")
 @dataclass(frozen=True)
 class InputConfig:
     path: str = ""  # URL list: parquet, csv, jsonl/json or txt file (or a folder of them)
-    format: str = "auto"  # auto | parquet | csv | jsonl | txt
+    format: Literal["auto", "parquet", "csv", "jsonl", "txt"] = "auto"
     url_col: str = "url"
     caption_col: str = "caption"
     extra_cols: tuple[str, ...] = ()  # carried into the manifest unchanged
     part_size: int = 10000  # rows per part (= per img2dataset shard)
 
     def __post_init__(self):
-        if self.format not in ("auto", "parquet", "csv", "jsonl", "txt"):
-            raise ConfigError(f"format: got {self.format!r}, allowed: auto | parquet | csv | jsonl | txt")
         if not 1 <= self.part_size <= 999_999:
             raise ConfigError(f"part_size: got {self.part_size}, allowed: 1..999999")
         for c in self.extra_cols:
@@ -63,20 +62,16 @@ class DownloadConfig:
     # redirect) unless this is true (a local test server) or the address is in allowed_networks.
     allow_private_addresses: bool = False
     allowed_networks: tuple[str, ...] = ()  # CIDRs, e.g. ["10.20.0.0/16"] for an internal image store
-    verify: str = "sha256"  # sha256 | size: how a rerun checks the download tars it reuses
+    verify: Literal["sha256", "size"] = "sha256"  # how a rerun checks the download tars it reuses
     max_side: int | None = None  # None keeps originals; else downscale only if bigger
     reencode: bool = False  # False keeps the original bytes (and their sha256)
-    encode_format: str = "jpg"
+    encode_format: Literal["jpg", "png", "webp"] = "jpg"
     encode_quality: int = 95
-    distributor: str = "multiprocessing"  # multiprocessing | ray
+    distributor: Literal["multiprocessing", "ray"] = "multiprocessing"
     user_agent_token: str | None = None
     disallowed_header_directives: tuple[str, ...] = ("noai", "noimageai", "noindex", "noimageindex")
 
     def __post_init__(self):
-        if self.distributor not in ("multiprocessing", "ray"):
-            raise ConfigError(f"distributor: got {self.distributor!r}, allowed: multiprocessing | ray")
-        if self.encode_format not in ("jpg", "png", "webp"):
-            raise ConfigError(f"encode_format: got {self.encode_format!r}, allowed: jpg | png | webp")
         if self.processes < 1 or self.threads < 1 or self.retries < 0:
             raise ConfigError("processes/threads must be >= 1, retries >= 0")
         for name in ("timeout", "deadline"):
@@ -87,8 +82,6 @@ class DownloadConfig:
             raise ConfigError(f"max_bytes: got {self.max_bytes}, allowed: >= 1")
         if not 0 <= self.max_redirects <= 30:
             raise ConfigError(f"max_redirects: got {self.max_redirects}, allowed: 0..30")
-        if self.verify not in ("sha256", "size"):
-            raise ConfigError(f"verify: got {self.verify!r}, allowed: sha256 | size")
         import ipaddress
 
         for net in self.allowed_networks:
@@ -104,12 +97,10 @@ class ScoreConfig:
     clip_pretrained: str = field(default="openai", metadata={"path": True})  # tag or local checkpoint
     aesthetic_weights: str = field(default="sac+logos+ava1-l14-linearMSE.pth", metadata={"path": True})
     max_pixels: int = 178_956_970  # Pillow's decompression-bomb limit (2x MAX_IMAGE_PIXELS)
-    precision: str = "auto"  # auto (fp16 on GPU, fp32 on CPU) | fp32 | fp16 | bf16
+    precision: Precision = "auto"  # auto: fp16 on GPU, fp32 on CPU
     resources: Resources = Resources(batch_size=32)
 
     def __post_init__(self):
-        if self.precision not in ("auto", "fp32", "fp16", "bf16"):
-            raise ConfigError(f"precision: got {self.precision!r}, allowed: auto | fp32 | fp16 | bf16")
         if self.max_pixels < 1:
             raise ConfigError(f"max_pixels: got {self.max_pixels}, allowed: >= 1 (pixels of the largest image decoded)")
 
@@ -271,4 +262,35 @@ def load_pipeline(config_path: str, name: str, overrides=(), check: bool | tuple
     elif check:
         for section in check:
             check_paths(getattr(cfg, section), f"pipelines.{name}.{section}")
+    return cfg
+
+
+# --- the command line of every pipeline CLI (curation.run, curation.stats, eval.*) ---------------------
+def add_pipeline_args(ap, output: bool = False, many: bool = False):
+    """The options every pipeline CLI takes: --config, --pipeline (repeatable with `many`), --set
+    (-> args.overrides) and, with `output`, --output. Returns the parser."""
+    ap.add_argument("--config", default="pipelines.yaml", help="pipelines.yaml to read (default: %(default)s)")
+    if many:
+        ap.add_argument("--pipeline", action="append", required=True,
+                        help="pipeline name; repeat to compare outputs (overrides apply to the first one)")
+    else:
+        ap.add_argument("--pipeline", required=True, help="a pipeline name of the config")
+    if output:
+        ap.add_argument("--output", help="output folder; overrides the pipeline's `output`")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="override a config key (repeatable)")
+    return ap
+
+
+def pipeline_from_args(args, extra=(), name: str | None = None, check: bool | tuple | list = False,
+                       save: bool | dict = True) -> PipelineConfig:
+    """The pipeline of add_pipeline_args' options (`name` instead of args.pipeline; --output and
+    `extra` overrides appended). `save` (True or a dict of extra fields) writes the resolved config
+    to the pipeline's output, as every CLI does before it writes anything else there."""
+    overrides = list(getattr(args, "overrides", ()))
+    if getattr(args, "output", None):
+        overrides.append(f"output={args.output}")
+    cfg = load_pipeline(args.config, name or args.pipeline, overrides + list(extra), check=check)
+    if save:
+        save_resolved(cfg, cfg.out, extra=save if isinstance(save, dict) else None)
     return cfg

@@ -18,7 +18,7 @@ if not os.environ.get("RAY_ADDRESS"):  # embedded Ray on the loopback address; n
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 from _sigma.config import ConfigError, save_resolved  # noqa: E402
-from curation.config import STAGES, PipelineConfig, load_pipeline  # noqa: E402
+from curation.config import STAGES, PipelineConfig, add_pipeline_args, pipeline_from_args  # noqa: E402
 
 
 def _stage_fn(name: str):
@@ -46,23 +46,17 @@ def _stage_fn(name: str):
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(prog="python -m curation.run", description=__doc__.splitlines()[0])
-    ap.add_argument("--config", default="pipelines.yaml")
-    ap.add_argument("--pipeline", required=True)
+    add_pipeline_args(ap, output=True)
     ap.add_argument("--input", help="URL list (parquet/csv/jsonl/txt); overrides input.path")
-    ap.add_argument("--output", help="output folder; overrides output")
     ap.add_argument("--stages", help="comma-separated subset of the pipeline's stages, e.g. select,stats")
-    ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config key")
     ap.add_argument("--no-progress", action="store_true")
     return ap.parse_args(argv)
 
 
 def resolve(args) -> tuple[PipelineConfig, list[str]]:
-    overrides = list(args.set)
-    if args.input:
-        overrides.append(f"input.path={args.input}")
-    if args.output:
-        overrides.append(f"output={args.output}")
-    cfg = load_pipeline(args.config, args.pipeline, overrides, check=False)
+    extra = [f"input.path={args.input}"] if args.input else []
+    # saved by run() once the lock is held and the inputs are checked: a refused run changes nothing
+    cfg = pipeline_from_args(args, extra, save=False)
     stages = list(cfg.stages)
     if args.stages is not None:
         wanted = [s.strip() for s in args.stages.split(",") if s.strip()]
@@ -74,7 +68,7 @@ def resolve(args) -> tuple[PipelineConfig, list[str]]:
             raise ConfigError(f"--stages: unknown stage {bad[0]!r}; allowed: {', '.join(STAGES)}")
         stages = [s for s in STAGES if s in wanted]
     # model paths of these stages' config sections (eval_split loads no model)
-    load_pipeline(args.config, args.pipeline, overrides, check=[s for s in stages if s != "eval_split"])
+    pipeline_from_args(args, extra, check=[s for s in stages if s != "eval_split"], save=False)
     return cfg, stages
 
 

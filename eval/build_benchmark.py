@@ -221,18 +221,12 @@ def run_eval_split(cfg, out: str, progress: bool = True) -> dict:
 
 
 def main(argv=None) -> dict:
-    from _sigma.config import save_resolved
-    from curation.config import load_pipeline
+    from curation.config import add_pipeline_args, pipeline_from_args
 
-    ap = argparse.ArgumentParser(description="Build the eval benchmark and its hold-out list.")
-    ap.add_argument("--config", default="pipelines.yaml")
-    ap.add_argument("--pipeline", required=True)
-    ap.add_argument("--set", dest="overrides", action="append", default=[], help="section.key=value")
+    ap = add_pipeline_args(argparse.ArgumentParser(description="Build the eval benchmark and its hold-out list."))
     ap.add_argument("--allow-smaller", action="store_true", help="build fewer than eval.n pairs instead of failing")
     args = ap.parse_args(argv)
-    overrides = args.overrides + (["eval.allow_smaller=true"] if args.allow_smaller else [])
-    cfg = load_pipeline(args.config, args.pipeline, overrides, check=False)
-    save_resolved(cfg, cfg.out)
+    cfg = pipeline_from_args(args, ["eval.allow_smaller=true"] if args.allow_smaller else [])
     info = build(cfg, progress=True)
     print(summary_text(info) + (" (unchanged)" if info.get("unchanged") else ""), flush=True)
     print(f"  hold-out list: {holdout.exclude_uri(cfg.out, info['version'])}", flush=True)

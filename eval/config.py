@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from _sigma.config import ConfigError, Resources
+from _sigma.config import ConfigError, Precision, Resources
 
 # Paper protocol (PixArt-Sigma / Sana): 30K prompts, DPM-Solver++ 20 steps, cfg 4.5, seed 0.
 REWARD_NAMES = ("ImageReward", "HPSv2", "PickScore")
@@ -72,7 +72,7 @@ class EvalConfig:
     vae: str | None = field(default=None, metadata={"path": True})
     max_length: int | None = None  # T5 tokens; null = features.t5_max_length
     scale_factor: float | None = None  # VAE latent scale; null = features.scale_factor
-    precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
+    precision: Precision = "auto"
     resources: Resources = Resources(batch_size=8)
 
     def __post_init__(self):

@@ -239,23 +239,18 @@ def generate(cfg, checkpoint: str, name: str | None = None, use_ray: bool = True
 
 
 def main(argv=None) -> dict:
-    from _sigma.config import save_resolved
-    from curation.config import load_pipeline
+    from curation.config import add_pipeline_args, pipeline_from_args
 
-    ap = argparse.ArgumentParser(description="Generate one image per benchmark prompt from a checkpoint.")
-    ap.add_argument("--config", default="pipelines.yaml")
-    ap.add_argument("--pipeline", required=True)
+    ap = add_pipeline_args(argparse.ArgumentParser(description="Generate one image per benchmark prompt from a checkpoint."))
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="checkpoint folder, stage output (its latest), diffusers folder or .pth")
     src.add_argument("--stage", help="a training stage of the config: its latest checkpoint")
     ap.add_argument("--name", default=None,
                     help="run name (default: <stage>-<step folder> with --stage, else the checkpoint's name)")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], help="section.key=value")
     ap.add_argument("--no-ray", action="store_true", help="generate in this process (debugging)")
     ap.add_argument("--limit", type=int, default=None, help="only the first N prompts of the plan")
     args = ap.parse_args(argv)
-    cfg = load_pipeline(args.config, args.pipeline, args.overrides, check=False)
-    save_resolved(cfg, cfg.out)
+    cfg = pipeline_from_args(args)
     checkpoint, name = args.checkpoint, args.name
     if args.stage:
         from training import load_stage

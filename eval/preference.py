@@ -213,16 +213,15 @@ def win_rates_of_page(page: dict | str, extra: list[str] = ()) -> dict:
 
 
 def main(argv=None):
+    from curation.config import add_pipeline_args, pipeline_from_args
+
     ap = argparse.ArgumentParser(description="Pairwise preference pages and win rates.")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    b = sub.add_parser("build")
-    b.add_argument("--config", default="pipelines.yaml")
-    b.add_argument("--pipeline", required=True)
+    b = add_pipeline_args(sub.add_parser("build"))
     b.add_argument("--a", required=True)
     b.add_argument("--b", required=True)
     b.add_argument("--n", type=int, default=300)
     b.add_argument("--seed", type=int, default=0)
-    b.add_argument("--set", dest="overrides", action="append", default=[])
     s = sub.add_parser("serve")
     s.add_argument("--dir", required=True)
     s.add_argument("--port", type=int, default=8765)
@@ -231,9 +230,7 @@ def main(argv=None):
     w.add_argument("files", nargs="*", help="choices downloaded from the page (JSON)")
     args = ap.parse_args(argv)
     if args.cmd == "build":
-        from curation.config import load_pipeline
-
-        cfg = load_pipeline(args.config, args.pipeline, args.overrides, check=False)
+        cfg = pipeline_from_args(args, save=False)  # the page folder records its own inputs
         page = build_page(cfg, args.a, args.b, args.n, args.seed)
         print(f"[eval.preference] page: {fs.join(page, 'index.html')}\n  serve it: python -m eval.preference serve "
               f"--dir {page}", flush=True)

@@ -195,22 +195,18 @@ def _save(out: str, run: str, keys, gen, cs, rew, result) -> None:
 
 
 def main(argv=None) -> list[dict]:
-    from _sigma.config import save_resolved
-    from curation.config import load_pipeline
+    from curation.config import add_pipeline_args, pipeline_from_args
     from eval.report import write_report
     from eval.rewards import load_rewards
 
-    ap = argparse.ArgumentParser(description="Score generation runs (FID, KID, CLIP-Score, rewards) and write the report.")
-    ap.add_argument("--config", default="pipelines.yaml")
-    ap.add_argument("--pipeline", required=True)
+    ap = add_pipeline_args(argparse.ArgumentParser(
+        description="Score generation runs (FID, KID, CLIP-Score, rewards) and write the report."))
     ap.add_argument("--run", action="append", default=[], help="generation run name (repeatable; default: all)")
     ap.add_argument("--stage", action="append", default=[],
                     help="runs of a training stage (<stage>-step-*, as eval.generate --stage names them)")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], help="section.key=value")
     ap.add_argument("--device", default=pick_device())
     args = ap.parse_args(argv)
-    cfg = load_pipeline(args.config, args.pipeline, args.overrides, check=False)
-    save_resolved(cfg, cfg.out)
+    cfg = pipeline_from_args(args)
     out = cfg.out
     runs = list(args.run) + [r for r in list_runs(out) for st in args.stage if r == st or r.startswith(f"{st}-step-")]
     runs = list(dict.fromkeys(runs)) or ([] if args.stage else list_runs(out))

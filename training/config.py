@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from _sigma import fs
-from _sigma.config import ConfigError, apply_overrides, load_yaml, parse
+from _sigma.config import ConfigError, Precision, apply_overrides, load_yaml, parse
 
 
 @dataclass(frozen=True)
@@ -89,7 +89,7 @@ class TrainStageConfig:
     # Probability of the LONG caption (the official `real_prompt_ratio` is the short one).
     long_ratio: float = 0.6
     caption_dropout: float = 0.1
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    precision: Precision = "auto"
     ema: float | None = None  # EMA decay, null = no EMA (Sigma trains without one)
     seed: int = 0
     num_workers: int = 1  # Ray Train workers (processes); torchrun decides its own world size

@@ -21,18 +21,13 @@ if not os.environ.get("RAY_ADDRESS"):  # embedded Ray on the loopback address; n
 
 from _sigma.config import ConfigError, save_resolved  # noqa: E402
 from _sigma.runlock import run_lock  # noqa: E402
-from curation.config import load_pipeline  # noqa: E402
+from curation.config import add_pipeline_args, load_pipeline, pipeline_from_args  # noqa: E402
 
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(prog="python -m curation.stats",
                                  description="Caption statistics (PixArt-Sigma Table 1, Figure 6) of pipeline outputs.")
-    ap.add_argument("--config", default="pipelines.yaml")
-    ap.add_argument("--pipeline", action="append", required=True,
-                    help="pipeline name; repeat to compare outputs (the report goes to the first one)")
-    ap.add_argument("--output", help="output folder of the first pipeline; overrides its `output`")
-    ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                    help="config override for the first pipeline, e.g. stats.workers=1")
+    add_pipeline_args(ap, output=True, many=True)  # the report goes to the first pipeline
     ap.add_argument("--paper", action="store_true", help="print the paper's Table 1 rows beside ours")
     ap.add_argument("--no-progress", action="store_true")
     return ap.parse_args(argv)
@@ -45,11 +40,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         cfgs = []
-        for i, name in enumerate(args.pipeline):
-            overrides = list(args.set) if i == 0 else []
-            if i == 0 and args.output:
-                overrides.append(f"output={args.output}")
-            cfgs.append(load_pipeline(args.config, name, overrides, check=False))  # stats needs no model files
+        # --set / --output apply to the first pipeline; stats needs no model files; saved once locked
+        cfgs = [pipeline_from_args(args, name=args.pipeline[0], save=False)]
+        cfgs += [load_pipeline(args.config, name, check=False) for name in args.pipeline[1:]]
         for cfg in cfgs:
             if not manifest.list_parts(cfg.out):
                 raise ConfigError(f"{cfg.out} has no manifest: run `python -m curation.run --pipeline {cfg.name}` first")

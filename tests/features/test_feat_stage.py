@@ -247,7 +247,7 @@ def test_config_validation():
                 {"vae_resources": {"actors": 0}}, {"t5_batch_tokens": -1}, {"verify_shards": "md5"}):
         with pytest.raises(ConfigError):
             parse(FeaturesConfig, bad, "features")
-    with pytest.raises(ConfigError, match="text_dtype: got 'fp4', allowed: fp16 | fp8"):
+    with pytest.raises(ConfigError, match=r"text_dtype: got 'fp4', allowed: 'fp16' \| 'fp8'"):
         parse(FeaturesConfig, {"text_dtype": "fp4"}, "features")
     from curation.config import load_pipeline
 
