@@ -16,7 +16,8 @@ import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[1]  # a checkout: the default venv folder sits beside the code
+SCRIPT = Path(__file__).resolve().parent / "scripts" / "make_vllm_venv.sh"  # package data
 VENV = Path(os.environ.get("SIGMA_VLLM_VENV", REPO / ".venv-vllm"))
 
 
@@ -24,7 +25,7 @@ def ensure_venv(venv: Path = VENV, timeout: float = 600) -> Path:
     """Build the vLLM venv if missing or built with other pins (~2.5 min); returns its python.
     The script returns at once when `<venv>/.installed` records its current pins."""
     env = {k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV"}
-    subprocess.run(["bash", str(REPO / "captioning" / "scripts" / "make_vllm_venv.sh"), str(venv)], check=True,
+    subprocess.run(["bash", str(SCRIPT), str(venv)], check=True,
                    env=env, timeout=timeout, stdout=subprocess.DEVNULL)
     return venv / "bin" / "python"
 

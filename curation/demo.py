@@ -17,7 +17,6 @@ from pathlib import Path
 
 from curation import demo_data as dd
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _env() -> dict:
@@ -30,11 +29,11 @@ def _env() -> dict:
     return env
 
 
-def step(title: str, args: list[str], timings: list) -> None:
+def step(title: str, args: list[str], timings: list, root: Path) -> None:
     cmd = [sys.executable, "-m", *args]
     print(f"\n=== {title}\n$ python -m {shlex.join(args)}", flush=True)
     t0 = time.time()
-    subprocess.run(cmd, cwd=REPO, env=_env(), check=True)
+    subprocess.run(cmd, cwd=root, env=_env(), check=True)
     timings.append((title, time.time() - t0))
 
 
@@ -42,10 +41,12 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="pipelines.yaml")
     ap.add_argument("--keep", action="store_true", help="keep runs/demo from a previous demo (resume)")
+    ap.add_argument("--root", default=".", help="folder holding the config and models/tiny; runs/ goes there")
     args = ap.parse_args(argv)
+    root = Path(args.root).resolve()
     cfg = ["--config", args.config, "--pipeline", "demo"]
-    data = REPO / "runs" / "demo-data"
-    out = REPO / "runs" / "demo"
+    data = root / "runs" / "demo-data"
+    out = root / "runs" / "demo"
     if not args.keep:
         # The sample's URLs carry a fresh port each time, so a new demo starts from a clean folder.
         shutil.rmtree(out, ignore_errors=True)
@@ -56,26 +57,26 @@ def main(argv=None) -> int:
         print(f"serving {len(items)} sample files on {srv.base}; {len(expect)} URL rows -> {data / 'urls.parquet'}")
         step("curation: download, score, dedup, select, caption, eval_split (the held-out eval benchmark: its "
              "rows, byte copies, near copies and prompt twins never enter training)",
-             ["curation.run", *cfg, "--stages", "download,score,dedup,select,caption,eval_split"], timings)
+             ["curation.run", *cfg, "--stages", "download,score,dedup,select,caption,eval_split"], timings, root)
     step("features: VAE latents + T5 embeddings into bucketed shards (every held-out key excluded)",
-         ["curation.run", *cfg, "--stages", "features"], timings)
+         ["curation.run", *cfg, "--stages", "features"], timings, root)
     tr = ["training.launch", "--config", args.config, "--stage"]
-    step("training: weak-to-strong stage 1 (256 px, Ray Train)", [*tr, "demo-256"], timings)
-    step("training: stage 2 (512 px, PE interpolation from the 256 px weights)", [*tr, "demo-512"], timings)
-    step("training: stage 3 (512 px + KV compression, Conv Avg Init)", [*tr, "demo-512-kv"], timings)
+    step("training: weak-to-strong stage 1 (256 px, Ray Train)", [*tr, "demo-256"], timings, root)
+    step("training: stage 2 (512 px, PE interpolation from the 256 px weights)", [*tr, "demo-512"], timings, root)
+    step("training: stage 3 (512 px + KV compression, Conv Avg Init)", [*tr, "demo-512-kv"], timings, root)
     step("sampling: images from the last checkpoint (DPM-Solver, CFG 4.5)",
          ["training.sample", "--checkpoint", "runs/demo/train/demo-512-kv", "--t5", "models/tiny/t5",
           "--vae", "models/tiny/vae", "--prompt", "a red circle on a blue background", "--height", "512",
-          "--width", "512", "--steps", "10", "--device", "cpu", "--out", str(out / "report" / "samples")], timings)
+          "--width", "512", "--steps", "10", "--device", "cpu", "--out", str(out / "report" / "samples")], timings, root)
     for stage in ("demo-256", "demo-512-kv"):
         step(f"eval: generate the benchmark prompts with the {stage} checkpoint",
-             ["eval.generate", *cfg, "--stage", stage, "--name", stage], timings)
+             ["eval.generate", *cfg, "--stage", stage, "--name", stage], timings, root)
     step("eval: pairwise preference page (randomised sides; serve it with `python -m eval.preference serve`)",
-         ["eval.preference", "build", *cfg, "--a", "demo-512-kv", "--b", "demo-256"], timings)
+         ["eval.preference", "build", *cfg, "--a", "demo-512-kv", "--b", "demo-256"], timings, root)
     step("eval: FID (protocol, bootstrap CI), KID, CLIP-Score, reward models, per-stratum tables",
-         ["eval.score", *cfg, "--run", "demo-256", "--run", "demo-512-kv"], timings)
+         ["eval.score", *cfg, "--run", "demo-256", "--run", "demo-512-kv"], timings, root)
     step("caption statistics (PixArt-Sigma Table 1 layout, with the paper's rows)",
-         ["curation.stats", *cfg, "--paper", "--no-progress"], timings)
+         ["curation.stats", *cfg, "--paper", "--no-progress"], timings, root)
     print("\n=== demo finished in %.0f s" % (time.time() - t_start))
     for title, dt in timings:
         print(f"  {dt:7.1f} s  {title}")
@@ -84,7 +85,7 @@ def main(argv=None) -> int:
         print(f"\n=== {report}\n" + "\n".join(report.read_text().splitlines()[:60]))
     print(f"outputs: {out}  (manifest/, shards/, report/, eval/, train/)")
     print(f"\nbrowse the run (grid, filters, duplicates, what-if selection, report) at http://127.0.0.1:8000/ :\n"
-          f"  python -m curation.browse --output {out.relative_to(REPO)}")
+          f"  python -m curation.browse --output {out.relative_to(root)}")
     return 0
 
 
