@@ -1,34 +1,23 @@
 """Console scripts of the eval commands ([project.scripts] in pyproject.toml).
 
 Each module's `main(argv)` returns its results to a Python caller (tests, notebooks); a console
-script must return an exit status instead, so these run the main and return 0 (failures raise).
+script must return an exit status instead, so these run that main and return 0 (failures raise).
 """
 from __future__ import annotations
 
-
-def build_benchmark() -> int:
-    from eval.build_benchmark import main
-
-    main()
-    return 0
+import importlib
 
 
-def generate() -> int:
-    from eval.generate import main
+def _script(module: str):
+    def run() -> int:
+        importlib.import_module(f"eval.{module}").main()
+        return 0
 
-    main()
-    return 0
-
-
-def score() -> int:
-    from eval.score import main
-
-    main()
-    return 0
+    run.__name__ = module
+    return run
 
 
-def preference() -> int:
-    from eval.preference import main
-
-    main()
-    return 0
+build_benchmark = _script("build_benchmark")
+generate = _script("generate")
+score = _script("score")
+preference = _script("preference")
