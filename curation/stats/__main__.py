@@ -39,7 +39,6 @@ def main(argv=None) -> int:
 
     args = parse_args(argv)
     try:
-        cfgs = []
         # --set / --output apply to the first pipeline; stats needs no model files; saved once locked
         cfgs = [pipeline_from_args(args, name=args.pipeline[0], save=False)]
         cfgs += [load_pipeline(args.config, name, check=False) for name in args.pipeline[1:]]
