@@ -63,7 +63,7 @@ def features(work, vae_dir):
 
 @pytest.fixture(scope="module")
 def trained(work, features):
-    cfg = rs.train_config(_sigma.shards, work.dir / "train", str(features.null), steps=1, batch_size=2,
+    cfg = rs.train_config(features.shards, work.dir / "train", str(features.null), steps=1, batch_size=2,
                           resolution=RES)
     res = rs.run_train(cfg)
     _report("train", res["run"])
@@ -110,7 +110,7 @@ def test_features_t5_vae_256(features):
         assert (r["bucket"], r["bucket_h"], r["bucket_w"], r["upscaled"]) == ("0.68", 208, 304, False)
     from _sigma import shards
 
-    samples = list(shards.iter_samples(_sigma.shards))
+    samples = list(shards.iter_samples(features.shards))
     assert [s["key"] for s in samples] == [r["key"] for r in out]
     for s, r in zip(samples, out):
         assert s["latent"].dtype == np.float16 and s["latent"].shape == (8, 26, 38)
@@ -173,7 +173,7 @@ def test_train_step_xl_kv(features, trained):
 def test_sample_step_from_checkpoint(work, features, trained, vae_dir):
     from _sigma import shards
 
-    s = next(shards.iter_samples(_sigma.shards))
+    s = next(shards.iter_samples(features.shards))
     y, mask = shards.repad([s["t5_long"].astype(np.float32)])
     res = rs.run_sample(str(trained.cfg.output_dir), vae_dir, torch.from_numpy(y), torch.from_numpy(mask),
                         RES, RES, steps=1, cfg_scale=4.5)
