@@ -256,6 +256,13 @@ def redact(obj: Any, key: str = "") -> Any:
     return obj
 
 
+def add_config_args(ap, set_help: str = "override a config key (repeatable)"):
+    """--config (the pipelines.yaml file) and --set (-> args.overrides): every CLI that reads it."""
+    ap.add_argument("--config", default="pipelines.yaml", help="pipelines.yaml to read (default: %(default)s)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE", help=set_help)
+    return ap
+
+
 def save_resolved(cfg: Any, output_dir: str | os.PathLike, name: str = "config.resolved.yaml", extra: dict | None = None) -> str:
     """Write the resolved config beside an output (local folder or URI), atomically; returns its path.
     Environment-variable mappings are written with their values redacted (see `redact`)."""

@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 from pathlib import Path
 
-from _sigma.config import (ConfigError, Precision, Resources, apply_overrides, check_paths, load_yaml, parse,
-                           save_resolved)
+from _sigma.config import (ConfigError, Precision, Resources, add_config_args, apply_overrides, check_paths,
+                           load_yaml, parse, save_resolved)
 from captioning.config import CaptionConfig
 from eval.config import EvalConfig
 from features.config import FeaturesConfig
@@ -267,9 +267,9 @@ def load_pipeline(config_path: str, name: str, overrides=(), check: bool | tuple
 
 # --- the command line of every pipeline CLI (curation.run, curation.stats, eval.*) ---------------------
 def add_pipeline_args(ap, output: bool = False, many: bool = False):
-    """The options every pipeline CLI takes: --config, --pipeline (repeatable with `many`), --set
-    (-> args.overrides) and, with `output`, --output. Returns the parser."""
-    ap.add_argument("--config", default="pipelines.yaml", help="pipelines.yaml to read (default: %(default)s)")
+    """The options every pipeline CLI takes: --config and --set (-> args.overrides; _sigma.config.
+    add_config_args), --pipeline (repeatable with `many`) and, with `output`, --output. Returns the parser."""
+    add_config_args(ap)
     if many:
         ap.add_argument("--pipeline", action="append", required=True,
                         help="pipeline name; repeat to compare outputs (overrides apply to the first one)")
@@ -277,8 +277,6 @@ def add_pipeline_args(ap, output: bool = False, many: bool = False):
         ap.add_argument("--pipeline", required=True, help="a pipeline name of the config")
     if output:
         ap.add_argument("--output", help="output folder; overrides the pipeline's `output`")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                    help="override a config key (repeatable)")
     return ap
 
 

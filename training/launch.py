@@ -19,7 +19,7 @@ import os
 import sys
 
 from _sigma import fs
-from _sigma.config import ConfigError, check_paths, save_resolved, to_dict
+from _sigma.config import ConfigError, add_config_args, check_paths, save_resolved, to_dict
 from training.config import TrainStageConfig, load_stage, stage_from_dict
 
 
@@ -95,9 +95,8 @@ def run_torchrun(cfg: TrainStageConfig) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="Run one training stage (Ray Train, torchrun or local).")
-    ap.add_argument("--config", default="pipelines.yaml")
-    ap.add_argument("--stage", required=True)
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    add_config_args(ap, "override a key of the stage, relative to it (steps=10, model.kv_compress_ratio=2)")
+    ap.add_argument("--stage", required=True, help="a training stage of the config")
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--torchrun", action="store_true", help="run under torchrun (env WORLD_SIZE/RANK)")
     mode.add_argument("--local", action="store_true", help="one process, no Ray")
