@@ -49,8 +49,14 @@ def test_fp8_round_trip_error_and_size():
 
 
 def test_unknown_text_dtype_is_an_error():
-    with pytest.raises(ValueError, match="allowed: fp16 | fp8"):
+    with pytest.raises(ValueError, match=r"allowed: fp16 \| fp8"):
         shards.encode_tokens(_tokens(), "int4")
+    # the config accepts exactly the dtypes the shard format writes
+    from typing import get_args, get_type_hints
+
+    from features.config import FeaturesConfig
+
+    assert get_args(get_type_hints(FeaturesConfig)["text_dtype"]) == shards.TEXT_DTYPES
 
 
 # --- shard integrity: sidecar size + sha256, readers checked against the index -------------------
