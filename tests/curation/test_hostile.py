@@ -23,8 +23,8 @@ from curation.inputs import prepare_inputs
 from curation.score import run_score
 from hostile_web import HostileServer, cases
 
-# Without the deadline, slow_body.jpg (1 byte/s, ~3 KB) takes ~1 h and slow_headers.jpg ~12 h.
-DOWNLOAD_BOUND_S = 240
+# Without the deadline, slow_body.jpg (1 byte/s, ~3 KB) takes ~1 h and slow_headers.jpg ~12 h: their
+# "deadline exceeded" reasons (checked per case below) prove the deadline ended them, no clock needed.
 
 
 def _cfg(out, urls, tiny, **score):
@@ -97,8 +97,7 @@ def test_every_row_has_its_status_and_reason(hostile_run):
 
 
 @pytest.mark.slow
-def test_bounded_time_and_refused_urls_never_requested(hostile_run):
-    assert hostile_run["seconds"] < DOWNLOAD_BOUND_S
+def test_refused_urls_never_requested(hostile_run):
     assert hostile_run["side_requested"] == []  # 127.0.0.2 refused before any connection, direct or redirected
     assert not any("side" in p or "x.jpg" in p for p in hostile_run["requested"])
 
