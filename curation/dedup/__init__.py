@@ -120,7 +120,8 @@ def _make_plan(cfg, out: str, fp: str, batches: list[list[int]], n_rows: int, ex
     frac = min(1.0, d.sample_rows / n_rows, kmeans.SAMPLE_PER_CLUSTER * n_clusters / n_rows)
     samples = [ex.submit(search.sample_embeddings, b, out, frac, d.seed) for b in batches]
     # the fit runs alone (sampling done, routing waits for it): let its BLAS use a few cores
-    return ex.get(ex.submit(search.fit_plan, *samples, num_cpus=min(4, ex.cpus()), out=out, fp=fp,
+    threads = min(4, ex.cpus())
+    return ex.get(ex.submit(search.fit_plan, *samples, num_cpus=threads, threads=threads, out=out, fp=fp,
                             n_clusters=n_clusters, min_groups=min_groups, total_rows=n_rows,
                             assignments=d.assignments, radius=_radius(d), probe=d.probe, group_rows=d.group_rows,
                             seed=d.seed))

@@ -67,12 +67,16 @@ def sample_embeddings(parts: list[int], out: str, fraction: float, seed: int) ->
 
 
 def fit_plan(*samples: np.ndarray, out: str, fp: str, n_clusters: int, min_groups: int, total_rows: int,
-             assignments: int, radius: float, probe: int, group_rows: int, seed: int) -> dict:
+             assignments: int, radius: float, probe: int, group_rows: int, seed: int, threads: int = 1) -> dict:
     """Fit the centroids on the samples, estimate cluster sizes from the sample's own assignment,
     pack clusters into search groups; write plan.npz then plan.json (the latter marks it usable)."""
     t0 = time.time()
+    import sklearn.cluster  # noqa: F401 - loads its OpenMP runtime first, so that the limit below reaches it
+    from threadpoolctl import threadpool_limits
+
     x = np.concatenate([s for s in samples if len(s)]).astype(np.float32)
-    cent = kmeans.fit_centroids(x, n_clusters, seed)
+    with threadpool_limits(threads):  # workers run with OMP_NUM_THREADS=1; this task holds `threads` CPUs
+        cent = kmeans.fit_centroids(x, n_clusters, seed)
     cl = kmeans.Assigner(cent, assignments, radius, probe)(x)
     k = len(cent["fine"])
     rows = np.bincount(cl[cl >= 0], minlength=k) * (total_rows / len(x))  # estimated rows per cluster
