@@ -254,7 +254,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default="10000,100000,1000000")
     ap.add_argument("--root", default="/tmp/scale")
-    ap.add_argument("--keep", action="store_true", help="keep the generated outputs (reused when present)")
+    ap.add_argument("--keep", action="store_true", help="keep the generated outputs (reused when present; select then finds its parts done and only counts them)")
     ap.add_argument("--recall-max", type=int, default=100_000)
     a = ap.parse_args()
     print(f"load average at start: {os.getloadavg()}", flush=True)
