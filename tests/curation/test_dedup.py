@@ -135,3 +135,21 @@ def test_indexed_assignment_agrees_with_flat_nearest_centroid():
     some = kmeans.Assigner(cent, 2, 0.05, 10)(x)
     agree = (some[:, 1] >= 0) == (bd <= 0.05)
     assert agree.mean() > 0.97
+
+
+def test_fit_refits_a_giant_cluster_on_its_own_rows():
+    """One centroid owning most rows (a diffuse region k-means left whole) is replaced by centroids
+    fitted on its rows; the others stay as they were."""
+    rng = np.random.default_rng(3)
+    small = rng.standard_normal((19, 32)) * 4
+    x = np.concatenate([small.repeat(5, 0) + 0.01 * rng.standard_normal((95, 32)), rng.standard_normal((905, 32))])
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    fine = np.concatenate([x[:95:5], x[95:].mean(0, keepdims=True)]).astype(np.float32)  # 20: 19 small + 1 giant
+    out = kmeans._split_large(x, fine, seed=0)
+    mean = len(x) / len(fine)
+    giant = int((np.argmax(x @ fine.T - (fine ** 2).sum(1) / 2, axis=1) == 19).sum())  # ~905 rows
+    assert giant > kmeans.SPLIT_LARGE * mean and len(out) == 19 + math.ceil(giant / mean)
+    assert np.array_equal(out[:19], fine[:19])  # untouched
+    near = np.argmax(x @ out.T - (out ** 2).sum(1) / 2, axis=1)
+    assert np.bincount(near, minlength=len(out))[19:].max() < 905 / 4
+    assert np.array_equal(kmeans._split_large(x[:95], fine[:19], seed=0), fine[:19])  # nothing to split
