@@ -7,9 +7,9 @@ read parts and embeddings, compute and write:
 
 1. fingerprint: the dedup config + every part's score fingerprint; a `_done.json` holding it -> skip.
 2. plan (`plan.json`, `plan.npz`): up to `exact_search_rows` rows, one search group with exact
-   all-pairs search. Else tasks sample embeddings per batch of parts, one task fits two-level
-   k-means centroids with scikit-learn (kmeans.py) and packs the clusters into G search groups
-   by estimated cost.
+   all-pairs search. Else tasks sample embeddings per batch of parts, one task fits k-means
+   centroids with scikit-learn (kmeans.py: all-but-the-top space, oversized clusters refitted)
+   and packs the clusters into G search groups by estimated cost.
 3. route: one task per batch of parts (~map_rows rows) reads key/status/sha256 + embeddings of
    the status-ok rows, assigns clusters and returns G payloads as object refs (num_returns=G+1).
    Exact rows go to group hash(sha256) % G (the distributed group-by), near rows to the groups
