@@ -224,14 +224,14 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
 
-class DemoServer:
-    """Serves items on 127.0.0.1:<free port> from a daemon thread; use as a context manager."""
+class LocalServer:
+    """A request handler class served on host:<free port> from daemon threads; a context manager.
+    The demo's server and the tests' hostile server share this lifecycle."""
 
-    def __init__(self, items: list[Item]):
-        handler = type("H", (_Handler,), {"routes": {it.name: it for it in items}})
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    def __init__(self, handler, host: str = "127.0.0.1"):
+        self.httpd = ThreadingHTTPServer((host, 0), handler)
         self.httpd.daemon_threads = True
-        self.base = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.base = f"http://{host}:{self.httpd.server_address[1]}"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
     def __enter__(self):
@@ -244,6 +244,13 @@ class DemoServer:
 
     def url(self, name: str) -> str:
         return f"{self.base}/{name}"
+
+
+class DemoServer(LocalServer):
+    """Serves items on 127.0.0.1:<free port> from a daemon thread; use as a context manager."""
+
+    def __init__(self, items: list[Item]):
+        super().__init__(type("H", (_Handler,), {"routes": {it.name: it for it in items}}))
 
 
 def refused_url() -> str:

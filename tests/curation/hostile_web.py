@@ -9,11 +9,10 @@ from __future__ import annotations
 import gzip
 import io
 import socket
-import threading
 import time
 import zlib
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 from curation import demo_data as dd
 
@@ -172,7 +171,7 @@ def cases(canary_url: str, side_url: str) -> list[Case]:
     ]
 
 
-class HostileServer:
+class HostileServer(dd.LocalServer):
     """Serves `cases` on host:<free port> from daemon threads; records the paths requested."""
 
     def __init__(self, routes: dict, host: str = "127.0.0.1"):
@@ -191,15 +190,4 @@ class HostileServer:
             def log_message(self, *args):
                 pass
 
-        self.httpd = ThreadingHTTPServer((host, 0), Handler)
-        self.httpd.daemon_threads = True
-        self.base = f"http://{host}:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        super().__init__(Handler, host)
