@@ -1,8 +1,9 @@
-"""`pip install .` (not editable) runs the demo's curation job with no file of the repo.
+"""`pip install .` (not editable) runs `make demo`'s pipeline with no file of the repo.
 
 Builds the wheel from a copy of the packages + pyproject.toml, installs it with --no-deps into a
-fresh venv, and runs the demo pipeline's curation job (download .. stats) from a folder outside the
-repo with PYTHONPATH unset. The dependencies come from this test's own venv: the new venv gets a
+fresh venv, and runs its `sigma-demo` console script (curation download .. stats, the three
+weak-to-strong training stages, sampling, eval) from a folder outside the repo with PYTHONPATH
+unset. The dependencies come from this test's own venv: the new venv gets a
 .pth line naming that site-packages folder (a plain path line: the editable install's finder .pth
 inside it is not run, so no module resolves to a checkout). `python -m venv --system-site-packages`
 would not do: a venv's "system" is the base interpreter, not the venv it was created from.
@@ -24,20 +25,6 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("_sigma", "curation", "captioning", "features", "training", "eval")
-STAGES = "download,score,dedup,select,caption,eval_split,features,stats"
-
-DRIVER = """
-import subprocess, sys
-from pathlib import Path
-
-from curation import demo_data as dd
-
-items = dd.demo_items() + dd.bad_items()
-with dd.DemoServer(items) as srv:  # the demo's sample on a local HTTP server, as `make demo` serves it
-    dd.write_url_list(srv, items, Path("runs/demo-data/urls.parquet"))
-    sys.exit(subprocess.run(["sigma-curate", "--config", "pipelines.yaml", "--pipeline", "demo",
-                             "--stages", sys.argv[1], "--no-progress"]).returncode)
-"""
 
 
 def _run(cmd, **kw) -> subprocess.CompletedProcess:
@@ -83,7 +70,7 @@ def _env(bin_dir: Path) -> dict:
 
 
 @pytest.mark.slow
-def test_installed_wheel_runs_the_demo_curation_job_outside_the_repo(installed, tmp_path, tiny_models):
+def test_installed_wheel_runs_the_demo_pipeline_outside_the_repo(installed, tmp_path, tiny_models):
     py, bin_dir = installed
     work = tmp_path / "work"
     (work / "models").mkdir(parents=True)
@@ -99,8 +86,7 @@ def test_installed_wheel_runs_the_demo_curation_job_outside_the_repo(installed, 
     assert where[1] == "None"  # the old generic name is gone
     _run([str(bin_dir / "sigma-curate"), "--help"], cwd=work, env=env)
 
-    (work / "run_demo.py").write_text(DRIVER)
-    _run([str(py), "run_demo.py", STAGES], cwd=work, env=env, timeout=900)
+    _run([str(bin_dir / "sigma-demo")], cwd=work, env=env, timeout=1200)  # what `make demo` runs
 
     out = work / "runs" / "demo"
     urls = pq.read_table(work / "runs" / "demo-data" / "urls.parquet")
@@ -113,3 +99,7 @@ def test_installed_wheel_runs_the_demo_curation_job_outside_the_repo(installed, 
     assert 0 < samples <= sel - len(set(held) & set(manifest.filter(manifest["selected"])["key"].to_pylist()))
     table1 = (out / "report" / "table1.md").read_text()  # the stats SQL shipped as package data ran
     assert "| ours | all |" in table1 and (out / "report" / "stats_setup.sql").is_file()
+    # the training stages and eval ran from the installed code too
+    for stage in ("demo-256", "demo-512", "demo-512-kv"):
+        assert list((out / "train" / stage / "checkpoints").iterdir()), stage
+    assert "demo-512-kv" in (out / "eval" / "report.md").read_text()
