@@ -165,12 +165,48 @@ def fingerprint(obj: Any) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key, line: int, first: int):
+        super().__init__(f"duplicate key {key!r}")
+        self.key, self.line, self.first = key, line, first
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key written twice in one mapping (PyYAML keeps the last one
+    silently, so a setting would be ignored without a word). Keys merged in with `<<:` and a key
+    overriding a merged one are not duplicates: only the keys written in the mapping itself count."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    if key in seen:
+                        raise _DuplicateKey(key, key_node.start_mark.line + 1, seen[key] + 1)
+                    seen[key] = key_node.start_mark.line
+                except TypeError:  # an unhashable key: SafeLoader reports it itself
+                    continue
+        return super().construct_mapping(node, deep)
+
+
+def safe_load(text: str, where: str):
+    """yaml.safe_load, refusing duplicated keys: ConfigError naming `where`:line and the key."""
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except _DuplicateKey as e:
+        raise ConfigError(f"{where}:{e.line}: duplicate key {e.key!r} (first at line {e.first}); "
+                          "a mapping may set each key once") from None
+
+
 def load_yaml(path: str | os.PathLike) -> dict:
     p = Path(path)
     if not p.exists():
         raise ConfigError(f"config file not found: {p}")
     try:
-        data = yaml.safe_load(p.read_text())
+        data = safe_load(p.read_text(), str(p))
     except yaml.YAMLError as e:
         raise ConfigError(f"{p}: not valid YAML: {e}") from None
     if not isinstance(data, dict):
@@ -191,7 +227,7 @@ def apply_overrides(data: dict, overrides: typing.Iterable[str], where: str = ""
         if not parts:
             raise ConfigError(f"--set {item!r}: empty key")
         try:
-            value = yaml.safe_load(raw)
+            value = safe_load(raw, f"--set {item!r}")
         except yaml.YAMLError:
             value = raw
         node = data
@@ -207,29 +243,49 @@ def apply_overrides(data: dict, overrides: typing.Iterable[str], where: str = ""
 
 
 def iter_path_fields(obj: Any, prefix: str = ""):
-    """Yield (dotted_name, value) of every field marked metadata={'path': True}."""
+    """Yield (dotted_name, value) of every field marked metadata={'path': True} (a mapping of such
+    paths, e.g. eval.rewards, yields each entry)."""
     if not dataclasses.is_dataclass(obj):
         return
     for f in dataclasses.fields(obj):
         val = getattr(obj, f.name)
         name = f"{prefix}.{f.name}" if prefix else f.name
-        if f.metadata.get("path") and val:
+        if f.metadata.get("path") and isinstance(val, dict):
+            yield from ((f"{name}.{k}", v) for k, v in val.items() if v)
+        elif f.metadata.get("path") and val:
             yield name, val
         elif dataclasses.is_dataclass(val):
             yield from iter_path_fields(val, name)
 
 
 def looks_local(value: str) -> bool:
-    """Hub ids look like 'org/name'; local paths start with '.', '/', '~' or carry a file suffix."""
+    """Hub ids look like 'org/name'; local paths start with '.', '/', '~', carry a file suffix, or
+    have more than one '/' (a relative folder such as `models/tiny/t5`; hub ids are `org/name`)."""
     v = str(value)
-    return v.startswith((".", "/", "~")) or Path(v).suffix in {".pth", ".pt", ".bin", ".safetensors", ".json", ".model"}
+    if "://" in v:
+        return False
+    return v.startswith((".", "/", "~")) or Path(v).suffix in {".pth", ".pt", ".bin", ".safetensors", ".json", ".model"} \
+        or v.count("/") >= 2
 
 
 def check_paths(obj: Any, prefix: str = "", base: Path | None = None) -> None:
-    """Raise ConfigError listing every local model path that does not exist."""
+    """Raise ConfigError listing every local model path that does not exist and every s3:// / gs://
+    model URI that names no object or folder (one listing call each: nothing is downloaded)."""
+    from _sigma import fetch
+
     missing = []
     for name, val in iter_path_fields(obj, prefix):
-        if looks_local(val) and not resolve_path(val, base).exists():
+        if fetch.is_uri(val):
+            try:
+                found = fetch.exists(val)
+            except OSError as e:  # credentials, endpoint, permissions: say so now, not in a worker
+                missing.append(f"{name}: {val} cannot be listed ({str(e).splitlines()[0][:200]})")
+                continue
+            if not found:
+                missing.append(f"{name}: {val} does not exist (no such object, nor objects under it)")
+        elif "://" in str(val):
+            missing.append(f"{name}: {val}: unsupported scheme; use a local path, a hub name, s3:// or gs://")
+        elif looks_local(val) and not resolve_path(val, base).exists():
             missing.append(f"{name}: {val} does not exist")
     if missing:
         hint = " (build the tiny offline models with `make models`)" if any("tiny" in m for m in missing) else ""

@@ -10,15 +10,31 @@ exclude.parquet is written before the benchmark files, so a version that exists 
 The features stage excludes the UNION over every version kept under the output: building a new
 version never returns an older version's keys to training. Deleting a version folder is the only
 way to release its keys.
+
+What a list was computed over: its parquet footer (`sigma.searched`) maps every manifest part it
+searched to that part's state at the time (`part_state`: the part file's sha256 and size from its
+integrity record `manifest/_sums/part-NNNNN.json`, and the size of its CLIP embeddings file). A list
+whose recorded states differ from the current ones (a part added, or rewritten, after the last
+search) does not cover the manifest: `check_current` raises StaleHoldoutError naming the version
+and the parts, and the features stage calls it before planning, so a grown manifest never reaches
+a shard unsearched (eval_split searches the new parts; eval.score extends the list itself). The
+check reads only the small integrity records and footers, never rows.
 """
 from __future__ import annotations
 
-from _sigma import fs
+import json
+
+from _sigma import fs, manifest
 
 EVAL_DIR = "eval"
 BENCHMARKS = "benchmarks"
 EXCLUDE = "exclude.parquet"
 REASONS = ("benchmark", "same_sha256", "near_duplicate", "same_prompt")
+STATE_KEY = b"sigma.searched"  # exclude.parquet footer: {part: part_state} of the parts searched
+
+
+class StaleHoldoutError(RuntimeError):
+    """A benchmark's exclusion list was computed over fewer / other manifest parts than exist now."""
 
 
 def benchmarks_root(out: str) -> str:
@@ -51,3 +67,54 @@ def excluded_keys(out: str) -> set[str]:
     for v in versions(out):
         keys |= version_keys(out, v)
     return keys
+
+
+def part_state(out: str, part: int) -> dict:
+    """What a part's search depends on: the manifest part's sha256 + size (its integrity record,
+    written with the part; hashed from the bytes when a legacy part has none) and the size of its
+    embeddings file (the score stage rewrites both together)."""
+    import hashlib
+
+    try:
+        rec = fs.read_json(manifest.sums_uri(out, part))
+        sha, size = rec["sha256"], rec["size"]
+    except (OSError, ValueError, KeyError, TypeError):
+        data = fs.read_bytes(manifest.part_uri(out, part))
+        sha, size = hashlib.sha256(data).hexdigest(), len(data)
+    emb = manifest.embeddings_uri(out, part)
+    return {"sha256": sha, "size": size, "embeddings_bytes": fs.size(emb) if fs.exists(emb) else 0}
+
+
+def recorded_states(out: str, version: str) -> dict[int, dict]:
+    """{part: state} recorded in the footer of a version's exclusion list ({} when absent)."""
+    uri = exclude_uri(out, version)
+    if not fs.isfile(uri):
+        return {}
+    meta = fs.read_parquet_schema(uri).metadata or {}
+    return {int(k): v for k, v in json.loads(meta.get(STATE_KEY, b"{}")).items()}
+
+
+def stale_parts(out: str, version: str, states: dict[int, dict] | None = None) -> list[int]:
+    """Manifest parts whose current state is not the one the version's list was computed over."""
+    states = states if states is not None else {p: part_state(out, p) for p in manifest.list_parts(out)}
+    seen = recorded_states(out, version)
+    return sorted(p for p, st in states.items() if seen.get(p) != st)
+
+
+def check_current(out: str) -> dict:
+    """Raise StaleHoldoutError unless every version's list covers every current manifest part;
+    else {version: parts covered}."""
+    vs = versions(out)
+    if not vs:
+        return {}
+    states = {p: part_state(out, p) for p in manifest.list_parts(out)}
+    bad = {v: stale_parts(out, v, states) for v in vs}
+    bad = {v: ps for v, ps in bad.items() if ps}
+    if bad:
+        desc = "; ".join(f"{v}: parts {ps[:8]}{' ...' if len(ps) > 8 else ''} ({len(ps)})" for v, ps in bad.items())
+        raise StaleHoldoutError(
+            f"the eval hold-out does not cover the current manifest (parts added or rewritten after the last "
+            f"search: {desc}); their rows could be copies of benchmark images. Run the eval_split stage first "
+            f"(python -m curation.run ... --stages eval_split, or python -m eval.build_benchmark with the "
+            f"benchmark's config): it searches only those parts")
+    return {v: len(states) for v in vs}

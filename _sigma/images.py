@@ -17,7 +17,9 @@ import zlib
 from typing import Iterator
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, UnidentifiedImageError
+
+from _sigma.jpegscan import scan_shortfall
 
 DEFAULT_MAX_PIXELS = 178_956_970  # Pillow's error threshold: 2 x Image.MAX_IMAGE_PIXELS
 
@@ -51,17 +53,29 @@ def _unidentified(data: bytes) -> str:
     return f"cannot identify image format (first bytes {data[:8].hex(' ')})"
 
 
-def _to_rgb(im: Image.Image) -> Image.Image:
-    """Convert any mode to 8-bit RGB: alpha on white, 16-bit scaled, CMYK via Pillow's transform."""
-    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+_WIDE = ("I;16", "I;16B", "I;16L", "I", "F")
+
+
+def _wide_scale(im: Image.Image) -> float:
+    """The value that maps to 255 for a 16/32-bit image (decided on the whole image, not a strip)."""
+    if im.mode.startswith("I;16"):
+        return 65535.0
+    hi = im.getextrema()[1]
+    return 65535.0 if hi is not None and hi > 255 else 255.0
+
+
+def _to_rgb(im: Image.Image, hi: float | None = None) -> Image.Image:
+    """Convert any mode to 8-bit RGB: alpha on white, 16-bit scaled, CMYK via Pillow's transform.
+    Per pixel (hi: the wide modes' scale, see _wide_scale), so converting strips = converting the whole."""
+    if im.mode in _WIDE:
         arr = np.asarray(im, dtype=np.float64)
-        hi = 65535.0 if im.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+        hi = hi or _wide_scale(im)
         arr = np.clip(arr / hi * 255.0 + 0.5, 0, 255).astype(np.uint8)
         return Image.fromarray(arr, "L").convert("RGB")
     if im.mode == "P" and "transparency" in im.info:
         im = im.convert("RGBA")
     if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = im.convert("RGBA")
+        rgba = im if im.mode == "RGBA" else im.convert("RGBA")  # convert() would copy an RGBA image
         canvas = Image.new("RGB", rgba.size, (255, 255, 255))
         canvas.paste(rgba, mask=rgba.getchannel("A"))
         return canvas
@@ -105,27 +119,39 @@ def probe_image(data: bytes | None, max_pixels: int = DEFAULT_MAX_PIXELS):
 
 
 def decode_image(data: bytes | None, max_pixels: int = DEFAULT_MAX_PIXELS, draft: tuple[int, int] | None = None):
-    """(RGB PIL image | None, info). width/height are recorded AFTER EXIF orientation.
+    """(RGB PIL image | None, info). width/height are those of the decoded pixels, after EXIF
+    orientation; None when the pixels do not decode (a header alone proves nothing).
 
-    `draft` lets JPEG decode at a reduced scale when only a small version is needed (scoring);
-    width/height always describe the full-size image.
+    `draft` (w, h): only a version at least this large is needed (scoring, thumbnails). JPEG then
+    decodes at 1/2..1/8 scale; any image still over twice `draft` is box-reduced strip by strip
+    right after decoding, so the caller never holds more than the one decoded copy (Pillow keeps
+    RGB/RGBA at 4 bytes per pixel) plus the small result. width/height still describe the full
+    image (the reduced decode covered all of its data).
     """
     im, info = probe_image(data, max_pixels)
     if im is None:
         return None, info
+    if im.format == "JPEG":
+        short = scan_shortfall(data)  # libjpeg grey-fills a frame its data does not cover, silently
+        if short:
+            info["error"] = f"truncated JPEG: {short}"
+            return None, info
     try:
         orientation = im.getexif().get(0x0112, 1) if hasattr(im, "getexif") else 1
-        w, h = im.size
-        if orientation in (5, 6, 7, 8):  # 90/270 degree rotations swap the axes
-            w, h = h, w
-        info["width"], info["height"] = w, h
+        full = im.size
         if draft and im.format == "JPEG" and im.mode in ("RGB", "L", "CMYK"):
             im.draft(im.mode, draft)  # decode at 1/2, 1/4 or 1/8 scale: much faster for big JPEGs
+        # A library may have turned this global on (grey-fills cut files); the pipeline never wants it.
+        ImageFile.LOAD_TRUNCATED_IMAGES = False
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             im.load()
-        im = ImageOps.exif_transpose(im)
-        info["exif_transposed"] = orientation not in (1, None)
+        w, h = _decoded_size(im.size, full)
+        if draft:
+            im = _shrink(im, draft)
+        transposed = orientation in _ORIENT
+        if transposed:  # by the tag read above: a reduced image has no EXIF left to read
+            im = im.transpose(_ORIENT[orientation])
         rgb = _to_rgb(im)
     except Image.DecompressionBombError as e:
         info["error"] = f"decompression bomb: {e}"
@@ -133,7 +159,41 @@ def decode_image(data: bytes | None, max_pixels: int = DEFAULT_MAX_PIXELS, draft
     except (OSError, ValueError, SyntaxError, MemoryError) as e:
         info["error"] = f"decode failed: {_clean(e)}"
         return None, info
+    if orientation in (5, 6, 7, 8):  # 90/270 degree rotations swap the axes
+        w, h = h, w
+    info["width"], info["height"], info["exif_transposed"] = w, h, transposed
     return rgb, info
+
+
+def _decoded_size(decoded: tuple[int, int], full: tuple[int, int]) -> tuple[int, int]:
+    """The full-scale size the decoded pixels stand for: `full` when they are it or its JPEG 1/s
+    scale (ceil(full / s)), else what was decoded."""
+    for s in (1, 2, 4, 8):
+        if decoded == (-(-full[0] // s), -(-full[1] // s)):
+            return full
+    return decoded
+
+
+_T = Image.Transpose
+_ORIENT = {2: _T.FLIP_LEFT_RIGHT, 3: _T.ROTATE_180, 4: _T.FLIP_TOP_BOTTOM, 5: _T.TRANSPOSE, 6: _T.ROTATE_270,
+           7: _T.TRANSVERSE, 8: _T.ROTATE_90}  # EXIF orientation -> the transpose that undoes it
+_STRIP_PIXELS = 1 << 20  # input pixels per reduction strip: ~4 MB of RGBA, whatever the image size
+
+
+def _shrink(im: Image.Image, draft: tuple[int, int]) -> Image.Image:
+    """An RGB box-reduction of a decoded image by the largest integer factor that keeps it at least
+    `draft`, or `im` itself when under 2x. Converted and reduced in strips of whole boxes, so no
+    full-size converted copy exists (RGBA -> RGB on white, P -> RGB, ... cost a strip each)."""
+    factor = min(im.width // max(draft[0], 1), im.height // max(draft[1], 1))
+    if factor < 2:
+        return im
+    hi = _wide_scale(im) if im.mode in _WIDE else None
+    out = Image.new("RGB", (-(-im.width // factor), -(-im.height // factor)))
+    rows = factor * max(1, _STRIP_PIXELS // (im.width * factor))  # a multiple of factor: boxes stay whole
+    for y in range(0, im.height, rows):
+        strip = _to_rgb(im.crop((0, y, im.width, min(y + rows, im.height))), hi)
+        out.paste(strip.reduce(factor), (0, y // factor))
+    return out
 
 
 DOWNLOAD = "download"

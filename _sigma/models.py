@@ -1,15 +1,20 @@
 """Loading of the pretrained models several stages share (score + eval: CLIP; features + training +
-eval: T5 and the VAE). Imports of torch/transformers/diffusers/open_clip happen inside the loaders."""
+eval: T5 and the VAE). Imports of torch/transformers/diffusers/open_clip happen inside the loaders.
+Every model argument is a local path, a hub name or an s3:// / gs:// URI (fetched once per node into
+the local cache by _sigma.fetch: `local_model`)."""
 from __future__ import annotations
 
 import os
 from pathlib import Path
+
+from _sigma.fetch import local_model
 
 
 def load_clip(model_name: str, pretrained: str | None, device: str = "cpu", precision: str = "fp32"):
     """open_clip model + eval transform. `model_name` may be a local model-config json (tiny models)."""
     import open_clip
 
+    model_name, pretrained = local_model(model_name), local_model(pretrained)
     if model_name.endswith(".json"):
         open_clip.add_model_config(Path(model_name))
         model_name = Path(model_name).stem
@@ -34,7 +39,7 @@ def load_t5(source: str, device: str = "cpu", dtype=None):
     import torch
     from transformers import AutoTokenizer, T5EncoderModel
 
-    src = os.path.expanduser(str(source))
+    src = os.path.expanduser(str(local_model(source)))
     if os.path.isfile(os.path.join(src, "model_index.json")):
         tok_dir, enc_dir = os.path.join(src, "tokenizer"), os.path.join(src, "text_encoder")
     else:
@@ -49,4 +54,4 @@ def load_vae(name: str, device: str = "cpu", dtype=None):
     import torch
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL.from_pretrained(name, torch_dtype=dtype or torch.float32).to(device).eval()
+    return AutoencoderKL.from_pretrained(local_model(name), torch_dtype=dtype or torch.float32).to(device).eval()

@@ -52,7 +52,8 @@ def _node_id() -> str | None:
         return None
 
 
-def _call(fn: Callable, item: Any, kwargs: dict) -> dict:
+def _call(fn: Callable, item: Any, kwargs: dict, gate: tuple | None = None) -> dict:
+    faults.before_commit(gate, repr(item)[:300])  # kill tests: at most n commits of the stage (_sigma.faults)
     result = fn(item, **kwargs) or {}
     result.setdefault("node", _node_id())
     return result
@@ -77,6 +78,7 @@ def run_tasks(fn: Callable[..., dict | None], items: list, *, kwargs: dict | Non
         return out
     remote = ray.remote(num_cpus=0.25, max_retries=2)(_call).options(scheduling_strategy="SPREAD")
     fn_ref, kw_ref = ray.put(fn), ray.put(kwargs or {})
+    gate = faults.gate(stage) if stage else None
     results: list[dict | None] = [None] * len(items)
     pending: dict = {}
     queue = list(enumerate(items))[::-1]
@@ -84,7 +86,7 @@ def run_tasks(fn: Callable[..., dict | None], items: list, *, kwargs: dict | Non
     while queue or pending:
         while queue and len(pending) < max_in_flight:
             i, item = queue.pop()
-            pending[remote.remote(fn_ref, item, kw_ref)] = i
+            pending[remote.remote(fn_ref, item, kw_ref, gate)] = i
         ready, _ = ray.wait(list(pending), num_returns=1)
         for ref in ready:
             results[pending.pop(ref)] = ray.get(ref)
@@ -138,13 +140,15 @@ def _write_pieces(batch: pa.Table, work: str) -> pa.Table:
                      "piece": pa.array(names, pa.string())})
 
 
-def _commit(commit: Callable, group: int, pieces: list[str], expected: int, kwargs: dict) -> dict:
+def _commit(commit: Callable, group: int, pieces: list[str], expected: int, kwargs: dict,
+            gate: tuple | None = None) -> dict:
     """On a worker: the group's rows from its pieces -> commit(group, table, **kwargs)."""
     tables = [fs.read_parquet(p) for p in pieces]
     table = pa.concat_tables(tables, promote_options="permissive") if tables else None
     got = table.num_rows if table is not None else 0
     if got != expected:
         raise RuntimeError(f"group {group}: {got} rows in its pieces, expected {expected}")
+    faults.before_commit(gate, group)  # kill tests: at most n commits of the stage (_sigma.faults)
     summary = commit(group, table, **kwargs) or {}
     for p in pieces:
         fs.delete(p)
@@ -170,6 +174,7 @@ def commit_groups(ds, expected: dict[int, int], commit: Callable[..., dict | Non
     work = fs.join(work_root, uuid.uuid4().hex[:12])
     remote = ray.remote(num_cpus=0, max_retries=2)(_commit).options(scheduling_strategy="SPREAD")
     commit_ref, kw_ref = ray.put(commit), ray.put(kwargs or {})
+    gate = faults.gate(stage)
     counts: Counter = Counter()
     pieces: dict[int, list[str]] = defaultdict(list)
     in_flight: dict = {}
@@ -178,7 +183,7 @@ def commit_groups(ds, expected: dict[int, int], commit: Callable[..., dict | Non
     def submit(g: int) -> None:
         while len(in_flight) >= max_in_flight:
             drain(1)
-        in_flight[remote.remote(commit_ref, g, pieces.pop(g, []), expected[g], kw_ref)] = g
+        in_flight[remote.remote(commit_ref, g, pieces.pop(g, []), expected[g], kw_ref, gate)] = g
 
     def drain(n: int, timeout: float | None = None) -> None:
         ready, _ = ray.wait(list(in_flight), num_returns=min(n, len(in_flight)), timeout=timeout)
@@ -207,8 +212,10 @@ def commit_groups(ds, expected: dict[int, int], commit: Callable[..., dict | Non
         if in_flight:  # learn about finished commits as they happen (reports, fault injection)
             drain(len(in_flight), timeout=0)
     bar.close()
+    # One at a time, so each finished commit is reported at once: under a kill test's gate
+    # (_sigma.faults) the other commits may never finish, and waiting for all of them would hang.
     while in_flight:
-        drain(len(in_flight))
+        drain(1)
     missing = {g: (counts.get(g, 0), n) for g, n in expected.items() if g not in done}
     fs.delete_dir(work_root)
     if missing:

@@ -22,7 +22,12 @@ def init_ray(ray_cfg=None, quiet: bool = True):
 
     if ray.is_initialized():
         return ray
-    kwargs: dict[str, Any] = {"configure_logging": True, "logging_level": "WARNING", "log_to_driver": not quiet}
+    routed = bool(os.environ.get("SIGMA_LOG_DIR"))  # _sigma.cli.route_logs: library logs go to <output>/logs
+    if routed:  # `import ray` set up its loggers afresh: attach the log file again
+        from _sigma.cli import reroute_logs
+
+        reroute_logs()
+    kwargs: dict[str, Any] = {"configure_logging": not routed, "logging_level": "WARNING", "log_to_driver": not quiet}
     if address:
         ray.init(address=address, **kwargs)
     else:
@@ -31,7 +36,12 @@ def init_ray(ray_cfg=None, quiet: bool = True):
     from ray.data import DataContext
 
     ctx = DataContext.get_current()
-    ctx.enable_progress_bars = bool(getattr(ray_cfg, "progress_bars", True))
+    # Ray Data's per-operator bars: off when its logs are routed (our stage bars and summaries stay)
+    ctx.enable_progress_bars = bool(getattr(ray_cfg, "progress_bars", True)) and not routed
+    if routed:  # importing ray.data installed its console handler again
+        from _sigma.cli import reroute_logs
+
+        reroute_logs()
     ctx.execution_options.preserve_order = False
     return ray
 
@@ -47,3 +57,38 @@ def map_stage(ds, stage: Callable | type, res, constructor_kwargs: dict | None =
         return ds.map_batches(stage, fn_constructor_kwargs=constructor_kwargs or {},
                               compute=ActorPoolStrategy(size=res.actors), num_gpus=res.num_gpus or None, **common)
     return ds.map_batches(stage, **common)
+
+
+def route_worker_output(keep: str, log_path: str) -> bool:
+    """Print only the worker lines matching the regex `keep` (our progress bars and summaries,
+    without Ray's `(Actor pid=...)` prefix); every other line of every Ray worker (Ray Train's
+    controller, Ray Data inside training workers) goes to `log_path`, prefixed with its source.
+    Replaces the driver's standard handler of forwarded worker output (Ray 2.60's dispatcher);
+    returns False, changing nothing, where that dispatcher is not there."""
+    import re
+    import sys
+    import threading
+
+    from ray._private import worker as ray_worker
+
+    disp = getattr(ray_worker, "global_worker_stdstream_dispatcher", None)
+    if disp is None or not hasattr(disp, "remove_handler"):
+        return False
+    pattern, lock = re.compile(keep), threading.Lock()
+
+    def handle(data: dict) -> None:
+        src = data.get("actor_name") or data.get("task_name") or "worker"
+        shown, logged = [], []
+        for line in data.get("lines", ()):
+            (shown if src.startswith("RayTrainWorker") and pattern.search(line) else logged).append(line)
+        if shown:
+            sink = sys.stderr if data.get("is_err") else sys.stdout
+            sink.write("".join(ln.rstrip("\n") + "\n" for ln in shown))
+            sink.flush()
+        if logged:
+            with lock, open(log_path, "a") as f:
+                f.writelines(f"({src} pid={data.get('pid')}) {ln.rstrip()}\n" for ln in logged)
+
+    disp.remove_handler("ray_print_logs")
+    disp.add_handler("ray_print_logs", handle)
+    return True

@@ -1,8 +1,10 @@
 """One writer per output: `<output>/_lock.json` names the run that holds the output.
 
 - Local disks (and NFS, where flock is emulated with POSIX locks): the lock is an OS lock
-  (flock) on `_lock.json`, held by the driver's open file. The kernel drops it when the driver
-  exits in any way, SIGKILL included, so there is never a stale lock to clean up; the file's
+  (flock) on `_lock.json`, held by the driver's open file. The file is opened with O_NOFOLLOW and
+  must be a regular file: a symlink (or FIFO, folder) there is refused, never written through.
+  The kernel drops the lock when the driver exits in any way, SIGKILL included, so there is
+  never a stale lock to clean up; the file's
   content (host, pid, start time, command) only names the holder for the refusal message.
 - Object stores (s3://): a lease object created with a conditional PUT (`If-None-Match: *`, one
   winner), with an expiry that a daemon thread of the holder renews (`If-Match: <etag>`, so a
@@ -65,12 +67,25 @@ def run_lock(out: str, command: str = "") -> Iterator[dict]:
 def _local_lock(out: str, command: str) -> Iterator[dict]:
     import fcntl
 
+    import errno
+    import stat
+
     path = os.path.join(out, LOCK_NAME)
     try:
         os.makedirs(out, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)  # never truncated before the lock is ours
+        # Never truncated before the lock is ours; never followed: a symlink planted at _lock.json
+        # would make this run write its holder record into the link's target (O_NOFOLLOW: ELOOP).
+        # O_NONBLOCK: opening a FIFO planted there cannot hang (refused just below).
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
     except OSError as e:
-        raise ConfigError(f"output {out}: cannot create or write there ({e.strerror or e})") from None
+        if e.errno == errno.ELOOP:
+            raise ConfigError(f"output {out}: {path} is a symbolic link; the run lock is never followed to another "
+                              "file (remove the link)") from None
+        raise ConfigError(f"output {out}: cannot create or write {path} ({e.strerror or e})") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise ConfigError(f"output {out}: {path} is not a regular file (mode {stat.filemode(mode)}); remove it")
     f = os.fdopen(fd, "r+")
     try:
         try:

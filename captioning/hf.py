@@ -24,13 +24,16 @@ class HFCaptioner(CaptionWorker):
         from _sigma.device import pick_device_dtype
 
         self.device, self.dtype = pick_device_dtype(cfg.precision, num_gpus, auto_gpu="fp16")
+        from _sigma.fetch import local_model
+
         kw = dict(trust_remote_code=cfg.trust_remote_code)
-        self.processor = AutoProcessor.from_pretrained(cfg.model, **kw)
+        model = local_model(cfg.model)  # folder | hub name | s3:// / gs:// (fetched once per node)
+        self.processor = AutoProcessor.from_pretrained(model, **kw)
         tok = getattr(self.processor, "tokenizer", None)
         if tok is not None:
             tok.padding_side = "left"  # decoder-only batched generation: pad on the left
         self.tokenizer = tok
-        self.model = AutoModelForImageTextToText.from_pretrained(cfg.model, dtype=self.dtype, **kw)
+        self.model = AutoModelForImageTextToText.from_pretrained(model, dtype=self.dtype, **kw)
         self.model.to(self.device).eval()
 
     def _gen_kwargs(self) -> dict:

@@ -174,7 +174,9 @@ class T5Counter:
         if path:
             from transformers import AutoTokenizer
 
-            self.tok = AutoTokenizer.from_pretrained(path)
+            from _sigma.fetch import local_model
+
+            self.tok = AutoTokenizer.from_pretrained(local_model(path))
 
     def __call__(self, texts: list[str | None]) -> list[int | None]:
         if self.tok is None:

@@ -39,9 +39,12 @@ class ShareCaptioner(CaptionWorker):
         from _sigma.device import pick_device_dtype
 
         self.device, self.dtype = pick_device_dtype(cfg.precision, num_gpus, auto_gpu="fp16")
+        from _sigma.fetch import local_model
+
         kw = dict(trust_remote_code=True)  # the XComposer interface only exists as remote code
-        self.model = AutoModelForCausalLM.from_pretrained(cfg.model, **kw).to(self.device, self.dtype).eval()
-        self.tokenizer = AutoTokenizer.from_pretrained(cfg.model, **kw)
+        model = local_model(cfg.model)  # folder | hub name | s3:// / gs:// (fetched once per node)
+        self.model = AutoModelForCausalLM.from_pretrained(model, **kw).to(self.device, self.dtype).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(model, **kw)
         self.model.tokenizer = self.tokenizer  # as Share-Captioner's scripts do: encode/decode_text use it
         with torch.inference_mode():
             self.seg1 = self.model.encode_text(USER, add_special_tokens=True)  # (1, L1, D), BOS first

@@ -21,6 +21,7 @@ RESERVED_COLUMNS = frozenset({
     "key", "url", "caption", "status", "error", "download_status", "download_error", "sha256", "width", "height",
     "aspect_ratio", "aesthetic", "mode_in", "exif_transposed", "score_error", "embedding", "duplicate_of",
     "dup_kind", "dup_similarity", "selected", "reject_reason", "image", "sigma_key",
+    "nsfw", "watermark", "clip_similarity", "text_truncated",
     "original_width", "original_height", "error_message", "exif", "md5", "sha512", "txt", "json",
 })
 RESERVED_PREFIXES = ("caption_", "dup_", "_")
@@ -93,12 +94,23 @@ class DownloadConfig:
 
 @dataclass(frozen=True)
 class ScoreConfig:
-    clip_model: str = "ViT-L-14"  # open_clip architecture name (or a local model-config json)
+    # open_clip architecture name, or a model-config json (local, s3:// or gs://: _sigma.fetch)
+    clip_model: str = field(default="ViT-L-14", metadata={"path": True})
     clip_pretrained: str = field(default="openai", metadata={"path": True})  # tag or local checkpoint
     aesthetic_weights: str = field(default="sac+logos+ava1-l14-linearMSE.pth", metadata={"path": True})
     max_pixels: int = 178_956_970  # Pillow's decompression-bomb limit (2x MAX_IMAGE_PIXELS)
     precision: Precision = "auto"  # auto: fp16 on GPU, fp32 on CPU
     resources: Resources = Resources(batch_size=32)
+    # Web-crawl filters (README.md "Filters"), each off unless set; columns nsfw, watermark,
+    # clip_similarity + text_truncated. Weights: a local path or an s3:// / gs:// URI (_sigma.fetch).
+    # LAION CLIP-based NSFW detector: its released clip_autokeras_binary_nsfw.zip (or the unzipped
+    # folder); reads the clip_model embeddings, so clip_model must be ViT-L-14 (768-d) for real weights.
+    nsfw_weights: str | None = field(default=None, metadata={"path": True})
+    # LAION-5B watermark detector: watermark_model_v1.pt on the timm architecture watermark_arch
+    # (LAION's efficientnet_b3a is timm's efficientnet_b3 under its old name).
+    watermark_weights: str | None = field(default=None, metadata={"path": True})
+    watermark_arch: str = "efficientnet_b3"
+    clip_similarity: bool = False  # cosine of the image and raw alt-text embeddings of clip_model (77 tokens)
 
     def __post_init__(self):
         if self.max_pixels < 1:
@@ -110,38 +122,48 @@ class DedupConfig:
     """Candidate duplicate pairs (curation/dedup): select resolves them at its own threshold.
 
     Exact: rows with the same sha256. Near: cosine of CLIP image embeddings >= candidate_threshold,
-    found SemDeDup-style: k-means centroids fitted on a sample, each row joins its nearest cluster
-    and up to `assignments - 1` more whose boundary is close to it (pairs that straddle clusters),
-    blockwise search within each cluster. Inputs of at most exact_search_rows rows are searched
-    exactly (all pairs, one task).
+    found with spherical k-means routing: centroids fitted on a sample, each row joins its best
+    clusters, as many as the recall target needs on this data (calibrated at plan time, at most
+    max_assignments), blockwise search within each cluster. Inputs of at most exact_search_rows
+    rows are searched exactly (all pairs, one task). Every run measures its recall on a sample of
+    rows searched exactly (recall_sample) and fails below min_recall. See curation/dedup/kmeans.py.
     """
 
     exact: bool = True
     near: bool = True
     candidate_threshold: float = 0.9  # near pairs at/above this cosine are stored (select may raise it)
     exact_search_rows: int = 20_000  # up to this many rows: exact all-pairs search, no clustering
-    cluster_rows: int = 250  # target rows per k-means cluster (search cost per row ~ assignments^2 * this)
-    assignments: int = 4  # most clusters a row joins (its nearest + boundary clusters)
-    # a row also joins cluster c when its distance to the boundary between its nearest cluster and c
-    # is <= assign_radius * (distance of two unit vectors at candidate_threshold); 1.0 is the bound
-    # that can never miss a pair, smaller values trade a little recall for much less search
-    assign_radius: float = 0.35
-    probe: int = 8  # cells of the centroid index scored per row (~sqrt(clusters) cells)
+    cluster_rows: int = 250  # target rows per k-means cluster (search cost per row ~ A^2 * this / 2)
+    # clusters per row A: the smallest count whose recall of pairs at recall_cosine, estimated at
+    # plan time on partners planted around sample rows, reaches recall_target; at most max_assignments
+    recall_cosine: float = 0.95
+    recall_target: float = 0.995
+    max_assignments: int = 12
+    probe: int = 8  # cells of the centroid index scored per row (above 16384 clusters)
     sample_rows: int = 100_000  # most embeddings the centroids are fitted on (16 per cluster below that)
-    group_rows: int = 200_000  # rows (with their cluster copies) per search task: bounds its memory
-    map_rows: int = 100_000  # rows per routing task (reads parts, assigns clusters)
     block_size: int = 4096  # rows per similarity matmul block
+    # measured recall: this many rows searched exactly against all rows; the stage fails when the
+    # 95 % Wilson interval of the recall at >= recall_cosine lies wholly below min_recall (0: never)
+    recall_sample: int = 1000
+    min_recall: float = 0.9
+    # memory a dedup task may hold beyond its interpreter (~1 GB RSS: Python, torch, scikit-learn,
+    # pyarrow, the Ray worker): rows per routing / search task and the fit sample follow from it, and
+    # each task asks Ray for both, which bounds how many run at once (Ray's `memory` resource)
+    task_memory_mb: int = 1024
     seed: int = 0
 
     def __post_init__(self):
-        if not 0.0 < self.candidate_threshold <= 1.0:
-            raise ConfigError(f"candidate_threshold: got {self.candidate_threshold}, allowed: 0 < t <= 1")
-        if not 0.0 <= self.assign_radius <= 1.0:
-            raise ConfigError(f"assign_radius: got {self.assign_radius}, allowed: 0..1")
-        small = {k: getattr(self, k) for k in ("cluster_rows", "assignments", "probe", "sample_rows", "group_rows",
-                                                "map_rows", "block_size") if getattr(self, k) < 1}
-        if small or self.exact_search_rows < 0:
-            raise ConfigError(f"{', '.join(small) or 'exact_search_rows'}: must be >= 1 (exact_search_rows >= 0)")
+        for k in ("candidate_threshold", "recall_cosine"):
+            if not 0.0 < getattr(self, k) <= 1.0:
+                raise ConfigError(f"{k}: got {getattr(self, k)}, allowed: 0 < t <= 1")
+        for k in ("recall_target", "min_recall"):
+            if not 0.0 <= getattr(self, k) <= 1.0:
+                raise ConfigError(f"{k}: got {getattr(self, k)}, allowed: 0..1")
+        small = {k: getattr(self, k) for k in ("cluster_rows", "max_assignments", "probe", "sample_rows",
+                                                "block_size", "task_memory_mb") if getattr(self, k) < 1}
+        if small or self.exact_search_rows < 0 or self.recall_sample < 0:
+            raise ConfigError(f"{', '.join(small) or 'exact_search_rows / recall_sample'}: must be >= 1 "
+                              "(exact_search_rows, recall_sample >= 0)")
 
 
 @dataclass(frozen=True)
@@ -156,8 +178,19 @@ class SelectConfig:
     # pass the other criteria: a row is dropped only when it is this similar to a row that is kept.
     dedup_threshold: float = 0.95
     dedup_keep: Literal["best", "first"] = "best"  # best: most pixels, then aesthetic, then lowest key | first: lowest key
+    # Filters over the score stage's columns (null: off). Reject reasons nsfw, watermark,
+    # low_clip_similarity; a row without the score (filter off when scored) fails the rule.
+    nsfw_max: float | None = None  # keep nsfw <= this (Stable Diffusion 2.0 trained on LAION-5B at punsafe 0.1)
+    watermark_max: float | None = None  # keep watermark <= this (Stable Diffusion 1.x: pwatermark < 0.5)
+    clip_similarity_min: float | None = None  # keep cosine >= this (LAION-5B: 0.28 with ViT-B/32)
 
     def __post_init__(self):
+        for name in ("nsfw_max", "watermark_max"):
+            v = getattr(self, name)
+            if v is not None and not 0.0 <= v <= 1.0:
+                raise ConfigError(f"{name}: got {v}, allowed: a probability 0..1 or null")
+        if self.clip_similarity_min is not None and not -1.0 <= self.clip_similarity_min <= 1.0:
+            raise ConfigError(f"clip_similarity_min: got {self.clip_similarity_min}, allowed: a cosine -1..1 or null")
         if self.min_side < 0 or not (0 < self.min_aspect_ratio <= 1 <= self.max_aspect_ratio):
             raise ConfigError("min_side >= 0 and 0 < min_aspect_ratio <= 1 <= max_aspect_ratio required")
         if self.aesthetic_min is not None and not math.isfinite(self.aesthetic_min):
@@ -229,6 +262,12 @@ class PipelineConfig:
         bad = [s for s in self.stages if s not in STAGES]
         if bad:
             raise ConfigError(f"stages: unknown stage {bad[0]!r}; allowed: {', '.join(STAGES)}")
+        for rule, need, value in (("nsfw_max", "nsfw_weights", self.score.nsfw_weights),
+                                  ("watermark_max", "watermark_weights", self.score.watermark_weights),
+                                  ("clip_similarity_min", "clip_similarity", self.score.clip_similarity)):
+            if getattr(self.select, rule) is not None and not value:
+                raise ConfigError(f"select.{rule} is set but score.{need} is off: the score stage writes no "
+                                  f"{rule.rsplit('_', 1)[0]} column to select on; set score.{need}")
         if self.select.dedup_threshold < self.dedup.candidate_threshold:
             raise ConfigError(f"select.dedup_threshold ({self.select.dedup_threshold}) must be >= "
                               f"dedup.candidate_threshold ({self.dedup.candidate_threshold}): dedup stores no "

@@ -15,7 +15,8 @@ worker process. One request:
   alone restarts on every byte);
 - the body is read in chunks and counted against `max_bytes` (raw and, for gzip/deflate
   Content-Encoding, decoded: a compression bomb stops at max_bytes of output); a body shorter than
-  its Content-Length is an error, bytes beyond it are never read.
+  its Content-Length is an error, bytes beyond it are never read; Content-Length values that
+  disagree (repeated header lines or a comma list) or are not numbers are an error (RFC 9112 6.3).
 Failures raise FetchError with a one-line reason that ends up in the manifest's `error` column.
 Not handled: HTTP proxies (the environment's http_proxy is ignored), HTTP/2, cookies.
 """
@@ -344,12 +345,30 @@ def fetch(url: str, policy: Policy, user_agent: str = USER_AGENT, robots=None) -
     raise FetchError(f"too many redirects (more than {policy.max_redirects})")
 
 
+def _content_length(resp: http.client.HTTPResponse) -> int | None:
+    """The body length the response announces, or None (chunked, or no Content-Length).
+
+    RFC 9112 6.3: Content-Length values that differ, across header lines or in one comma list, or one
+    that is not a decimal number, make the response invalid (http.client would trust the first line
+    and read that many bytes: a response-splitting vector); identical repeats count as one value.
+    Transfer-Encoding: chunked overrides Content-Length (http.client then ignores it too)."""
+    if resp.chunked:
+        return None
+    lines = resp.msg.get_all("Content-Length") or []
+    values = [v.strip() for line in lines for v in str(line).split(",")]
+    if not values:
+        return None
+    bad = [v for v in values if not (v.isascii() and v.isdigit())]
+    if bad:
+        raise FetchError(f"invalid Content-Length {bad[0][:40]!r} (RFC 9112 6.3: not a decimal number)")
+    if len({int(v) for v in values}) > 1:
+        raise FetchError(f"conflicting Content-Length values {', '.join(values)[:80]} (RFC 9112 6.3: "
+                         "an invalid response)")
+    return int(values[0])
+
+
 def _read_body(resp: http.client.HTTPResponse, policy: Policy) -> bytes:
-    declared = resp.getheader("Content-Length")
-    try:
-        declared = int(declared) if declared is not None and not resp.chunked else None
-    except ValueError:
-        declared = None
+    declared = _content_length(resp)
     if declared is not None and declared > policy.max_bytes:
         raise FetchError(f"response too large: Content-Length {declared} > {policy.max_bytes} (download.max_bytes)")
     body = _Body(resp.getheader("Content-Encoding") or "", policy.max_bytes)

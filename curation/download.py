@@ -78,8 +78,15 @@ def run_img2dataset(cfg, out: str) -> None:
 
     from curation.i2d import patched
 
-    quiet = contextlib.redirect_stdout(io.StringIO()) if os.environ.get("SIGMA_QUIET") else contextlib.nullcontext()
-    with quiet, patched(policy_of(cfg.download)):
+    logs = os.environ.get("SIGMA_LOG_DIR")  # set by _sigma.cli.route_logs unless --verbose
+    with contextlib.ExitStack() as stack:
+        if logs:  # img2dataset and its worker processes print their progress: into the log
+            from _sigma.cli import stdout_to
+
+            stack.enter_context(stdout_to(os.path.join(logs, "img2dataset.log")))
+        elif os.environ.get("SIGMA_QUIET"):
+            stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
+        stack.enter_context(patched(policy_of(cfg.download)))
         img2dataset.download(**img2dataset_kwargs(cfg, out))
 
 

@@ -36,8 +36,10 @@ def reject_reasons(t: pa.Table, cfg) -> list[str | None]:
     """Per row, every failing criterion except duplicates, ';'-joined (None: the row passes).
 
     A row whose status is not ok fails with its status only; else not_scored (no size), too_small,
-    aspect_ratio (h/w outside [min_aspect_ratio, max_aspect_ratio]), low_aesthetic. The one
-    definition of eligibility: the duplicate resolution uses it too."""
+    aspect_ratio (h/w outside [min_aspect_ratio, max_aspect_ratio]), low_aesthetic, and the
+    filters when set: nsfw (nsfw > nsfw_max), watermark (watermark > watermark_max),
+    low_clip_similarity (clip_similarity < clip_similarity_min); a missing score fails its rule.
+    The one definition of eligibility: the duplicate resolution uses it too."""
     n = t.num_rows
     status = t.column("status").to_pylist() if "status" in t.column_names else [None] * n
     w, h, aes = _num(t, "width"), _num(t, "height"), _num(t, "aesthetic")
@@ -49,14 +51,25 @@ def reject_reasons(t: pa.Table, cfg) -> list[str | None]:
         ratio = h / w
         aspect = sized & ((w <= 0) | (ratio > cfg.max_aspect_ratio) | (ratio < cfg.min_aspect_ratio))
         low = ok & (cfg.aesthetic_min is not None) & (np.isnan(aes) | (aes < (cfg.aesthetic_min or 0)))
+        filters = []  # (reason, failing rows) of each filter that is set; NaN (not scored) fails
+        for reason, col, limit, above in (("nsfw", "nsfw", cfg.nsfw_max, True),
+                                          ("watermark", "watermark", cfg.watermark_max, True),
+                                          ("low_clip_similarity", "clip_similarity", cfg.clip_similarity_min, False)):
+            if limit is not None:
+                v = _num(t, col)
+                filters.append((reason, ok & (np.isnan(v) | ((v > limit) if above else (v < limit)))))
     out: list[str | None] = [None] * n
-    for i in np.flatnonzero(~ok | unscored | small | aspect | low).tolist():
+    bad = ~ok | unscored | small | aspect | low
+    for _, m in filters:
+        bad = bad | m
+    for i in np.flatnonzero(bad).tolist():
         if not ok[i]:
             out[i] = status[i] or "no_status"
             continue
         r = ["not_scored"] if unscored[i] else [x for x, m in (("too_small", small), ("aspect_ratio", aspect)) if m[i]]
         if low[i]:
             r.append("low_aesthetic")
+        r += [reason for reason, m in filters if m[i] and not unscored[i]]  # not_scored says it all
         out[i] = ";".join(r)
     return out
 

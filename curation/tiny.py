@@ -11,7 +11,9 @@ embedding. Unrelated images land far apart, re-encoded / resized / slightly crop
 colour-jittered copies close (numbers in tests/curation/test_tiny_clip.py). The model is an
 open_clip custom config + safetensors checkpoint, loaded by _sigma.models.load_clip like any
 other. The text tower keeps seeded random weights (CLIP-Score plumbing only). The aesthetic MLP
-is fitted to colourfulness, so that aesthetic cuts keep vivid images and drop grey ones.
+is fitted to colourfulness, so that aesthetic cuts keep vivid images and drop grey ones. The NSFW
+(released Keras zip layout) and watermark (timm EfficientNet + LAION head) twins are built by
+curation/filters_tiny_modeling.py.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from curation import filters_tiny_modeling as filters_tiny
 from curation.clip_tiny_modeling import (EMBED, HIST_BINS, IMAGE, M, N_OR, REGIONS, TINY_CLIP, descriptor_dims,
                                          design_vision)
 
@@ -193,6 +196,13 @@ def build(out_dir: Path) -> dict:
         mlp = _aesthetic_mlp(emb, np.array([aesthetic_target(im) for im in cal]))
         aes = Path(out_dir) / "aesthetic.pth"
         torch.save(mlp.state_dict(), aes)
+        # The score stage's filter twins (curation/filters_tiny_modeling.py): the NSFW head is
+        # calibrated on what the saved CLIP really returns for the calibration images.
+        with torch.no_grad():
+            e = model.encode_image(torch.stack([preprocess(im.convert("RGB")) for im in cal])).double().numpy()
+        e /= np.linalg.norm(e, axis=1, keepdims=True)
+        nsfw = filters_tiny.build_nsfw(out_dir, e, cal)
+        watermark = filters_tiny.build_watermark(out_dir, cal)
     finally:
         torch.set_num_threads(threads)
-    return {"clip_config": cfg_path, "clip_weights": weights, "aesthetic": aes}
+    return {"clip_config": cfg_path, "clip_weights": weights, "aesthetic": aes, "nsfw": nsfw, "watermark": watermark}

@@ -6,7 +6,6 @@ and the demo get the whole set from one command.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
@@ -15,6 +14,9 @@ from pathlib import Path
 from _sigma import fs
 
 MARKER = "tiny_models.json"
+
+
+PACKAGES = ("curation", "features", "captioning", "training", "eval")  # the order of _builders()
 
 
 def _builders():
@@ -76,11 +78,17 @@ def ensure_tiny_models(out_dir: Path) -> Path:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    from _sigma.cli import make_parser, user_error
+
+    ap = make_parser("sigma-tiny-models", __doc__)
     ap.add_argument("--out", default="models/tiny", help="output folder")
-    ap.add_argument("--only", default="", help="comma-separated packages to (re)build")
+    ap.add_argument("--only", default="", help=f"comma-separated packages to (re)build, of: {', '.join(PACKAGES)} "
+                                               "(default: all)")
     ap.add_argument("--missing", action="store_true", help="build only packages whose files are missing")
     args = ap.parse_args(argv)
+    bad = [s for s in args.only.split(",") if s and s not in PACKAGES]
+    if bad:
+        raise SystemExit(user_error("sigma-tiny-models", f"--only: unknown package {bad[0]!r}; allowed: {', '.join(PACKAGES)}"))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     build_all(Path(args.out), [s for s in args.only.split(",") if s] or None, missing_only=args.missing)
 

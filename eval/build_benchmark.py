@@ -18,7 +18,6 @@ Honest sizes: fewer pairs than `eval.n` is an error unless `eval.allow_smaller` 
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
@@ -129,7 +128,7 @@ def build(cfg, progress: bool = False) -> dict:
         if not fs.isfile(holdout.exclude_uri(out, vid)):
             raise BenchmarkError(f"{d}: benchmark without exclude.parquet (tampered?)")
         # the rows are fixed; parts added or rewritten since the last search are searched now
-        return dict(info, unchanged=True, hold_out=_hold_out(out, vid, rows, ecfg, training, progress))
+        return dict(info, unchanged=True, hold_out=_hold_out(out, vid, rows, ecfg, training, progress, cfg))
     if ecfg.benchmark == "ours":
         chosen, sel, counts = _draw_ours(out, ecfg, training, progress)
     else:
@@ -148,7 +147,7 @@ def build(cfg, progress: bool = False) -> dict:
     for r, c in zip(chosen, prompt_counts):
         r["clip_tokens"] = int(c)
     rows = [{c: r.get(c) for c in COLUMNS} for r in sorted(chosen, key=lambda r: r["key"])]
-    leaks_summary = _hold_out(out, vid, rows, ecfg, training, progress)
+    leaks_summary = _hold_out(out, vid, rows, ecfg, training, progress, cfg)
     buckets: dict[str, int] = {}
     for r in rows:
         buckets[r["bucket"]] = buckets.get(r["bucket"], 0) + 1
@@ -168,12 +167,16 @@ def build(cfg, progress: bool = False) -> dict:
     return info
 
 
-def _hold_out(out, vid, rows, ecfg, training, progress) -> dict:
+def _hold_out(out, vid, rows, ecfg, training, progress, cfg=None) -> dict:
     from eval.leaks import update_exclusions
     from eval.stratify import fetch_pool
 
-    def embeddings():  # the benchmark rows' CLIP embeddings (ours); a published set has none
-        return fetch_pool(out, [r["key"] for r in rows], ecfg.prompt)[1] if ecfg.benchmark == "ours" else None
+    def embeddings():  # the benchmark rows' CLIP embeddings: ours from the manifest, a published set's computed
+        if ecfg.benchmark == "ours":
+            return fetch_pool(out, [r["key"] for r in rows], ecfg.prompt)[1]
+        from eval.sources import reference_clip_embeddings
+
+        return reference_clip_embeddings(dataclasses.replace(cfg, output=out), vid, rows, progress)
 
     s = update_exclusions(out, vid, rows, embeddings, ecfg.leak_threshold, progress)
     leaked = sorted(holdout.version_keys(out, vid) & training)
@@ -221,11 +224,10 @@ def run_eval_split(cfg, out: str, progress: bool = True) -> dict:
 
 
 def main(argv=None) -> dict:
-    from curation.config import add_pipeline_args, pipeline_from_args
+    from curation.config import pipeline_from_args
+    from eval.cli import benchmark_parser
 
-    ap = add_pipeline_args(argparse.ArgumentParser(description="Build the eval benchmark and its hold-out list."))
-    ap.add_argument("--allow-smaller", action="store_true", help="build fewer than eval.n pairs instead of failing")
-    args = ap.parse_args(argv)
+    args = benchmark_parser().parse_args(argv)
     cfg = pipeline_from_args(args, ["eval.allow_smaller=true"] if args.allow_smaller else [])
     info = build(cfg, progress=True)
     print(summary_text(info) + (" (unchanged)" if info.get("unchanged") else ""), flush=True)
@@ -233,5 +235,7 @@ def main(argv=None) -> dict:
     return info
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # = sigma-eval-...: checks first, library logs to <output>/logs
+    from eval import cli
+
+    raise SystemExit(cli.build_benchmark())

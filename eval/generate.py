@@ -3,6 +3,9 @@ one image per benchmark prompt from a training checkpoint.
 
 Protocol (paper / Sana): DPM-Solver++ 20 steps, cfg 4.5, one image per prompt, fixed seeds. Each
 prompt is generated at its aspect bucket of `eval.resolution` (or square with eval.aspect: square).
+The DiT keeps the position embedding of the size it was TRAINED at (recorded by our checkpoints and
+diffusers folders; for an official .pth given by eval.weights_resolution + eval.weights_pe, never
+eval.resolution); the PE used is part of the recorded protocol (`pe`).
 Seeds: rows are ordered by (bucket, key) and row j gets seed gen_seed + j; training.sample gives
 sample i of a call the noise of seed + i, so a batch of consecutive rows of one bucket is one call
 and every image depends only on its own seed, never on the batch size or the worker.
@@ -20,7 +23,6 @@ cluster) and return one status row per prompt; a failing batch marks its rows fa
 """
 from __future__ import annotations
 
-import argparse
 import io
 import time
 from pathlib import Path
@@ -63,13 +65,28 @@ def default_name(checkpoint: str, stage: str | None = None) -> str:
     return f"{stage}-{c.name}" if stage else c.stem
 
 
+def weights_pe(checkpoint: str, ecfg) -> dict:
+    """The PE the DiT of `checkpoint` is built with ({base_size, pe_interpolation, source}), read
+    before any actor loads it; ConfigError when an official file's training size is not given or
+    contradicts what the weights record."""
+    from _sigma.config import ConfigError
+    from training import dit_pe
+
+    try:
+        return dit_pe(checkpoint, ecfg.weights_resolution, ecfg.weights_pe)
+    except ValueError as e:
+        raise ConfigError(f"eval.weights_resolution: {e}") from None
+
+
 def protocol(cfg, checkpoint: str) -> dict:
     """Everything that determines the generated pixels (stored in generation.json, checked on resume)."""
     e, f = cfg.eval, cfg.features
-    return {"checkpoint": str(resolve_checkpoint(checkpoint)), "sampler": e.sampler, "steps": e.steps,
+    ckpt = str(resolve_checkpoint(checkpoint))
+    return {"checkpoint": ckpt, "sampler": e.sampler, "steps": e.steps,
             "cfg_scale": e.cfg_scale, "gen_seed": e.gen_seed, "resolution": e.resolution, "aspect": e.aspect,
             "t5": e.t5 or f.t5, "vae": e.vae or f.vae, "max_length": e.max_length or f.t5_max_length,
-            "scale_factor": e.scale_factor or f.scale_factor, "precision": e.precision}
+            "scale_factor": e.scale_factor or f.scale_factor, "precision": e.precision,
+            "pe": weights_pe(ckpt, e)}
 
 
 def plan(rows: list[dict], ecfg) -> list[dict]:
@@ -114,7 +131,7 @@ class Generator:
 
     def __init__(self, checkpoint: str, t5: str, vae: str, out_dir: str, sampler: str, steps: int,
                  cfg_scale: float, max_length: int, scale_factor: float, precision: str = "auto",
-                 num_gpus: float = 0.0, image_size: int | None = None):
+                 num_gpus: float = 0.0, image_size: int | None = None, pe_version: str = "sigma"):
         import torch
 
         from _sigma.device import pick_device_dtype
@@ -123,9 +140,9 @@ class Generator:
 
         self.device, self.dtype = pick_device_dtype(precision, num_gpus)
         self.tok, self.t5 = load_t5(t5, self.device, self.dtype)
-        # null caption = T5("") of this T5 (official load_checkpoint rule); image_size = PE of a .pth
-        # that does not record its resolution
-        self.model = load_dit(checkpoint, device=self.device, image_size=image_size,
+        # null caption = T5("") of this T5 (official load_checkpoint rule); image_size / pe_version =
+        # the size a .pth that does not record its PE was TRAINED at (eval.weights_resolution)
+        self.model = load_dit(checkpoint, device=self.device, image_size=image_size, version=pe_version,
                               null=encode_null(self.tok, self.t5, max_length)).to(self.dtype)
         self.vae = load_vae(vae, self.device, self.dtype)
         self.out_dir = out_dir
@@ -203,7 +220,7 @@ def generate(cfg, checkpoint: str, name: str | None = None, use_ray: bool = True
     kwargs = dict(checkpoint=checkpoint, t5=proto["t5"], vae=proto["vae"], out_dir=d, sampler=ecfg.sampler,
                   steps=ecfg.steps, cfg_scale=ecfg.cfg_scale, max_length=proto["max_length"],
                   scale_factor=proto["scale_factor"], precision=ecfg.precision, num_gpus=ecfg.resources.num_gpus,
-                  image_size=ecfg.resolution)
+                  image_size=ecfg.weights_resolution, pe_version=ecfg.weights_pe)
     if todo:
         bar = tqdm(total=len(todo), desc=f"generate {name}", unit="img", disable=not progress, mininterval=1.0)
         if use_ray:
@@ -239,17 +256,10 @@ def generate(cfg, checkpoint: str, name: str | None = None, use_ray: bool = True
 
 
 def main(argv=None) -> dict:
-    from curation.config import add_pipeline_args, pipeline_from_args
+    from curation.config import pipeline_from_args
+    from eval.cli import generate_parser
 
-    ap = add_pipeline_args(argparse.ArgumentParser(description="Generate one image per benchmark prompt from a checkpoint."))
-    src = ap.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", help="checkpoint folder, stage output (its latest), diffusers folder or .pth")
-    src.add_argument("--stage", help="a training stage of the config: its latest checkpoint")
-    ap.add_argument("--name", default=None,
-                    help="run name (default: <stage>-<step folder> with --stage, else the checkpoint's name)")
-    ap.add_argument("--no-ray", action="store_true", help="generate in this process (debugging)")
-    ap.add_argument("--limit", type=int, default=None, help="only the first N prompts of the plan")
-    args = ap.parse_args(argv)
+    args = generate_parser().parse_args(argv)
     cfg = pipeline_from_args(args)
     checkpoint, name = args.checkpoint, args.name
     if args.stage:
@@ -265,5 +275,7 @@ def main(argv=None) -> dict:
     return s
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # = sigma-eval-...: checks first, library logs to <output>/logs
+    from eval import cli
+
+    raise SystemExit(cli.generate())

@@ -4,7 +4,8 @@ A row of the manifest is held out when it
 - is a benchmark row (`benchmark`);
 - has the sha256 of a benchmark image (`same_sha256`): byte-identical copies under other URLs;
 - has a CLIP image embedding within cosine `eval.leak_threshold` of a benchmark image
-  (`near_duplicate`): resized / re-encoded / lightly edited copies. Searched exhaustively against
+  (`near_duplicate`): resized / re-encoded / lightly edited copies. For MJHQ-30K / COCO-30K the
+  reference images are embedded with the same CLIP (eval.sources.reference_clip_embeddings). Searched exhaustively against
   EVERY row that has an embedding (not only within a dedup cluster, and not only rows selected
   today, so a later re-tuned select cannot bring one back);
 - has any caption (caption, caption_short, caption_long) equal to a benchmark prompt, compared
@@ -26,7 +27,7 @@ import pyarrow as pa
 from _sigma import fs, holdout, manifest
 from _sigma.partstage import run_tasks
 
-STATE_KEY = b"sigma.searched"  # parquet footer: {part: part_state} of the parts already searched
+STATE_KEY = holdout.STATE_KEY  # parquet footer: {part: part_state} of the parts already searched
 BLOCK = 1024  # manifest rows per similarity block: (1024, B) float32 scores (~120 MB at B = 30K)
 SCHEMA = pa.schema([("key", pa.string()), ("reason", pa.string()), ("benchmark_key", pa.string()),
                     ("similarity", pa.float32())])
@@ -68,6 +69,9 @@ def _part_matches(part: int, out: str, work: str, bench: dict, threshold: float)
     ek, emb = manifest.read_part_embeddings(out, part)
     near = 0
     if len(ek) and len(bkeys):
+        if emb.shape[1] != E.shape[1]:  # not the same CLIP: cosines would be meaningless
+            raise ValueError(f"{manifest.embeddings_uri(out, part)}: {emb.shape[1]}-d embeddings, the benchmark's are "
+                             f"{E.shape[1]}-d (computed with another CLIP than score.clip_model; rerun the score stage)")
         for s in range(0, len(ek), BLOCK):
             x = emb[s:s + BLOCK].astype(np.float32)
             x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
@@ -109,28 +113,14 @@ def benchmark_side(rows: list[dict], emb: dict[str, np.ndarray] | None) -> dict:
     return {"keys": {r["key"] for r in rows}, "sha": sha, "prompts": prompts, "emb": E, "emb_keys": ekeys}
 
 
-def part_state(out: str, part: int) -> str:
-    """What a part's search depended on: its stage fingerprints (footer) and its embeddings file."""
-    import hashlib
-    import json
-
-    size = fs.size(manifest.embeddings_uri(out, part))
-    blob = json.dumps([manifest.part_fingerprints(out, part), size], sort_keys=True).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
+part_state = holdout.part_state  # the part's sha256 + size and its embeddings' size (_sigma.holdout)
 
 
 def _previous(out: str, version: str) -> tuple[pa.Table | None, dict]:
     uri = holdout.exclude_uri(out, version)
     if not fs.isfile(uri):
         return None, {}
-    meta = fs.read_parquet_schema(uri).metadata or {}
-    return fs.read_parquet(uri).replace_schema_metadata(None), json_loads(meta.get(STATE_KEY, b"{}"))
-
-
-def json_loads(b: bytes) -> dict:
-    import json
-
-    return {int(k): v for k, v in json.loads(b).items()}
+    return fs.read_parquet(uri).replace_schema_metadata(None), holdout.recorded_states(out, version)
 
 
 def _merge(tables: list[pa.Table]) -> pa.Table:

@@ -1,10 +1,11 @@
 """Markdown + JSON comparison of every scored run: <output>/eval/report.md and report.json.
 
-One table compares checkpoints (FID with its bootstrap CI, KID +- std, CLIP-Score with its CI,
+One table compares checkpoints (FID and CMMD with their CIs, KID +- std, CLIP-Score with its CI,
 reward means, N); a row is comparable with the first only when the protocol agrees (benchmark
 checksum, FID protocol, extractor sha256, CLIP model, generation settings) AND the run has an
 image for every prompt. Below: the protocol written out, per-stratum tables (aspect bucket x prompt
-length; category for MJHQ-30K) and the preference pages with their win rates (eval.preference).
+length; category for MJHQ-30K) and the preference studies (eval.prefreport: Fig. 9-style chart,
+shares with CIs, win rates, Bradley-Terry, human-AI kappa).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from _sigma.holdout import EVAL_DIR
 
 # Protocol keys that must agree for two rows of the table to be comparable.
 COMPARABLE = ("benchmark_checksum", "prompt", "fid_protocol", "fid_extractor", "fid_extractor_sha256",
-              "clip_model", "clip_pretrained")
+              "clip_model", "clip_pretrained", "cmmd_model", "cmmd_pretrained")
 GEN_COMPARABLE = ("sampler", "steps", "cfg_scale", "gen_seed", "resolution", "aspect")
 
 
@@ -61,19 +62,10 @@ def _strata_table(s: dict, field: str, cols: tuple[str, ...]) -> list[str]:
 
 
 def preference_section(out: str) -> list[str]:
-    from eval.preference import list_pages, win_rates_of_page
+    """Every preference study (eval.prefreport): Fig. 9-style chart, shares, win rates, BT, kappa."""
+    from eval.prefreport import section
 
-    pages = list_pages(out)
-    if not pages:
-        return []
-    lines = ["", "## Pairwise preference (eval.preference)", ""]
-    for p in pages:
-        w = win_rates_of_page(p)
-        lines.append(f"- `{p['a']}` vs `{p['b']}`: page `{p['html']}` ({p['pairs']} prompts, sides randomised); "
-                     + (f"{w['votes']} votes: win rate of `{p['a']}` {w['win_rate_a']:.3f} "
-                        f"[{w['ci'][0]:.3f}, {w['ci'][1]:.3f}] ({w['wins_a']} wins, {w['wins_b']} losses, "
-                        f"{w['ties']} ties)" if w["votes"] else "no votes recorded yet"))
-    return lines
+    return section(out)
 
 
 def render(scores: list[dict], out: str | None = None) -> str:
@@ -85,17 +77,20 @@ def render(scores: list[dict], out: str | None = None) -> str:
     lines = ["# Eval report", "",
              f"Benchmark `{bp['benchmark_version']}` ({bp['benchmark_source']}, checksum "
              f"`{bp['benchmark_checksum'][:16]}`), N = {base['n_benchmark']} prompts, one image per prompt. "
-             f"Intervals: {int(100 * bp['ci'])} % bootstrap over {bp['bootstrap']} prompt resamples.", "",
-             "| run | checkpoint | images | FID ↓ | KID ↓ (± std) | CLIP-Score ↑ | " + "".join(f"{n} ↑ | " for n in names)
-             + "comparable | scored at |",
-             "|" + "---|" * (8 + len(names))]
+             f"Intervals: {int(100 * bp['ci'])} %, {bp['bootstrap']} resamples: FID and CMMD by half-sampling "
+             "without duplicate images (median-centred, so an interval always contains its estimate), means by "
+             "the percentile bootstrap over prompts (eval/README.md).", "",
+             "| run | checkpoint | images | FID ↓ | CMMD ↓ | KID ↓ (± std) | CLIP-Score ↑ | "
+             + "".join(f"{n} ↑ | " for n in names) + "comparable | scored at |",
+             "|" + "---|" * (9 + len(names))]
     for s in scores:
         g = s["protocol"].get("generation", {})
         k = s.get("kid") or {}
         rw = "".join(f"{_f(s['rewards'].get(n, {}).get('mean'))}{_ci(s['rewards'].get(n, {}).get('ci'))} | "
                      for n in names)
         lines.append(f"| {s['run']} | `{g.get('checkpoint', '?')}` | {s['n_scored']}/{s['n_benchmark']} | "
-                     f"{_f(s['fid'])}{_ci(s.get('fid_ci'))} | {_f(k.get('kid'), '.5f')} ± {_f(k.get('kid_std'), '.5f')} | "
+                     f"{_f(s['fid'])}{_ci(s.get('fid_ci'))} | {_f(s.get('cmmd'))}{_ci(s.get('cmmd_ci'))} | "
+                     f"{_f(k.get('kid'), '.5f')} ± {_f(k.get('kid_std'), '.5f')} | "
                      f"{_f(s['clip_score'], '.3f')}{_ci(s.get('clip_score_ci'), '.3f')} | {rw}"
                      f"{_comparable(s, base)} | {s['scored_at']} |")
     ref = bp["reference_set"]
@@ -110,6 +105,9 @@ def render(scores: list[dict], out: str | None = None) -> str:
               f"{ref['n_images']} reference images of `{ref['source']}`"
               + (f" at `{ref['path']}`" if ref.get("path") else "") + f" (failed {ref['failed']}, cache `{ref['cache']}`)",
               f"- KID: {bp['kid']}; CLIP-Score: {bp['clip_score']}; model `{bp['clip_model']}` / `{bp['clip_pretrained']}`",
+              *([f"- CMMD: {bp['cmmd']['estimator']}, sigma {bp['cmmd']['sigma']}, x{bp['cmmd']['scale']:g}; model "
+                 f"`{bp['cmmd']['cmmd_model']}` / `{bp['cmmd']['cmmd_pretrained']}` (comparable only with the same "
+                 f"model), {bp['cmmd']['n_reference']} reference embeddings"] if bp.get("cmmd") else []),
               f"- Rewards: " + (", ".join(f"{k} (`{v}`)" for k, v in bp["rewards"].items()) or "none configured"),
               f"- Generation: sampler `{bg.get('sampler')}` (dpm = DPM-Solver++ 2M), {bg.get('steps')} steps, "
               f"cfg {bg.get('cfg_scale')}, seed of prompt j = {bg.get('gen_seed')} + j (rows ordered by bucket, key), "

@@ -169,9 +169,13 @@ MODELS = {"PickScore": PickScore, "HPSv2": HPSv2, "ImageReward": ImageReward}
 
 
 def load_rewards(rewards: dict[str, str], device: str = "cpu") -> dict:
-    """{name: scorer} for eval.rewards (name -> local path); a missing path is an error naming it."""
+    """{name: scorer} for eval.rewards (name -> local path or s3:// / gs:// URI, fetched once per node
+    by _sigma.fetch); a missing path is an error naming it."""
+    from _sigma.fetch import local_model
+
     out = {}
     for name, path in sorted(rewards.items()):
+        path = local_model(path)
         if not os.path.exists(os.path.expanduser(path)):
             raise FileNotFoundError(f"eval.rewards.{name}: {path} does not exist (build the tiny twins with `make models`)")
         out[name] = MODELS[name](os.path.expanduser(path), device)

@@ -2,13 +2,15 @@
 
 For each generation run (<output>/eval/generations/<run>/, default: all of them), against the
 benchmark version that the pipeline's eval config selects:
-0. refuses to score when any key of the training shards (_sigma.shards, the only reader) is in
-   that version's exclusion list: the number would be flattered by a leak;
+0. extends that version's exclusion list over manifest parts added or rewritten since its last
+   search, then refuses to score when any key of the training shards (_sigma.shards, the only
+   reader) is in it: the number would be flattered by a leak;
 1. FID under `eval.fid_protocol` with `eval.fid_extractor` (eval.fid), real side = the cached
-   reference features (eval.reference), KID (mean, std and standard error over subsets);
+   reference features (eval.reference), KID (mean, std and standard error), CMMD (eval.cmmd: RBF
+   MMD of CLIP image embeddings, reference embeddings cached the same way);
 2. CLIP-Score = 100 x cosine with the pipeline's CLIP (`score.clip_model`), 77-token truncation
    (the truncated fraction is reported); reward models of `eval.rewards` (eval.rewards);
-3. bootstrap CIs (FID, CLIP-Score, rewards) over prompt resamples, per-stratum tables (aspect
+3. intervals (FID and CMMD: half-samples without duplicates; CLIP-Score, rewards: bootstrap), per-stratum tables (aspect
    bucket x prompt length; category for MJHQ-30K) (eval.metrics);
 then writes <output>/eval/scores/<run>.json (numbers + the whole protocol: FID protocol, extractor
 sha256, N, reference set, versions), <run>.rows.parquet (per prompt) and re-renders the report.
@@ -17,7 +19,6 @@ benchmark's FID). All paths go through _sigma.fs (local or object store).
 """
 from __future__ import annotations
 
-import argparse
 import io
 import platform
 import time
@@ -31,6 +32,7 @@ from _sigma import fs, holdout
 from _sigma.device import pick_device
 from _sigma.holdout import EVAL_DIR
 from _sigma.shards import shard_keys
+from eval import cmmd as cmmd_mod
 from eval import fid, metrics
 from eval.build_benchmark import current
 from eval.clipscore import CONTEXT, ClipScorer, clip_token_counts
@@ -61,8 +63,21 @@ def list_runs(out: str) -> list[str]:
     return [n for n in fs.listdir(d) if fs.isfile(fs.join(d, n, META))]
 
 
-def verify_hold_out(out: str, version: str) -> dict:
-    """Raise LeakError when a training-shard key is held out by benchmark `version`."""
+def verify_hold_out(out: str, version: str, cfg=None) -> dict:
+    """Raise LeakError when a training-shard key is held out by benchmark `version`.
+
+    First the list must cover the current manifest (_sigma.holdout.stale_parts): with the pipeline
+    config `cfg` the parts added or rewritten since the last search are searched now (the list is
+    extended, as eval_split would); without it a stale list raises StaleHoldoutError."""
+    stale = holdout.stale_parts(out, version)
+    extended = None
+    if stale:
+        if cfg is None:
+            raise holdout.StaleHoldoutError(f"benchmark {version}: its hold-out list does not cover manifest parts "
+                                            f"{stale[:8]} (added or rewritten after the last search)")
+        from eval.build_benchmark import build
+
+        extended = {"parts": stale, "held_out_now": build(cfg)["hold_out"]["held_out"]}
     held = holdout.version_keys(out, version)
     shard = shard_keys(out)
     leaked = sorted(held & shard)
@@ -70,7 +85,7 @@ def verify_hold_out(out: str, version: str) -> dict:
         raise LeakError(f"benchmark {version}: {len(leaked)} held-out keys are in the training shards (e.g. "
                         f"{leaked[:3]}); rerun the features stage (it drops every held-out key) and retrain "
                         "before scoring")
-    return {"held_out": len(held), "training_shard_keys": len(shard), "leaked": 0}
+    return {"held_out": len(held), "training_shard_keys": len(shard), "leaked": 0, "extended_over": extended}
 
 
 def _load_png(uri: str):
@@ -86,10 +101,10 @@ def _load_png(uri: str):
 
 
 def score_run(cfg, run: str, device: str = "cpu", progress: bool = True, clip: ClipScorer | None = None,
-              rewards: dict | None = None, extractor=None) -> dict:
+              rewards: dict | None = None, extractor=None, embedder=None) -> dict:
     out, ecfg = cfg.out, cfg.eval
     version, rows, info = current(cfg)
-    leak_check = verify_hold_out(out, version)
+    leak_check = verify_hold_out(out, version, cfg)
     d = run_dir(out, run)
     gen_meta = fs.read_json(fs.join(d, META)) if fs.isfile(fs.join(d, META)) else {}
     if gen_meta and gen_meta.get("benchmark_checksum") != info["checksum"]:
@@ -99,9 +114,11 @@ def score_run(cfg, run: str, device: str = "cpu", progress: bool = True, clip: C
     extractor = extractor or fid.make_extractor(ecfg, device)
     ref, ref_meta, cached = reference_features(cfg, rows, info, extractor, device, progress)
     clip = clip or ClipScorer(cfg.score.clip_model, cfg.score.clip_pretrained, device)
+    embedder = embedder or cmmd_mod.make_embedder(cfg, device, clip)
+    ref_emb, emb_meta, emb_cached = cmmd_mod.reference_embeddings(cfg, rows, info, embedder, progress)
     rewards = {} if rewards is None else rewards
     have = existing_keys(d)
-    keys, gen_feats, clip_s, rew, failed = [], [], [], {k: [] for k in rewards}, []
+    keys, gen_feats, gen_embs, clip_s, rew, failed = [], [], [], [], {k: [] for k in rewards}, []
     bar = tqdm(total=len(rows), desc=f"score {run}", unit="img", disable=not progress, mininterval=1.0)
     bs = ecfg.batch_size
     for s in range(0, len(rows), bs):
@@ -118,6 +135,7 @@ def score_run(cfg, run: str, device: str = "cpu", progress: bool = True, clip: C
             continue
         prompts = [r["prompt"] for r in batch]
         gen_feats.append(fid.features(extractor, imgs, ecfg.fid_protocol, device))
+        gen_embs.append(embedder(imgs))  # (B, D) unit CLIP embeddings for CMMD
         clip_s.append(clip(imgs, prompts))
         for name, model in rewards.items():
             rew[name].append(model(imgs, prompts))
@@ -127,7 +145,8 @@ def score_run(cfg, run: str, device: str = "cpu", progress: bool = True, clip: C
     cs = np.concatenate(clip_s) if clip_s else np.zeros(0)
     rew = {k: (np.concatenate(v) if v else np.zeros(0)) for k, v in rew.items()}
     ref_all = np.stack(list(ref.values())).astype(np.float64) if ref else np.zeros((0, gen.shape[1]))
-    result = _numbers(cfg, rows, keys, gen, cs, rew, ref, ref_all)
+    emb = np.concatenate(gen_embs) if gen_embs else np.zeros((0, 1), np.float32)
+    result = _numbers(cfg, rows, keys, gen, cs, rew, ref, ref_all, emb, ref_emb)
     tokens = clip_token_counts([r["prompt"] for r in rows])
     n_ref = ref_meta.get("n_images", 0)
     reasons = ([f"{len(failed)} of {len(rows)} prompts have no usable image"] if failed else []) + \
@@ -148,7 +167,10 @@ def score_run(cfg, run: str, device: str = "cpu", progress: bool = True, clip: C
             "fid_protocol": ecfg.fid_protocol, "fid_extractor": ext["extractor"], "fid_extractor_sha256": ext["sha256"],
             "fid_extractor_file": ext["file"], "N": len(keys),
             "kid": f"clean-fid kernel_distance scheme, {ecfg.kid_subsets} subsets of up to {ecfg.kid_subset_size}",
-            "bootstrap": ecfg.bootstrap, "ci": ecfg.ci,
+            "bootstrap": ecfg.bootstrap, "ci": ecfg.ci, "ci_methods": metrics.CI_METHODS,
+            **{k: v for k, v in cmmd_mod.protocol(cfg).items() if k in ("cmmd_model", "cmmd_pretrained")},
+            "cmmd": dict(cmmd_mod.protocol(cfg), n_reference=len(ref_emb), reference_failed=len(emb_meta.get("failed", [])),
+                         cache=emb_meta.get("cache_id"), from_cache=emb_cached),
             "clip_model": cfg.score.clip_model, "clip_pretrained": cfg.score.clip_pretrained,
             "clip_score": "100 x cosine, no clamp, 77-token truncation",
             "rewards": dict(ecfg.rewards), "hold_out_check": leak_check,
@@ -156,12 +178,13 @@ def score_run(cfg, run: str, device: str = "cpu", progress: bool = True, clip: C
         },
         "versions": versions(), "seconds": round(time.time() - t0, 2),
     })
-    _save(out, run, keys, gen, cs, rew, result)
+    _save(out, run, keys, gen, cs, rew, result, emb)
     return result
 
 
-def _numbers(cfg, rows, keys, gen, cs, rew, ref: dict, ref_all: np.ndarray) -> dict:
-    """FID / KID over all images; CIs and strata over the prompts that have both images."""
+def _numbers(cfg, rows, keys, gen, cs, rew, ref: dict, ref_all: np.ndarray, emb: np.ndarray | None = None,
+             ref_emb: dict | None = None) -> dict:
+    """FID / KID / CMMD over all images; CIs and strata over the prompts that have both images."""
     ecfg = cfg.eval
     by_key = {r["key"]: r for r in rows}
     pair = [i for i, k in enumerate(keys) if k in ref]
@@ -169,11 +192,23 @@ def _numbers(cfg, rows, keys, gen, cs, rew, ref: dict, ref_all: np.ndarray) -> d
     pref = np.stack([ref[keys[i]] for i in pair]).astype(np.float64) if pair else np.zeros((0, gen.shape[1]))
     pgen = gen[pair] if pair else np.zeros((0, gen.shape[1]))
     per_prompt = {"clip_score": cs[pair] if pair else cs[:0], **{k: v[pair] for k, v in rew.items()}}
-    cis = metrics.bootstrap_cis(pref, pgen, per_prompt, ecfg.bootstrap, ecfg.ci, seed=ecfg.gen_seed)
+    ref_emb = ref_emb or {}
+    epair = [i for i, k in enumerate(keys) if k in ref_emb] if emb is not None and len(emb) == len(keys) else []
+    emb_all = np.stack(list(ref_emb.values())) if ref_emb else None
+    fid_all = fid.fid_of(ref_all, gen)
+    cmmd_all = cmmd_mod.mmd(emb_all, emb) if emb_all is not None and emb is not None else None
+    # The intervals are over the prompts with both images; when that is every image on both sides
+    # they are put around the reported numbers themselves.
+    full = len(pair) == len(gen) == len(ref_all)
+    efull = len(epair) == len(keys) == (0 if emb_all is None else len(emb_all))
+    cis = metrics.bootstrap_cis(pref, pgen, per_prompt, ecfg.bootstrap, ecfg.ci, seed=ecfg.gen_seed,
+                                ref_emb=np.stack([ref_emb[keys[i]] for i in epair]) if epair else None,
+                                gen_emb=emb[epair] if epair else None,
+                                fid_point=fid_all if full else None, cmmd_point=cmmd_all if efull else None)
     strata = metrics.strata(prows, pref, pgen, per_prompt, ("bucket", "length_bin"))
     cats = metrics.strata(prows, pref, pgen, per_prompt, "category") if any(r.get("category") for r in prows) else []
     return {
-        "fid": fid.fid_of(ref_all, gen), "fid_ci": cis.get("fid"),
+        "fid": fid_all, "fid_ci": cis.get("fid"), "cmmd": cmmd_all, "cmmd_ci": cis.get("cmmd"),
         "kid": metrics.kid(ref_all, gen, ecfg.kid_subsets, ecfg.kid_subset_size, seed=ecfg.gen_seed),
         "clip_score": float(cs.mean()) if len(cs) else None, "clip_score_std": float(cs.std()) if len(cs) else None,
         "clip_score_ci": cis.get("clip_score"),
@@ -182,30 +217,26 @@ def _numbers(cfg, rows, keys, gen, cs, rew, ref: dict, ref_all: np.ndarray) -> d
     }
 
 
-def _save(out: str, run: str, keys, gen, cs, rew, result) -> None:
+def _save(out: str, run: str, keys, gen, cs, rew, result, emb: np.ndarray) -> None:
     import pyarrow as pa
 
     sd = scores_dir(out)
     fs.write_parquet(fs.join(sd, f"{run}.rows.parquet"),
                      pa.table({"key": keys, "clip_score": cs, **{k: v for k, v in rew.items()}}))
     buf = io.BytesIO()
-    np.savez(buf, keys=np.asarray(keys, dtype=str), feats=gen.astype(np.float32))
+    np.savez(buf, keys=np.asarray(keys, dtype=str), feats=gen.astype(np.float32), clip_embeddings=emb.astype(np.float32))
     fs.write_bytes(fs.join(sd, f"{run}.features.npz"), buf.getvalue())
     fs.write_json(fs.join(sd, f"{run}.json"), result)  # last: the report reads these
 
 
 def main(argv=None) -> list[dict]:
-    from curation.config import add_pipeline_args, pipeline_from_args
+    from curation.config import pipeline_from_args
+    from eval.cli import score_parser
     from eval.report import write_report
     from eval.rewards import load_rewards
 
-    ap = add_pipeline_args(argparse.ArgumentParser(
-        description="Score generation runs (FID, KID, CLIP-Score, rewards) and write the report."))
-    ap.add_argument("--run", action="append", default=[], help="generation run name (repeatable; default: all)")
-    ap.add_argument("--stage", action="append", default=[],
-                    help="runs of a training stage (<stage>-step-*, as eval.generate --stage names them)")
-    ap.add_argument("--device", default=pick_device())
-    args = ap.parse_args(argv)
+    args = score_parser().parse_args(argv)
+    args.device = args.device or pick_device()
     cfg = pipeline_from_args(args)
     out = cfg.out
     runs = list(args.run) + [r for r in list_runs(out) for st in args.stage if r == st or r.startswith(f"{st}-step-")]
@@ -215,11 +246,13 @@ def main(argv=None) -> list[dict]:
     clip = ClipScorer(cfg.score.clip_model, cfg.score.clip_pretrained, args.device)
     rewards = load_rewards(cfg.eval.rewards, args.device)
     extractor = fid.make_extractor(cfg.eval, args.device)
+    embedder = cmmd_mod.make_embedder(cfg, args.device, clip)
     results = []
     for run in runs:
-        r = score_run(cfg, run, args.device, clip=clip, rewards=rewards, extractor=extractor)
+        r = score_run(cfg, run, args.device, clip=clip, rewards=rewards, extractor=extractor, embedder=embedder)
         results.append(r)
-        print(f"[eval.score] {run}: FID {_fmt(r['fid'])} {_ci(r['fid_ci'])}  KID "
+        print(f"[eval.score] {run}: FID {_fmt(r['fid'])} {_ci(r['fid_ci'])}  CMMD {_fmt(r['cmmd'], '.4f')} "
+              f"{_ci(r['cmmd_ci'])}  KID "
               f"{_fmt((r['kid'] or {}).get('kid'), '.5f')}  CLIP-Score {_fmt(r['clip_score'], '.3f')} "
               f"{_ci(r['clip_score_ci'], '.3f')}  ({r['n_scored']}/{r['n_benchmark']} images"
               f"{'' if r['comparable'] else ', INCOMPARABLE: ' + r['incomparable_because']})", flush=True)
@@ -236,5 +269,7 @@ def _ci(ci, spec: str = ".4f") -> str:
     return "" if not ci else f"[{ci[0]:{spec}}, {ci[1]:{spec}}]"
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # = sigma-eval-...: checks first, library logs to <output>/logs
+    from eval import cli
+
+    raise SystemExit(cli.score())

@@ -12,6 +12,13 @@ COCO-30K (the usual text-to-image protocol: 30K images of COCO 2014 val, one cap
   one with the smallest sha256(seed:annotation id) (a seeded, order-independent choice).
 Rows carry `image` = the reference image's path relative to <path>, its sha256 (for the hold-out
 list: a byte copy in our own data is a leak too), width/height, category and the aspect bucket.
+
+Near copies: the hold-out search (eval.leaks) compares the manifest's CLIP image embeddings (the
+score stage's, `score.clip_model`) with the reference images' embeddings under the same model and
+preprocessing (open_clip's eval transform of the decoded image), computed once per benchmark
+version by `reference_clip_embeddings` on this process's device and cached beside the list
+(`<version>/reference_clip.npz`, keyed by the model), so a resized / re-encoded / lightly edited
+copy of an MJHQ or COCO image in our data is held out like one of our own benchmark's.
 """
 from __future__ import annotations
 
@@ -92,3 +99,47 @@ def load_source(ecfg) -> list[dict]:
     if ecfg.benchmark == "coco-30k":
         return load_coco(ecfg.benchmark_path, ecfg.n, ecfg.seed)
     raise ValueError(f"not a published prompt set: {ecfg.benchmark!r}")
+
+
+CLIP_CACHE = "reference_clip.npz"
+
+
+def reference_clip_embeddings(cfg, version: str, rows: list[dict], progress: bool = False) -> dict:
+    """{key: (D,) float32 unit embedding} of a published set's reference images under the pipeline's
+    CLIP (score.clip_model); unreadable images are skipped (they cannot be copied either). Cached."""
+    import json
+
+    import numpy as np
+
+    from _sigma import holdout
+    from _sigma.device import pick_device
+    from eval.clipscore import ClipScorer
+    from eval.reference import iter_reference_images
+
+    model = f"{cfg.score.clip_model}|{cfg.score.clip_pretrained}"
+    uri = fs.join(holdout.version_dir(cfg.out, version), CLIP_CACHE)
+    if fs.isfile(uri):
+        with np.load(io.BytesIO(fs.read_bytes(uri)), allow_pickle=False) as z:
+            if str(z["model"]) == model and len(z["keys"]) > 0:
+                return dict(zip(z["keys"].tolist(), z["emb"]))
+    scorer = ClipScorer(cfg.score.clip_model, cfg.score.clip_pretrained, pick_device())
+    keys, chunks, buf = [], [], []
+
+    def flush():
+        if buf:
+            chunks.append(scorer.embed_images([im for _, im in buf]).cpu().numpy().astype(np.float32))
+            keys.extend(k for k, _ in buf)
+            buf.clear()
+
+    for key, img, _err in iter_reference_images(cfg.out, rows, cfg.eval.benchmark_path):
+        if img is not None:
+            buf.append((key, img))
+            if len(buf) == cfg.eval.batch_size:
+                flush()
+    flush()
+    emb = np.concatenate(chunks) if chunks else np.zeros((0, 1), np.float32)
+    b = io.BytesIO()
+    np.savez(b, keys=np.asarray(keys, dtype=str), emb=emb, model=np.array(model),
+             meta=np.array(json.dumps({"n": len(keys), "of": len(rows)})))
+    fs.write_bytes(uri, b.getvalue())
+    return dict(zip(keys, emb))

@@ -124,7 +124,9 @@ def plan_shards(rows: list[dict], resolution: int, max_samples: int, max_bytes: 
 def _tokenizer(name: str):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(name)
+    from _sigma.fetch import local_model
+
+    return AutoTokenizer.from_pretrained(local_model(name))  # folder | hub name | s3:// / gs:// (cached per node)
 
 
 def count_tokens(fc, rows: list[dict]) -> list[int]:

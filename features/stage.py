@@ -1,6 +1,8 @@
 """The features stage: `run_features(cfg, out, progress)` (called by curation.run).
 
 Driver coordinates, workers write (_sigma.partstage):
+0. refuse to start (StaleHoldoutError) when a benchmark's hold-out list does not cover the current
+   manifest parts (_sigma.holdout.check_current: parts added or rewritten after eval_split searched);
 1. plan: one task per manifest part (`features.plan.plan_part`) cuts the part's rows into shards
    per target resolution and checks which of them are already on disk (sidecar matches the plan,
    tar verified by size and sha256); the driver gets a few numbers per shard, never rows;
@@ -21,7 +23,7 @@ import json
 import time
 from collections import Counter
 
-from _sigma import fs, manifest
+from _sigma import fs, holdout, manifest
 from _sigma.config import ConfigError, Resources, fingerprint
 from _sigma.partstage import commit_groups, nodes_of, read_images, run_tasks
 from _sigma import shards
@@ -34,11 +36,15 @@ def _model_info(fc) -> tuple[int, int]:
     """(T5 d_model, VAE latent channels) from the model configs only (no weights)."""
     from transformers import AutoConfig
 
-    dim = int(AutoConfig.from_pretrained(fc.t5).d_model)
+    from _sigma.fetch import is_uri, read_config
+
+    # a URI's config.json is read directly: the driver needs no copy of the weights
+    dim = int(read_config(fc.t5)["d_model"] if is_uri(fc.t5) else AutoConfig.from_pretrained(fc.t5).d_model)
     try:
         from diffusers import AutoencoderKL
 
-        latent_channels = int(AutoencoderKL.load_config(fc.vae).get("latent_channels", 4))
+        vae_cfg = read_config(fc.vae) if is_uri(fc.vae) else AutoencoderKL.load_config(fc.vae)
+        latent_channels = int(vae_cfg.get("latent_channels", 4))
     except Exception:  # noqa: BLE001 - a VAE folder without a readable config: SD/SDXL's 4
         latent_channels = 4
     return dim, latent_channels
@@ -133,6 +139,9 @@ def run_features(cfg, out: str, progress: bool = True) -> dict:
     if not parts:
         raise ConfigError(f"{out} has no manifest yet: run the curation stages first")
     sources = plan.exclusion_sources(out, fc)
+    # The eval hold-out must cover every part about to be sharded: a part added or rewritten after
+    # eval_split last searched it could hold a copy of a benchmark image (StaleHoldoutError).
+    holdout_cover = holdout.check_current(out)
     dim, latent_channels = _model_info(fc)
     fps = {res: fingerprint(dict(_fp_base(fc), resolution=res)) for res in fc.resolutions}
     plans = run_tasks(plan.plan_part, parts, kwargs={"out": out, "fc": fc, "dim": dim, "fps": fps, "sources": sources},
@@ -151,7 +160,7 @@ def run_features(cfg, out: str, progress: bool = True) -> dict:
         stats.update(p["stats"])
     summary = {"rows": sum(p["rows"] for p in plans), **{k: stats[k] for k in ("selected", "excluded", "no_caption",
                                                                               "no_image")},
-               "exclude_keys": sources, "resolutions": {}}
+               "exclude_keys": sources, "holdout_parts_covered": holdout_cover, "resolutions": {}}
     for res in fc.resolutions:
         sides = [e.get("side") or by_name[(res, e["name"])] for e in entries if e["res"] == res]
         index = shards.build_index(

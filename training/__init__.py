@@ -14,6 +14,7 @@ _API = {
     "latest_checkpoint": ("training.checkpoint", "resolve"),  # stage output / checkpoint -> checkpoint folder
     "encode_null": ("training.null", "encode_null"),  # T5("") of a T5: the unconditional caption
     "load_dit": ("training.sample", "load_dit"),  # a verified checkpoint, diffusers folder or .pth -> DiT
+    "dit_pe": ("training.sample", "dit_pe"),  # the PE load_dit gives a checkpoint (read without loading it)
     "encode_prompts": ("training.sample", "encode_prompts"),
     "sample_latents": ("training.sample", "sample_latents"),
     "decode_latents": ("training.sample", "decode_latents"),

@@ -98,11 +98,18 @@ class CaptionEmbedder(nn.Module):
 
 # ----------------------------------------------------------------------------- attention
 
+# conv: the paper's Conv 2x2 (official `conv`); uniform: top-left token of each window (official
+# `uniform`, the paper's "token discarding"); ave: the official `ave` = F.interpolate nearest (the
+# same tokens as uniform: NOT an average); avgpool: the RxR mean (the paper's "token pooling").
+KV_MODES = ("conv", "uniform", "ave", "avgpool")
+
 class SelfAttention(nn.Module):
     """Multi-head self-attention (SDPA) with optional KV token compression on the (gh, gw) grid."""
 
     def __init__(self, c: int, heads: int, kv_ratio: int = 1, kv_mode: str = "conv"):
         super().__init__()
+        if kv_mode not in KV_MODES:  # an unknown mode would build the conv-less path and crash in forward
+            raise ValueError(f"kv_mode {kv_mode!r}: allowed {' | '.join(KV_MODES)}")
         self.heads, self.ratio, self.mode = heads, kv_ratio, kv_mode
         self.qkv = nn.Linear(c, 3 * c)
         self.proj = nn.Linear(c, c)

@@ -15,19 +15,23 @@ then rank 0 writes meta.json LAST. A folder is a checkpoint iff its meta.json ex
 save leaves a folder without it, which is ignored and removed by the next save. Re-saving a step
 first removes its meta.json. Every read checks the file's size and sha256 against meta.json, so a
 truncated or corrupted file raises `CorruptCheckpoint` and resume falls back to the newest
-checkpoint that verifies. `.pt` files are read with torch.load(weights_only=True) only.
+checkpoint that verifies. Checkpoints whose meta.json predates checksums (format /1) are read
+unchecked; a file there that does not parse (bad safetensors header, truncated data) makes resume
+fall back the same way (`LOAD_ERRORS`). `.pt` files are read with torch.load(weights_only=True) only.
 """
 from __future__ import annotations
 
 import hashlib
 import io
 import json
+import pickle
 import random
 import warnings
 from typing import Callable
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 
 from _sigma import fs
@@ -259,7 +263,11 @@ def load_state(ckpt, rank: int, ema: bool) -> dict:
             else None}
 
 
-LOAD_ERRORS = (CorruptCheckpoint, ValueError, KeyError, RuntimeError, OSError, EOFError)
+# What an unusable checkpoint raises: a checksum mismatch, and for files read unchecked (format /1
+# meta.json, without checksums) the parsers' own errors: safetensors' SafetensorError (bad header,
+# truncated data: not a ValueError), torch.load's RuntimeError / UnpicklingError / EOFError.
+LOAD_ERRORS = (CorruptCheckpoint, SafetensorError, pickle.UnpicklingError, ValueError, KeyError, RuntimeError,
+               OSError, EOFError)
 
 
 def load_newest(path, load: Callable[[str], object]):

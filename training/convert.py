@@ -1,6 +1,6 @@
 """Checkpoint conversion: official PixArt `.pth` <-> our model <-> diffusers `PixArtTransformer2DModel`.
 
-  python -m training.convert --to-diffusers CKPT OUT_DIR --image-size 1024 [--version sigma]
+  python -m training.convert --to-diffusers CKPT OUT_DIR --image-size 1024 [--pe-version sigma]
   python -m training.convert --from-diffusers DIR OUT.pth [--null-caption T5_DIR|NULL_FILE]
 
 Our state dict uses the official key layout, so official files load with only two fix-ups:
@@ -17,7 +17,6 @@ import needs a null source (a pipeline folder brings its own T5).
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import warnings
@@ -286,22 +285,15 @@ def from_diffusers(dm, base: ModelConfig | None = None, null=None, trust_pickle:
     return model
 
 
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description="Convert PixArt checkpoints (official .pth <-> diffusers).")
-    g = ap.add_mutually_exclusive_group(required=True)
-    g.add_argument("--to-diffusers", nargs=2, metavar=("CKPT", "OUT_DIR"))
-    g.add_argument("--from-diffusers", nargs=2, metavar=("DIR", "OUT_PTH"))
-    ap.add_argument("--image-size", type=int, default=None,
-                    help="resolution an official .pth was trained at (required unless the file records it)")
-    ap.add_argument("--version", choices=["sigma", "alpha"], default="sigma", help="PE table of --image-size")
-    ap.add_argument("--preset", default="PixArt-XL/2", choices=sorted(PRESETS),
-                    help="heads for a checkpoint without a saved model_config")
-    ap.add_argument("--base-size", type=int, default=None, help="override PE base_size")
-    ap.add_argument("--pe-interpolation", type=float, default=None, help="override PE interpolation")
-    ap.add_argument("--null-caption", default=None,
-                    help="T5 folder / diffusers pipeline folder / null file: the null caption T5(\"\")")
-    ap.add_argument("--trust-pickle", action="store_true", help="allow .pth files that need a full pickle load")
-    args = ap.parse_args(argv)
+def main(argv=None) -> int:
+    """`python -m training.convert` = `sigma-convert` (training.cli holds the parser and the checks)."""
+    from training.cli import convert
+
+    return convert(argv)
+
+
+def run(args) -> int:
+    """The conversion of checked sigma-convert arguments."""
     over = {k: v for k, v in (("base_size", args.base_size), ("pe_interpolation", args.pe_interpolation))
             if v is not None}
     try:
@@ -322,8 +314,11 @@ def main(argv=None) -> None:
             save_pth(model, out)
             print(f"wrote {out}")
     except ValueError as e:  # incl. training.files.PickleRefused
-        raise SystemExit(f"convert: {e}")
+        from _sigma.cli import fail
+
+        fail("sigma-convert", str(e))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

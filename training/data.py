@@ -12,7 +12,10 @@ Design (why it is not a plain WebDataset pipeline):
   members (`read_member`). Shards are local or on an object store (_sigma.fs).
 - Trust nothing: every shard's size and sample count must equal index.json; a shard that is
   missing, truncated (even at a member boundary, which a tar reader accepts silently) or holds an
-  incomplete sample raises `ShardError` naming it, before any step is trained.
+  incomplete sample raises `ShardError` naming it, before any step is trained. Every member read
+  is checked against the sha256 written with it (its PAX header) before it is decoded, so a
+  flipped byte raises `ShardError` naming the shard and member instead of being trained on;
+  shards written without member sums are checked whole against index.json's sha256 on the scan.
 - Each rank reads disjoint shards (shards[rank::world_size]). With fewer shards than ranks it falls
   back to disjoint samples (every world_size-th sample), with a warning.
 """
@@ -38,7 +41,7 @@ class SampleRef:
     shard: str  # tar file name
     key: str
     bucket: str
-    members: dict  # suffix ("latent.npy", "t5_long.npy", ...) -> (offset, size)
+    members: dict  # suffix ("latent.npy", "t5_long.npy", ...) -> (offset, size, sha256 or None)
 
 
 def scan_shard(shards_dir: str, entry: dict) -> list[SampleRef]:
@@ -69,8 +72,9 @@ class ShardBatches:
 
     def __init__(self, shards_dir, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
                  long_ratio: float = 0.6, caption_dropout: float = 0.1, pad_tokens: str = "batch",
-                 max_length: int = 300):
+                 max_length: int = 300, verify: bool = True):
         self.dir = fs.normalize(shards_dir)
+        self.verify = verify  # member sha256 checks (False only for the benchmark's baseline)
         self.index = read_index(self.dir)
         self.scale = float(self.index["vae"]["scale_factor"])
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
@@ -134,10 +138,11 @@ class ShardBatches:
 
     # --- reading -------------------------------------------------------------------------
     def _read(self, ref: SampleRef, suffix: str) -> np.ndarray:
+        uri = fs.join(self.dir, ref.shard)  # names checked by read_index: inside self.dir
         fh = self._files.get(ref.shard)
         if fh is None:
-            fh = self._files[ref.shard] = open_shard(fs.join(self.dir, ref.shard))
-        return read_member(fh, ref.members[suffix])
+            fh = self._files[ref.shard] = open_shard(uri)
+        return read_member(fh, ref.members[suffix], f"{uri}: member {ref.key}.{suffix}", verify=self.verify)
 
     def load_batch(self, refs: list[SampleRef], epoch: int, cursor: int) -> dict:
         lat, toks, longs, drops = [], [], [], []

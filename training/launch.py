@@ -1,4 +1,4 @@
-"""`python -m training.launch --config pipelines.yaml --stage NAME [--set k=v ...]`
+"""`sigma-train --config pipelines.yaml --stage NAME [--set k=v ...]` (= python -m training.launch)
 
 Runs one training stage:
 - on Ray Train (default): `TorchTrainer` with `ScalingConfig(num_workers, use_gpu)` from the stage
@@ -14,7 +14,6 @@ The resolved config is saved as <stage output>/config.resolved.yaml before any w
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -55,16 +54,26 @@ def _ray_worker(config: dict) -> None:
     train(cfg, ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank())
 
 
-def run_ray(cfg: TrainStageConfig):
+def run_ray(cfg: TrainStageConfig, log: str | None = None):
+    """Ray Train. `log`: the file for Ray's own output (the console keeps our progress and summary)."""
     import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     if not ray.is_initialized():
+        if log:
+            from _sigma.cli import reroute_logs
+
+            reroute_logs()  # `import ray` set its loggers up afresh
         if os.environ.get("RAY_ADDRESS"):
-            ray.init()
+            ray.init(configure_logging=not log)
         else:
             ray.init(include_dashboard=False, configure_logging=False)
+        if log:
+            from _sigma.raystage import route_worker_output
+
+            # rank 0's bar ("train NAME: ...") and summary ("[train NAME] ...") stay on the console
+            route_worker_output(r"^\[train |^\s*train \S+:", log)
     out = cfg.output_dir
     trainer = TorchTrainer(
         _ray_worker,
@@ -93,22 +102,37 @@ def run_torchrun(cfg: TrainStageConfig) -> dict:
             dist.destroy_process_group()
 
 
+def _stage_names(config: str) -> list[str]:
+    import yaml
+
+    try:
+        with open(config) as f:
+            return sorted((yaml.safe_load(f) or {}).get("training") or {})
+    except (OSError, yaml.YAMLError, AttributeError):
+        return []
+
+
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description="Run one training stage (Ray Train, torchrun or local).")
+    from _sigma.cli import add_verbose, make_parser, route_logs, user_error
+
+    stages = _stage_names("pipelines.yaml")
+    ap = make_parser("sigma-train", __doc__, "training stages of pipelines.yaml here: " + (", ".join(stages) or "none")
+                     + "\n(each stage's `resources` sets workers, GPUs and batch size; see docs/guide.md)")
     add_config_args(ap, "override a key of the stage, relative to it (steps=10, model.kv_compress_ratio=2)")
     ap.add_argument("--stage", required=True, help="a training stage of the config")
     mode = ap.add_mutually_exclusive_group()
-    mode.add_argument("--torchrun", action="store_true", help="run under torchrun (env WORLD_SIZE/RANK)")
+    mode.add_argument("--torchrun", action="store_true",
+                      help="run under torchrun (env WORLD_SIZE/RANK): torchrun --nproc-per-node N -m training.launch ...")
     mode.add_argument("--local", action="store_true", help="one process, no Ray")
     ap.add_argument("--trust-pickle", action="store_true",
                     help="allow an init_from .pth that needs a full pickle load (it can run code)")
+    add_verbose(ap)
     args = ap.parse_args(argv)
     try:
         cfg = load_stage(args.config, args.stage, args.overrides + (["trust_pickle=true"] if args.trust_pickle else []))
         _check(cfg)
     except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+        return user_error("sigma-train", str(e))
     under_torchrun = args.torchrun or ("WORLD_SIZE" in os.environ and "RANK" in os.environ)
     if not under_torchrun or int(os.environ.get("RANK", "0")) == 0:
         derived = {"base_size": cfg.base_size, "pe_interpolation": cfg.pe_interpolation,
@@ -122,7 +146,10 @@ def main(argv=None) -> int:
 
         train(cfg, 0, 1)
     else:
-        result = run_ray(cfg)
+        log = route_logs(cfg.output_dir, args.verbose, f"train-{cfg.name}")
+        if not args.verbose:
+            print(f"(Ray Train logs: {log}; --verbose shows them here)", flush=True)
+        result = run_ray(cfg, None if args.verbose else log)
         if getattr(result, "error", None):
             print(f"training failed: {result.error}", file=sys.stderr)
             return 1

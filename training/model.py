@@ -31,13 +31,10 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 # The layers live in training.blocks; sincos_pos_embed / timestep_embedding stay importable from here.
-from training.blocks import (CaptionEmbedder, FinalLayer, PatchEmbed, PixArtBlock, TimestepEmbedder,  # noqa: F401
-                             cross_attn_masks, sincos_pos_embed, timestep_embedding)
+# KV_MODES: the KV compression modes, defined (and validated) where the attention is.
+from training.blocks import (KV_MODES, CaptionEmbedder, FinalLayer, PatchEmbed, PixArtBlock,  # noqa: F401
+                             TimestepEmbedder, cross_attn_masks, sincos_pos_embed, timestep_embedding)
 
-# conv: the paper's Conv 2x2 (official `conv`); uniform: top-left token of each window (official
-# `uniform`, the paper's "token discarding"); ave: the official `ave` = F.interpolate nearest (the
-# same tokens as uniform: NOT an average); avgpool: the RxR mean (the paper's "token pooling").
-KV_MODES = ("conv", "uniform", "ave", "avgpool")
 NULL_POLICIES = ("own", "condition")
 
 

@@ -8,7 +8,7 @@ Library (stable API for eval code):
   load_dit(path, image_size=None, null=None, ...) -> model (a training checkpoint folder, a stage
       output, a diffusers transformer / pipeline folder, or an official/plain .pth / .safetensors)
 
-CLI:
+CLI (sigma-sample, training.cli):
   python -m training.sample --checkpoint CKPT_OR_DIR (--prompts FILE | --prompt TEXT) --t5 PATH
       --vae PATH --out DIR [--height 1024 --width 1024 --steps --cfg 4.5 --seed 0 --sampler dpm|iddpm]
 
@@ -22,7 +22,6 @@ replaces it by T5(text) (valid tokens only).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -154,6 +153,10 @@ def load_dit(path, preset: str = "PixArt-XL/2", device="cpu", image_size: int | 
     from training.checkpoint import is_checkpoint_source, load_model
 
     spath = str(path)
+    if not is_checkpoint_source(spath):  # a diffusers folder or weight file on s3:// / gs://: cached per node
+        from _sigma.fetch import local_model
+
+        spath = local_model(spath)
     if is_checkpoint_source(spath):
         model = load_model(spath, device="cpu")
         if null is not None:
@@ -175,6 +178,86 @@ def load_dit(path, preset: str = "PixArt-XL/2", device="cpu", image_size: int | 
     return model.to(device).eval()
 
 
+def dit_pe(path, image_size: int | None = None, version: str = "sigma", trust_pickle: bool = False) -> dict:
+    """The position embedding `load_dit(path, image_size=..., version=...)` builds, read without
+    loading the model: {"base_size", "pe_interpolation", "source"}. Training checkpoints (meta.json),
+    diffusers folders (config.json) and our own `.pth` (model_config) record it; a plain official
+    file does not, and needs `image_size` = the resolution it was TRAINED at (with `version`'s PE
+    table), never the size one generates at. ValueError when it is missing, or when `image_size`
+    contradicts a recorded PE."""
+    import dataclasses
+
+    from training import convert
+    from training.checkpoint import candidates, is_checkpoint_source, read_meta
+    from training.model import PRESETS, pe_settings
+
+    spath = str(path)
+    if not is_checkpoint_source(spath):  # as load_dit: a remote diffusers folder / file via its local cache
+        from _sigma.fetch import local_model
+
+        spath = local_model(spath)
+    if is_checkpoint_source(spath):
+        c = candidates(spath)[0]
+        meta = read_meta(c)
+        cfg = dataclasses.replace(PRESETS[meta["preset"]], **meta.get("model_kwargs", {}))
+        source = f"recorded in {c}/meta.json"
+    elif os.path.isdir(os.path.expanduser(spath)):
+        root = convert.pipeline_root(spath)
+        folder = (spath if os.path.isfile(os.path.join(spath, "config.json"))
+                  else os.path.join(root or spath, "transformer"))
+        with open(os.path.join(folder, "config.json")) as f:
+            cfg = convert.config_from_diffusers(json.load(f))
+        source = f"recorded in {folder}/config.json"
+    else:
+        patch, saved = _file_header(spath, trust_pickle)
+        if saved:
+            cfg = convert._saved_config(saved)
+            source = f"recorded in {spath} (model_config)"
+        elif image_size is not None:
+            pe = pe_settings(int(image_size), version, patch)
+            return {**pe, "source": f"trained at {int(image_size)} px ({version} PE table)"}
+        else:
+            raise ValueError(f"{spath}: the file does not record the resolution it was trained at: give it "
+                             "(eval.weights_resolution, --image-size; not the size you generate at)")
+    pe = {"base_size": cfg.base_size, "pe_interpolation": float(cfg.pe_interpolation)}
+    if image_size is not None:
+        want = pe_settings(int(image_size), version, cfg.patch_size)
+        if (want["base_size"], float(want["pe_interpolation"])) != (pe["base_size"], pe["pe_interpolation"]):
+            raise ValueError(f"{spath}: records PE base_size {pe['base_size']}, interpolation {pe['pe_interpolation']}"
+                             f" ({source}); a training size of {image_size} px ({version}) gives {want}: drop the "
+                             "training size setting or fix it")
+    return {**pe, "source": source}
+
+
+def _file_header(path: str, trust_pickle: bool) -> tuple[int, dict | None]:
+    """(patch size, saved model_config or None) of a weight file, cheaply where possible:
+    safetensors by its header, a local zip-format .pth memory-mapped (its tensors are not read)."""
+    import pickle
+
+    from training import convert
+
+    local = fs.local_path(path)
+    key = "x_embedder.proj.weight"  # (hidden, in_channels, patch, patch)
+    if local and path.endswith(".safetensors"):
+        from safetensors import safe_open
+
+        with safe_open(local, "pt") as f:
+            return int(f.get_slice(key).get_shape()[2]), None
+    obj = None
+    if local:
+        try:
+            obj = torch.load(local, map_location="cpu", weights_only=True, mmap=True)
+        except (RuntimeError, ValueError, pickle.UnpicklingError):  # legacy format or refused: the full reader says why
+            obj = None
+    if obj is None:
+        sd, saved = convert.read_state_dict(path, trust_pickle)
+    elif isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        sd, saved = obj["state_dict"], obj.get("model_config")
+    else:
+        sd, saved = obj, None
+    return int(sd[key].shape[2]), saved
+
+
 def _null(null, model, trust_pickle: bool):
     from training.null import null_from
 
@@ -185,36 +268,20 @@ def _slug(text: str, n: int = 40) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_")[:n] or "empty"
 
 
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description="Generate images with a PixArt-Sigma DiT.")
-    ap.add_argument("--checkpoint", required=True, help="checkpoint folder / stage output / diffusers dir / .pth")
-    src = ap.add_mutually_exclusive_group(required=True)
-    src.add_argument("--prompts", help="text file, one prompt per line")
-    src.add_argument("--prompt", help="a single prompt")
-    ap.add_argument("--t5", required=True, help="T5 encoder folder (model + tokenizer)")
-    ap.add_argument("--vae", required=True, help="AutoencoderKL folder")
-    ap.add_argument("--out", required=True, help="output folder for PNGs")
-    ap.add_argument("--preset", default="PixArt-XL/2", help="model preset for plain state-dict files")
-    ap.add_argument("--image-size", type=int, default=None,
-                    help="resolution an official .pth was trained at (its PE; required for files that do not record it)")
-    ap.add_argument("--version", choices=["sigma", "alpha"], default="sigma", help="PE table of --image-size")
-    ap.add_argument("--trust-pickle", action="store_true", help="allow .pth files that need a full pickle load")
-    ap.add_argument("--height", type=int, default=1024)
-    ap.add_argument("--width", type=int, default=1024)
-    ap.add_argument("--steps", type=int, default=None, help="default 20 (dpm) / 100 (iddpm)")
-    ap.add_argument("--cfg", type=float, default=4.5)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--sampler", choices=list(DEFAULT_STEPS), default="dpm")
-    ap.add_argument("--batch-size", type=int, default=4)
-    ap.add_argument("--max-length", type=int, default=300)
-    ap.add_argument("--negative-prompt", default=None, help="use T5(text) as the null caption")
-    ap.add_argument("--scale-factor", type=float, default=None, help="VAE scale (default: the VAE config)")
-    ap.add_argument("--device", default=pick_device())
-    args = ap.parse_args(argv)
+def main(argv=None) -> int:
+    """`python -m training.sample` = `sigma-sample` (training.cli holds the parser and the checks)."""
+    from training.cli import sample
 
-    from diffusers import AutoencoderKL
+    return sample(argv)
+
+
+def run(args) -> None:
+    """The sampling of checked sigma-sample arguments (training.cli.sample_problem passed)."""
+    from _sigma.models import load_t5, load_vae
+
+    args.device = args.device or pick_device()
+
     from tqdm import tqdm
-    from transformers import AutoTokenizer, T5EncoderModel
     from PIL import Image
 
     prompts = [args.prompt] if args.prompt is not None else \
@@ -222,8 +289,7 @@ def main(argv=None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    tokenizer = AutoTokenizer.from_pretrained(args.t5)
-    t5 = T5EncoderModel.from_pretrained(args.t5).to(args.device).eval()
+    tokenizer, t5 = load_t5(args.t5, args.device)  # folder | hub name | s3:// / gs:// (_sigma.fetch)
     from training.null import encode_null
 
     try:  # the null caption is T5("") of this T5, whatever the weights carried (official rule)
@@ -231,8 +297,10 @@ def main(argv=None) -> None:
                          version=args.version, null=encode_null(tokenizer, t5, args.max_length),
                          trust_pickle=args.trust_pickle)
     except ValueError as e:  # incl. training.files.PickleRefused and a missing --image-size
-        raise SystemExit(f"sample: {e}")
-    vae = AutoencoderKL.from_pretrained(args.vae).to(args.device).eval()
+        from _sigma.cli import fail
+
+        fail("sigma-sample", str(e))
+    vae = load_vae(args.vae, args.device)
     scale = args.scale_factor or getattr(vae.config, "scaling_factor", None) or 0.13025
     null_y = null_mask = None
     if args.negative_prompt is not None:
@@ -263,4 +331,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -1,4 +1,4 @@
-"""`python -m curation.browse --output RUN [--port 8000] [--host 127.0.0.1] [--cache-dir DIR] [--resolution R]`
+"""`sigma-browse --output RUN [--port 8000] [--host 127.0.0.1] [--cache-dir DIR] [--resolution R]`
 
 Serves the browser of one run (local folder or s3:// / gs:// prefix) until Ctrl-C. It binds to
 127.0.0.1 unless --host says otherwise: the page shows every caption and URL of the run and has no
@@ -6,14 +6,15 @@ login, so exposing it is a decision to make explicitly.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m curation.browse", description="Browse a run's manifest in a web page.")
+    from _sigma.cli import make_parser
+
+    ap = make_parser("sigma-browse", __doc__)
     ap.add_argument("--output", required=True, help="the run folder (local path or s3://bucket/prefix)")
-    ap.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    ap.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1: this machine only)")
     ap.add_argument("--port", type=int, default=8000, help="port (0 = any free port)")
     ap.add_argument("--cache-dir", default=None,
                     help="local folder for thumbnails and tar indexes (default ~/.cache/sigma-browse/<run hash>)")
@@ -24,10 +25,14 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
+    from _sigma import fs
+    from _sigma.cli import user_error
+
+    args = parse_args(argv)  # --help / --version answer before the web app is imported
+    if not fs.is_remote(args.output) and not fs.exists(args.output):  # a typo, not a run still starting
+        return user_error("sigma-browse", f"--output {args.output}: no such folder")
     from curation.browse.app import serve
     from curation.browse.store import RunError
-
-    args = parse_args(argv)
     server = serve(args.output, args.host, args.port, args.cache_dir, args.resolution)
     browser = server.app.config["browser"]
     try:

@@ -115,7 +115,12 @@ def presets(reasons: list[str], buckets: list[tuple[str, int]], columns: set[str
     out += [{"label": "degenerate captions", "where": "caption_status = 'degenerate'"},
             {"label": f"over {t5_max} T5 tokens", "where": f"caption_t5_tokens > {int(t5_max)}"},
             {"label": "duplicates (dropped)", "where": "duplicate_of IS NOT NULL"},
-            {"label": "not ok (failed rows)", "where": "status <> 'ok'"}]
+            {"label": "not ok (failed rows)", "where": "status <> 'ok'"},
+            # the score stage's filters (LAION's usual cuts; null when the filter was off)
+            {"label": "nsfw > 0.5", "where": "nsfw > 0.5"},
+            {"label": "watermark > 0.5", "where": "watermark > 0.5"},
+            {"label": "clip_similarity < 0.28", "where": "clip_similarity < 0.28"},
+            {"label": "alt text over 77 CLIP tokens", "where": "text_truncated"}]
     for b, _n in buckets[:1]:
         out.append({"label": f"bucket {b}", "where": f"bucket = '{b}'"})
     return out

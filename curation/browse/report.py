@@ -30,6 +30,7 @@ _listed: dict[str, tuple[float, dict]] = {}
 MAX_SERVED = 64 << 20  # bytes; run files bigger than this are not sent
 FIGURES = {"caption_length_hist.png": "Figure 6: caption length per caption kind",
            "aesthetic_hist.png": "Aesthetic scores (selected stacked on the rest)",
+           "filter_hist.png": "Filter scores: NSFW, watermark, CLIP image-text similarity (selected stacked)",
            "status_breakdown.png": "Rows per status and per reject reason"}
 NUMERIC = ("volume", "vn", "dn", "total_noun", "acl", "avg_nouns")
 
@@ -92,6 +93,18 @@ def eval_scores(out: str) -> dict:
     return {"runs": runs, "report_md": "eval/report.md" if fs.exists(md) else None}
 
 
+def dedup_recall(out: str) -> dict | None:
+    """The dedup stage's measured recall (dedup/_done.json: a sample of rows searched exactly, per
+    cosine band with 95 % Wilson intervals), or None before dedup finished."""
+    done = _read_json(fs.join(out, "dedup", "_done.json")) or {}
+    rec = done.get("recall")
+    if not rec:
+        return None
+    return {"cosine": rec.get("cosine"), "sample_rows": rec.get("sample_rows"), "recall": rec.get("recall"),
+            "interval": rec.get("interval"), "pairs": rec.get("pairs"), "assignments": done.get("assignments"),
+            "bands": [{"band": k, **v} for k, v in (rec.get("bands") or {}).items()]}
+
+
 def report(out: str) -> dict:
     files = served_files(out)
     figures = [{"path": p, "title": FIGURES.get(fs.basename(p), fs.basename(p))}
@@ -100,5 +113,5 @@ def report(out: str) -> dict:
     summary = _read_json(fs.join(out, "report", "summary.json"))
     footers = manifest.run_summary(out)
     return {"table1": table1(out), "figures": figures, "summary": summary, "footers": footers,
-            "eval": eval_scores(out), "files": sorted(files),
+            "eval": eval_scores(out), "files": sorted(files), "dedup": dedup_recall(out),
             "summary_json": json.dumps(summary, indent=1, default=str)[:20000] if summary else None}

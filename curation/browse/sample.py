@@ -5,7 +5,7 @@ with every piece the browser reads: manifest parts with the columns of every sta
 tars laid out as img2dataset writes them (shard i = part i, `sigma_key` in the json member), one
 ok row whose stored bytes no longer decode, dedup candidate pairs in the format of this round's
 contract (`dedup/pairs/part-*.parquet` + `_done.json`), `selected` / `duplicate_of` / ... as
-select writes them (computed here by a plain row-by-row loop, independent of whatif.resolve),
+select writes them (computed here by a plain row-by-row loop, independent of the what-if's code),
 config.resolved.yaml, report/ (table1.csv, the stats stage's real figures, summary.json) and
 eval/scores/. `make_manifest(out, rows)` writes a large manifest only (benchmark).
 """

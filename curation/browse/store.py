@@ -31,9 +31,10 @@ KNOWN = {"status": "VARCHAR", "error": "VARCHAR", "sha256": "VARCHAR", "width": 
          "aspect_ratio": "DOUBLE", "aesthetic": "DOUBLE", "duplicate_of": "VARCHAR", "dup_kind": "VARCHAR",
          "dup_similarity": "DOUBLE", "selected": "BOOLEAN", "reject_reason": "VARCHAR", "caption": "VARCHAR",
          "caption_long": "VARCHAR", "caption_short": "VARCHAR", "caption_short_derived": "BOOLEAN",
-         "caption_status": "VARCHAR", "caption_model": "VARCHAR", "caption_t5_tokens": "BIGINT"}
+         "caption_status": "VARCHAR", "caption_model": "VARCHAR", "caption_t5_tokens": "BIGINT",
+         "nsfw": "DOUBLE", "watermark": "DOUBLE", "clip_similarity": "DOUBLE", "text_truncated": "BOOLEAN"}
 GRID = ("key", "aesthetic", "width", "height", "status", "reject_reason", "bucket", "selected", "duplicate_of",
-        "dup_similarity", "caption_status", "caption")
+        "dup_similarity", "caption_status", "caption", "nsfw", "watermark", "clip_similarity")
 DERIVED = ("bucket",)
 PAIRS_DIR = ("dedup", "pairs")
 
@@ -170,6 +171,8 @@ class Run:
         r = self._exec("SELECT min(aesthetic) FILTER (WHERE isfinite(aesthetic)), "
                        "max(aesthetic) FILTER (WHERE isfinite(aesthetic)), max(least(width, height)) FROM m")[0]
         self.ranges = {"aes_min": r[0], "aes_max": r[1], "side_max": r[2]}
+        f = self._exec("SELECT count(nsfw), count(watermark), count(clip_similarity) FROM m")[0]
+        self.ranges["filters"] = {c: bool(n) for c, n in zip(("nsfw", "watermark", "clip_similarity"), f)}
         self.buckets = self._exec("SELECT bucket, count(*) FROM m WHERE bucket IS NOT NULL "
                                   "GROUP BY 1 ORDER BY 2 DESC, 1")
 

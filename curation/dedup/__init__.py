@@ -7,28 +7,35 @@ read parts and embeddings, compute and write:
 
 1. fingerprint: the dedup config + every part's score fingerprint; a `_done.json` holding it -> skip.
 2. plan (`plan.json`, `plan.npz`): up to `exact_search_rows` rows, one search group with exact
-   all-pairs search. Else tasks sample embeddings per batch of parts, one task fits k-means
-   centroids with scikit-learn (kmeans.py: all-but-the-top space, oversized clusters refitted)
-   and packs the clusters into G search groups by estimated cost.
-3. route: one task per batch of parts (~map_rows rows) reads key/status/sha256 + embeddings of
-   the status-ok rows, assigns clusters and returns G payloads as object refs (num_returns=G+1).
+   all-pairs search. Else tasks sample embeddings per batch of parts, one task fits spherical
+   k-means centroids with scikit-learn, chooses the clusters per row A from the recall target
+   (kmeans.py) and packs the clusters into G search groups by estimated cost.
+3. route, in waves of groups that fit half the object store: one task per batch of parts reads
+   key/status/sha256 + embeddings of the status-ok rows, assigns clusters (once per plan, kept in
+   `assign/`) and returns G payloads as object refs (num_returns=G+1), empty outside the wave.
    Exact rows go to group hash(sha256) % G (the distributed group-by), near rows to the groups
    owning their clusters.
 4. search: one task per group finds the star edges of its sha groups and all near pairs within
    its clusters (exact-copy representatives only), writes `pairs/part-GGGGG.parquet`. A killed
    run keeps the groups it finished (their files name the plan they belong to).
-5. `_done.json`, written last.
+5. recall: a seeded sample of rows searched exactly against all rows (recall.py); the summary
+   carries the recall per cosine band; below dedup.min_recall the stage fails (ConfigError).
+6. `_done.json`, written last.
+
+Memory: each task holds at most dedup.task_memory_mb beyond its interpreter (route_rows,
+group_rows below) and asks Ray for that much `memory`, so concurrency follows from the node's memory.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 from _sigma import faults, fs, manifest
-from _sigma.config import fingerprint
-from curation.dedup import kmeans, search
-from curation.dedup.pairs import (done_uri, pair_file, pair_file_meta, pairs_dir, read_done)
+from _sigma.config import ConfigError, fingerprint
+from curation.dedup import kmeans, recall, search
+from curation.dedup.pairs import (dedup_dir, done_uri, pair_file, pair_file_meta, pairs_dir, read_done)
 
 __all__ = ["run_dedup", "dedup_fingerprint", "read_done"]
 
@@ -43,7 +50,9 @@ def dedup_fingerprint(cfg, out: str, parts: list[int] | None = None) -> str:
     out = fs.normalize(out)
     parts = manifest.list_parts(out) if parts is None else parts
     scores = _footers(out, parts, lambda o, p: manifest.part_fingerprints(o, p).get("score"))
-    return fingerprint({"dedup": cfg.dedup, "score": [[p, s] for p, s in zip(parts, scores)]})
+    # settings that change neither the plan nor the pairs (memory, the recall check) stay out
+    d = {k: v for k, v in dataclasses.asdict(cfg.dedup).items() if k not in ("task_memory_mb", "min_recall", "recall_sample")}
+    return fingerprint({"dedup": d, "score": [[p, s] for p, s in zip(parts, scores)]})
 
 
 def _batches(parts: list[int], rows: list[int], target: int) -> list[list[int]]:
@@ -71,11 +80,13 @@ class _Exec:
     def cpus(self) -> int:
         return int(self.ray.cluster_resources().get("CPU", 1)) if self.ray else 1
 
-    def submit(self, fn, *args, num_returns: int = 1, num_cpus: float = 1, **kwargs):
+    def submit(self, fn, *args, num_returns: int = 1, num_cpus: float = 1, memory: int | None = None, **kwargs):
         if self.ray is None:
             return fn(*args, **kwargs)
-        remote = self.ray.remote(num_cpus=num_cpus, max_retries=2)(fn).options(num_returns=num_returns,
-                                                                              scheduling_strategy="SPREAD")
+        if memory:  # never more than a node has: such a task would wait forever
+            memory = min(memory, int(self.ray.cluster_resources().get("memory", memory)))
+        remote = self.ray.remote(num_cpus=num_cpus, max_retries=2)(fn).options(
+            num_returns=num_returns, scheduling_strategy="SPREAD", **({"memory": memory} if memory else {}))
         return remote.remote(*args, **kwargs)
 
     def get(self, x):
@@ -105,31 +116,74 @@ def _search(group, *payloads, **kwargs):
     return dict(search.search_group(group, *payloads, **kwargs), node=_node_id())
 
 
+# --- memory budget (issue 19 item 3) -------------------------------------------------------------
+# A task's peak RSS = BASE_MB (interpreter, numpy, torch, scikit-learn, pyarrow, the Ray worker:
+# importing torch alone takes ~0.7 GB, half of it shared library pages) + what it holds, which the
+# sizes below keep within dedup.task_memory_mb (benchmarks/scale_bench.py measures both).
+BASE_MB = 1000
+
+
+def task_request(d) -> int:
+    """Bytes of Ray's `memory` resource each dedup task asks for: concurrency = node memory / this."""
+    return int((BASE_MB + d.task_memory_mb) * 2 ** 20)
+
+
+def route_rows(d, dim: int, assignments: int) -> int:
+    """Rows per routing task: it holds its rows' embeddings (fp16), their A routed copies and the
+    serialised payloads (another A copies): (1 + 2A) x D x 2 bytes per row."""
+    return max(1000, int(d.task_memory_mb * 2 ** 20 / ((1 + 2 * assignments) * dim * 2)))
+
+
+def group_rows(d, dim: int) -> int:
+    """Routed rows per search task: their fp16 embeddings (D x 2 bytes) take 60 % of the budget; one
+    cluster at a time (gathered fp16, fp32 and bf16 copies, the score block) the rest."""
+    return max(1000, int(0.6 * d.task_memory_mb * 2 ** 20 / (dim * 2)))
+
+
+def waves(group_est: list[int], dim: int, store_bytes: float) -> list[tuple]:
+    """Search groups in consecutive waves whose routed embeddings fill at most half the object store
+    (routing runs once per wave; the assignments are computed in the first)."""
+    out, cur, size = [], [], 0.0
+    for g, rows in enumerate(group_est):
+        b = rows * dim * 2
+        if cur and size + b > 0.5 * store_bytes:
+            out.append(tuple(cur))
+            cur, size = [], 0.0
+        cur.append(g)
+        size += b
+    return out + ([tuple(cur)] if cur else [])
+
+
 def _make_plan(cfg, out: str, fp: str, batches: list[list[int]], n_rows: int, ex: _Exec) -> dict:
     d = cfg.dedup
     min_groups = 2 * ex.cpus()
     if not d.near or n_rows <= d.exact_search_rows:
-        groups = 1 if n_rows <= d.exact_search_rows else max(min_groups, math.ceil(n_rows / d.group_rows))
+        groups = 1 if n_rows <= d.exact_search_rows else max(min_groups, math.ceil(n_rows / group_rows(d, 768)))
         import uuid
 
         info = {"fingerprint": fp, "plan_id": uuid.uuid4().hex[:12], "mode": "exact", "clusters": 1 if d.near else 0,
-                "groups": groups}
+                "groups": groups, "assignments": 1}
         fs.write_json(search.plan_json(out), info)
         return info
-    n_clusters = max(1, round(n_rows / d.cluster_rows))
-    frac = min(1.0, d.sample_rows / n_rows, kmeans.SAMPLE_PER_CLUSTER * n_clusters / n_rows)
-    samples = [ex.submit(search.sample_embeddings, b, out, frac, d.seed) for b in batches]
+    # the fit holds its sample in fp32 and scikit-learn's copies: ~4 x D x 4 bytes per sample row;
+    # centroids need SAMPLE_PER_CLUSTER sample rows each, so the sample caps the clusters (10M rows
+    # at the default budget: ~6,000 clusters of ~1,600 rows instead of 40,000 of 250)
+    cap = min(d.sample_rows, max(1000, int(d.task_memory_mb * 2 ** 20 / (16 * 768))))
+    n_clusters = max(1, min(round(n_rows / d.cluster_rows), cap // kmeans.SAMPLE_PER_CLUSTER))
+    frac = min(1.0, cap / n_rows, kmeans.SAMPLE_PER_CLUSTER * n_clusters / n_rows)
+    samples = [ex.submit(search.sample_embeddings, b, out, frac, d.seed, memory=task_request(d)) for b in batches]
     # the fit runs alone (sampling done, routing waits for it): let its BLAS use a few cores
     threads = min(4, ex.cpus())
-    return ex.get(ex.submit(search.fit_plan, *samples, num_cpus=threads, threads=threads, out=out, fp=fp,
-                            n_clusters=n_clusters, min_groups=min_groups, total_rows=n_rows,
-                            assignments=d.assignments, radius=_radius(d), probe=d.probe, group_rows=d.group_rows,
-                            seed=d.seed))
+    return ex.get(ex.submit(search.fit_plan, *samples, num_cpus=threads, memory=task_request(d), threads=threads,
+                            out=out, fp=fp, n_clusters=n_clusters, min_groups=min_groups, total_rows=n_rows,
+                            max_assignments=d.max_assignments, radius=_radius(d), probe=d.probe,
+                            recall_cosine=d.recall_cosine, recall_target=d.recall_target,
+                            group_rows=group_rows(d, 768), seed=d.seed))
 
 
 def _radius(d) -> float:
-    """assign_radius in units of the distance of two unit vectors at the candidate threshold."""
-    return d.assign_radius * math.sqrt(max(0.0, 2 - 2 * d.candidate_threshold))
+    """The lossless boundary margin: |x - y| of two unit vectors at the candidate threshold."""
+    return kmeans.boundary_radius(d.candidate_threshold)
 
 
 def _current_plan(out: str, fp: str) -> dict | None:
@@ -142,6 +196,37 @@ def _current_plan(out: str, fp: str) -> dict | None:
     return info
 
 
+def _measure_recall(cfg, out: str, parts: list[int], ok_rows: list[int], batches: list[list[int]], ex: _Exec) -> dict:
+    """Exact search of a seeded sample of rows against all rows, in tasks; the recall of the stored
+    pairs on it (recall.py). The driver holds the sample's positions and the counts only."""
+    d = cfg.dedup
+    picks = recall.choose_sample(ok_rows, d.recall_sample, d.seed)
+    by_part = dict(zip(parts, picks))
+    mem = task_request(d)
+    got = [ex.submit(recall.sample_rows, b, [by_part[p] for p in b], out, memory=mem) for b in batches
+           if any(len(by_part[p]) for p in b)]
+    if not got:
+        return recall.measure(out=out, sample_size=0, drawn=0, cosine=d.recall_cosine)
+    sample = ex.submit(recall.merge_samples, *got, memory=mem)
+    truths = [ex.submit(recall.exact_neighbours, b, sample, out=out, threshold=d.candidate_threshold, memory=mem)
+              for b in batches]
+    size = ex.submit(lambda s: (len(s["ids"]), s["drawn"]), sample)
+    n, drawn = ex.get(size)
+    return ex.get(ex.submit(recall.measure, *truths, out=out, sample_size=n, drawn=drawn, cosine=d.recall_cosine,
+                            memory=mem))
+
+
+def _check_recall(d, res: dict, plan: dict) -> None:
+    lo, hi = res["interval"]
+    if res["pairs"] and hi < d.min_recall:
+        raise ConfigError(
+            f"dedup: measured recall {res['recall']:.4f} (95 % interval {lo:.4f}-{hi:.4f}, {res['found']} of "
+            f"{res['pairs']} sampled pairs at cosine >= {d.recall_cosine}) is below dedup.min_recall "
+            f"{d.min_recall}: raise dedup.recall_target (this run chose {plan.get('assignments')} clusters per row) "
+            f"or dedup.max_assignments ({d.max_assignments}), or set dedup.min_recall lower; details in "
+            f"dedup/recall.json")
+
+
 def run_dedup(cfg, out: str, progress: bool = True) -> dict:
     from tqdm import tqdm
 
@@ -151,54 +236,78 @@ def run_dedup(cfg, out: str, progress: bool = True) -> dict:
     fp = dedup_fingerprint(cfg, out, parts)
     done = read_done(out)
     if done and done.get("fingerprint") == fp:
-        return {"skipped": True, **{k: done.get(k) for k in ("rows", "exact", "near", "clusters", "groups")}}
+        return {"skipped": True, **{k: done.get(k) for k in ("rows", "exact", "near", "clusters", "groups", "recall")}}
     fs.delete(done_uri(out))  # select refuses from here until this run is finished
     ok_rows = _footers(out, parts, lambda o, p: manifest.part_summary(o, p).get("status", {}).get("ok", 0))
-    batches = _batches(parts, ok_rows, d.map_rows)
     n_rows = sum(ok_rows)
     ex = _Exec()
     t_plan = time.time()
     plan = _current_plan(out, fp)
     if plan is None:
         fs.delete_dir(pairs_dir(out))  # pairs of another plan must not mix with this one's
-        plan = _make_plan(cfg, out, fp, batches, n_rows, ex)
+        fs.delete_dir(fs.join(dedup_dir(out), "assign"))
+        plan = _make_plan(cfg, out, fp, _batches(parts, ok_rows, route_rows(d, 768, 1)), n_rows, ex)
     n_groups, meta = int(plan["groups"]), {"fingerprint": fp, "plan_id": plan["plan_id"]}
+    dim, a = int(plan.get("dim", 768)), int(plan.get("assignments", 1))
+    batches = _batches(parts, ok_rows, route_rows(d, dim, a))
     metas = _footers(out, list(range(n_groups)), lambda o, g: pair_file_meta(pair_file(o, g)))
     finished = {g: m for g, m in enumerate(metas) if m.get("plan_id") == plan["plan_id"] and m.get("fingerprint") == fp}
     todo = [g for g in range(n_groups) if g not in finished]
+    store = ex.ray.cluster_resources().get("object_store_memory", math.inf) if ex.ray else math.inf
+    est = plan.get("group_rows_est") or [math.ceil(n_rows / n_groups)] * n_groups
+    plan_waves = waves([est[g] for g in todo], dim, store)
+    plan_waves = [tuple(todo[i] for i in w) for w in plan_waves]
     t_search = time.time()
     results, stats = dict(finished), []
-    if todo and (d.exact or d.near):
-        kw = dict(out=out, plan={"groups": n_groups, "mode": plan["mode"]}, skip=tuple(finished), exact=d.exact,
-                  near=d.near, assignments=d.assignments, radius=_radius(d), probe=d.probe)
-        routed = [ex.submit(search.route, b, num_returns=n_groups + 1, **kw) for b in batches]
+    mem = task_request(d)
+    bar = tqdm(total=len(todo), desc="dedup search", unit="group", disable=not progress, mininterval=1.0)
+    for wave in plan_waves if (d.exact or d.near) else []:
+        kw = dict(out=out, plan={"groups": n_groups, "mode": plan["mode"], "plan_id": plan["plan_id"],
+                                 "assignments": a}, wave=wave, exact=d.exact, near=d.near, radius=_radius(d),
+                  probe=d.probe)
+        routed = [ex.submit(search.route, b, num_returns=n_groups + 1, memory=mem, **kw) for b in batches]
         handles = [ex.submit(_search, g, *[r[g] for r in routed], out=out, threshold=d.candidate_threshold,
-                             block=d.block_size, meta=meta) for g in todo]
-        stats = [ex.get(r[-1]) for r in routed]
+                             block=d.block_size, meta=meta, memory_mb=d.task_memory_mb, memory=mem) for g in wave]
+        stats += [ex.get(r[-1]) for r in routed]
         del routed  # the search tasks hold what they still need
-        bar = tqdm(total=len(todo), desc="dedup search", unit="group", disable=not progress, mininterval=1.0)
         for res in ex.as_completed(handles):
             results[res["group"]] = res
             bar.update(1)
             faults.after_commit("dedup")
-        bar.close()
+    bar.close()
+    t_recall = time.time()
+    rec = _measure_recall(cfg, out, parts, ok_rows, _batches(parts, ok_rows, route_rows(d, dim, 1)), ex) \
+        if d.near and d.recall_sample and n_rows else None
     summary = {"fingerprint": fp, "plan_id": plan["plan_id"], "mode": plan["mode"], "rows": n_rows,
-               "near_rows": sum(s["near_rows"] for s in stats) if stats else None,
+               "near_rows": sum(s["near_rows"] for s in stats[:len(batches)]) if stats else None,
                "routed_rows": sum(s["routed"] for s in stats) if stats else None,
                "pairs": sum(r.get("exact", 0) + r.get("near", 0) for r in results.values()),
                "exact": sum(r.get("exact", 0) for r in results.values()),
                "near": sum(r.get("near", 0) for r in results.values()),
                "candidate_threshold": d.candidate_threshold, "clusters": plan.get("clusters"), "groups": n_groups,
-               "groups_reused": len(finished), "seconds": round(time.time() - t0, 2),
-               "plan_seconds": round(t_search - t_plan, 2), "search_seconds": round(time.time() - t_search, 2),
-               "fit": {k: plan.get(k) for k in ("sample_rows", "mean_assignments", "largest_cluster_est", "fit_seconds")},
-               "group_seconds_max": max((r.get("seconds", 0) for r in results.values()), default=0)}
+               "assignments": a, "waves": len(plan_waves), "groups_reused": len(finished),
+               "recall": rec, "seconds": round(time.time() - t0, 2),
+               "plan_seconds": round(t_search - t_plan, 2), "search_seconds": round(t_recall - t_search, 2),
+               "recall_seconds": round(time.time() - t_recall, 2),
+               "memory": {"task_memory_mb": d.task_memory_mb, "task_request_mb": mem // 2 ** 20,
+                          "route_rows": route_rows(d, dim, a), "group_rows": group_rows(d, dim)},
+               "fit": {k: plan.get(k) for k in ("sample_rows", "mean_assignments", "largest_cluster_est", "fit_seconds",
+                                                 "calibration", "routed_rows_est")},
+               "group_seconds_max": max((r.get("seconds", 0) for r in results.values()), default=0),
+               "largest_cluster": max((r.get("largest_cluster", 0) for r in results.values()), default=0)}
+    if rec is not None and d.min_recall:
+        try:
+            _check_recall(d, rec, plan)
+        except ConfigError:
+            fs.write_json(fs.join(dedup_dir(out), "recall.json"), summary)
+            raise
     fs.write_json(done_uri(out), summary)
     faults.after_commit("dedup")
+    fs.delete_dir(fs.join(dedup_dir(out), "assign"))  # only a resumed search reads them (n x A int32)
     nodes: dict = {}
     for r in results.values():
         if r.get("node"):
             nodes[r["node"]] = nodes.get(r["node"], 0) + 1
-    keep = ("rows", "exact", "near", "clusters", "groups", "groups_reused", "routed_rows", "plan_seconds",
-            "search_seconds", "group_seconds_max", "fit")
+    keep = ("rows", "exact", "near", "clusters", "groups", "groups_reused", "routed_rows", "assignments", "waves",
+            "plan_seconds", "search_seconds", "recall_seconds", "group_seconds_max", "recall", "memory", "fit")
     return {k: summary[k] for k in keep} | {"nodes": nodes}

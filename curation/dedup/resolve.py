@@ -111,7 +111,8 @@ def greedy(n: int, eligible: np.ndarray, rank: np.ndarray, exact_edges: tuple, n
 
 
 def _fields(out: str, part: int, wanted: np.ndarray) -> pa.Table:
-    t = manifest.read_part(out, part, ["key", "status", "width", "height", "aesthetic"])
+    t = manifest.read_part(out, part, ["key", "status", "width", "height", "aesthetic", "nsfw", "watermark",
+                                       "clip_similarity"])  # every column select's criteria read
     ids = key_ids(t.column("key"))
     return t.filter(pa.array(np.isin(ids, wanted))).append_column("_id", pa.array(ids[np.isin(ids, wanted)]))
 

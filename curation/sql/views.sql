@@ -29,7 +29,9 @@ CREATE OR REPLACE TEMP VIEW manifest AS
 WITH typed AS (
     SELECT NULL::INTEGER AS src, NULL::VARCHAR AS key, NULL::VARCHAR AS url, NULL::VARCHAR AS caption,
            NULL::VARCHAR AS status, NULL::VARCHAR AS error, NULL::BIGINT AS width, NULL::BIGINT AS height,
-           NULL::DOUBLE AS aspect_ratio, NULL::DOUBLE AS aesthetic, NULL::VARCHAR AS duplicate_of,
+           NULL::DOUBLE AS aspect_ratio, NULL::DOUBLE AS aesthetic, NULL::DOUBLE AS nsfw,
+           NULL::DOUBLE AS watermark, NULL::DOUBLE AS clip_similarity, NULL::BOOLEAN AS text_truncated,
+           NULL::VARCHAR AS duplicate_of,
            NULL::BOOLEAN AS selected, NULL::VARCHAR AS reject_reason, NULL::VARCHAR AS caption_long,
            NULL::VARCHAR AS caption_status, NULL::VARCHAR AS caption_short, NULL::BOOLEAN AS caption_short_derived
     WHERE false

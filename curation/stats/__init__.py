@@ -10,7 +10,8 @@ What it writes:
   words, n_nouns, nouns (lowercase lemmas), error; written by Ray workers, resumable per part
   (see extract.py).
 - `<output>/report/table1.csv` (exact numbers) and `table1.md` (the paper's layout),
-  `caption_length_hist.png` (Figure 6), `aesthetic_hist.png`, `status_breakdown.png`,
+  `caption_length_hist.png` (Figure 6), `aesthetic_hist.png`, `filter_hist.png` (nsfw, watermark,
+  clip_similarity with the select thresholds), `status_breakdown.png`,
   `stats_setup.sql` + `stats_slices.sql` (to rerun the same SQL in the duckdb CLI, local outputs).
 All of it through _sigma.fs: the output may be a local folder or an object-store URI.
 
@@ -31,12 +32,13 @@ from _sigma import fs
 from curation.stats import report, table1
 from curation.stats.extract import extract_nouns, nouns_dir
 
-__all__ = ["run_stats", "build_report", "extract_nouns", "nouns_dir"]
+__all__ = ["run_stats", "build_report", "extract_nouns", "nouns_dir", "filter_thresholds"]
 
 
 def build_report(outs: list[str], names: list[str], scfg, report_dir: str, aesthetic_min: float | None = None,
-                 paper: bool = False) -> dict:
-    """Run the SQL over the outputs' manifests and caption nouns; write tables and figures."""
+                 paper: bool = False, thresholds: dict | None = None) -> dict:
+    """Run the SQL over the outputs' manifests and caption nouns; write tables and figures.
+    `thresholds`: the select config's filter rules drawn on the filter histograms (nsfw_max, ...)."""
     report_dir = fs.normalize(report_dir)
     outs = [fs.normalize(o) for o in outs]
 
@@ -48,6 +50,7 @@ def build_report(outs: list[str], names: list[str], scfg, report_dir: str, aesth
         t1 = table1.query(con, "table1")
         lengths = table1.query(con, "caption_lengths")
         aes = table1.query(con, "aesthetic_hist")
+        filt = table1.query(con, "filter_hist")
         status = table1.query(con, "status_breakdown")
     finally:
         con.close()
@@ -59,9 +62,15 @@ def build_report(outs: list[str], names: list[str], scfg, report_dir: str, aesth
     fs.write_text(at("stats_slices.sql"), table1.slices_sql(scfg.slices))
     figures = [report.caption_length_hist(lengths, at("caption_length_hist.png")),
                report.aesthetic_hist(aes, at("aesthetic_hist.png"), aesthetic_min),
+               report.filter_hist(filt, at("filter_hist.png"), thresholds),
                report.status_breakdown(status, at("status_breakdown.png"))]
     return {"table": t1, "rows": rows, "text": table1.to_text(rows),
             "files": [at("table1.csv"), at("table1.md")] + figures}
+
+
+def filter_thresholds(select_cfg) -> dict:
+    """The select rules of the filter columns, for the histogram lines."""
+    return {k: getattr(select_cfg, k, None) for k in ("nsfw_max", "watermark_max", "clip_similarity_min")}
 
 
 def run_stats(cfg, out: str, progress: bool = True) -> dict:
@@ -74,7 +83,8 @@ def run_stats(cfg, out: str, progress: bool = True) -> dict:
     t0 = time.time()
     ext = extract_nouns(cfg, out, progress)
     t1 = time.time()
-    rep = build_report([out], [cfg.name], cfg.stats, fs.join(out, "report"), cfg.select.aesthetic_min)
+    rep = build_report([out], [cfg.name], cfg.stats, fs.join(out, "report"), cfg.select.aesthetic_min,
+                       thresholds=filter_thresholds(cfg.select))
     table = rep["table"].to_pylist()
     return {**{k: v for k, v in ext.items() if k != "path"}, "extract_s": round(t1 - t0, 2),
             "report_s": round(time.time() - t1, 2), "table1_rows": len(table),

@@ -9,7 +9,6 @@ pipelines, Table 1 also has rows for their union (pipeline `a+b`).
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
@@ -25,11 +24,13 @@ from curation.config import add_pipeline_args, load_pipeline, pipeline_from_args
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m curation.stats",
-                                 description="Caption statistics (PixArt-Sigma Table 1, Figure 6) of pipeline outputs.")
+    from _sigma.cli import make_parser
+
+    ap = make_parser("sigma-stats", "Caption statistics (PixArt-Sigma Table 1, Figure 6) of pipeline outputs.\n"
+                     "Reads <output>/manifest of each --pipeline (run sigma-curate first).")
     add_pipeline_args(ap, output=True, many=True)  # the report goes to the first pipeline
     ap.add_argument("--paper", action="store_true", help="print the paper's Table 1 rows beside ours")
-    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     return ap.parse_args(argv)
 
 
@@ -44,15 +45,19 @@ def main(argv=None) -> int:
         cfgs += [load_pipeline(args.config, name, check=False) for name in args.pipeline[1:]]
         for cfg in cfgs:
             if not manifest.list_parts(cfg.out):
-                raise ConfigError(f"{cfg.out} has no manifest: run `python -m curation.run --pipeline {cfg.name}` first")
+                raise ConfigError(f"{cfg.out} has no manifest: run `sigma-curate --pipeline {cfg.name}` first")
         primary = cfgs[0]
         with contextlib.ExitStack() as locks:  # one writer per output: it writes nouns into each
             for out in dict.fromkeys(c.out for c in cfgs):
                 locks.enter_context(run_lock(out))
+            from _sigma.cli import route_logs
+
+            route_logs(primary.out, False, "stats")  # Ray Data's logs; our bars and Table 1 stay here
             rep = _run(args, cfgs, primary, extract_nouns, build_report)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        from _sigma.cli import user_error
+
+        return user_error("sigma-stats", str(e))
     print("\n=== Table 1 (caption statistics) ===")
     print(rep["text"])
     print("written:\n  " + "\n  ".join(rep["files"]))
@@ -67,8 +72,10 @@ def _run(args, cfgs, primary, extract_nouns, build_report) -> dict:
     for cfg in cfgs:
         print(f"--- caption nouns: {cfg.name} ({cfg.out})", flush=True)
         print(json.dumps(extract_nouns(cfg, cfg.out, progress=not args.no_progress)), flush=True)
+    from curation.stats import filter_thresholds
+
     return build_report([c.out for c in cfgs], [c.name for c in cfgs], primary.stats, fs.join(primary.out, "report"),
-                        primary.select.aesthetic_min, paper=args.paper)
+                        primary.select.aesthetic_min, paper=args.paper, thresholds=filter_thresholds(primary.select))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Figures of the stats stage (matplotlib, Agg): caption-length histograms (paper Figure 6),
-aesthetic-score histogram, status / reject-reason breakdown. Each takes the pyarrow result of its
+aesthetic-score histogram, filter-score histograms (nsfw, watermark, clip_similarity), status /
+reject-reason breakdown. Each takes the pyarrow result of its
 SQL file (curation/sql/*.sql: already aggregated, so plotting cost does not grow with the data)
 and writes one PNG atomically (_sigma.fs: local or object store).
 """
@@ -111,6 +112,46 @@ def aesthetic_hist(bins: pa.Table, target: str, threshold: float | None = None) 
         ax.set_title(f"Aesthetic scores: {name}")
         ax.legend(frameon=False, fontsize=9)
         ax.grid(alpha=0.25, axis="y")
+    fig.tight_layout()
+    out = _save(fig, target)
+    plt.close(fig)
+    return out
+
+
+FILTERS = (("nsfw", "NSFW probability (LAION CLIP-based detector)", "nsfw_max"),
+           ("watermark", "watermark probability (LAION-5B detector)", "watermark_max"),
+           ("clip_similarity", "CLIP image-alt text cosine", "clip_similarity_min"))
+
+
+def filter_hist(bins: pa.Table, target: str, thresholds: dict | None = None) -> str:
+    """One panel per (pipeline, filter): rows per bin, selected stacked on the rest, the select
+    threshold as a line (filter_hist.sql). Filters no row has a score for get an 'off' panel."""
+    plt = _plt()
+    rows = bins.to_pylist()
+    thresholds = thresholds or {}
+    pipelines = list(dict.fromkeys(r["pipeline"] for r in rows)) or ["(no filter scores)"]
+    fig, axes = plt.subplots(len(pipelines), len(FILTERS), figsize=(5.2 * len(FILTERS), 3.6 * len(pipelines)),
+                             squeeze=False)
+    for ax_row, name in zip(axes, pipelines):
+        for ax, (col, label, rule) in zip(ax_row, FILTERS):
+            mine = [r for r in rows if r["pipeline"] == name and r["filter"] == col]
+            if not mine:
+                _empty(ax, f"no {col} scores (score.{col if col == 'clip_similarity' else col + '_weights'} off)")
+                continue
+            x = np.array([r["bin"] for r in mine], float)
+            w = float(mine[0]["width"])
+            sel = np.array([r["selected"] for r in mine], float)
+            rest = np.array([r["rows"] for r in mine], float) - sel
+            ax.bar(x, rest, width=w, align="edge", color="#8C8C8C", label=f"not selected ({int(rest.sum()):,})")
+            ax.bar(x, sel, width=w, align="edge", bottom=rest, color="#4C72B0", label=f"selected ({int(sel.sum()):,})")
+            if thresholds.get(rule) is not None:
+                ax.axvline(thresholds[rule], color="#C44E52", linestyle="--", label=f"{rule} = {thresholds[rule]:g}")
+            ax.set_xlim(-1 if col == "clip_similarity" else 0, 1)
+            ax.set_xlabel(label)
+            ax.set_ylabel("images")
+            ax.set_title(f"{col}: {name}", fontsize=10)
+            ax.legend(frameon=False, fontsize=8)
+            ax.grid(alpha=0.25, axis="y")
     fig.tight_layout()
     out = _save(fig, target)
     plt.close(fig)

@@ -97,3 +97,20 @@ def test_cli_reports_config_errors_before_work(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and "dedup" in err and "threshold" in err
     assert not (tmp_path / "o").exists()  # nothing was started
+
+
+def test_duplicated_yaml_key_is_refused_naming_key_file_and_lines(tmp_path):
+    """Issue 22 item 14: a key written twice in one mapping used to keep the last value silently."""
+    from _sigma.config import load_yaml
+
+    p = tmp_path / "pipelines.yaml"
+    p.write_text("pipelines:\n  a:\n    output: x\n    select:\n      min_side: 512\n      aesthetic_min: 5\n"
+                 "      min_side: 1024\n")
+    with pytest.raises(ConfigError, match=rf"{p}:7: duplicate key 'min_side' \(first at line 5\)"):
+        load_yaml(p)
+    # merges (`<<:`) and a key overriding a merged one are not duplicates
+    p.write_text("base: &b {min_side: 512, aesthetic_min: 5}\npipelines:\n  a:\n    select:\n      <<: *b\n"
+                 "      min_side: 1024\n")
+    assert load_yaml(p)["pipelines"]["a"]["select"] == {"min_side": 1024, "aesthetic_min": 5}
+    with pytest.raises(ConfigError, match="duplicate key 'k'"):
+        apply_overrides({}, ["a.b={k: 1, k: 2}"])

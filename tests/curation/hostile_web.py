@@ -89,6 +89,19 @@ def _lying_length(body: bytes, length: int):
     return serve
 
 
+def _two_lengths(body: bytes, first: int, second: int):
+    """Two Content-Length lines that disagree (RFC 9112 6.3: an invalid response)."""
+    def serve(h):
+        h.send_response(200)
+        h.send_header("Content-Type", "image/jpeg")
+        h.send_header("Content-Length", str(first))
+        h.send_header("Content-Length", str(second))
+        h.end_headers()
+        h.wfile.write(body)
+        h.close_connection = True
+    return serve
+
+
 def _encoded(body: bytes, encoding: str, ctype: str = "image/jpeg"):
     data = gzip.compress(body) if encoding == "gzip" else zlib.compress(body)
     return lambda h: _send(h, data, ctype, headers={"Content-Encoding": encoding})
@@ -117,6 +130,14 @@ def formats() -> dict[str, bytes]:
     return out
 
 
+def giant_header_jpeg() -> bytes:
+    """A 16x16 JPEG whose frame header (SOF0) is patched to claim 60000x2900: under 1 KB (issue 22.6)."""
+    data = bytearray(dd._jpeg(dd.synthetic("red", "blue", "circle", (16, 16), 5)))
+    i = data.find(b"\xff\xc0")
+    data[i + 5:i + 9] = (2900).to_bytes(2, "big") + (60000).to_bytes(2, "big")
+    return bytes(data)
+
+
 def cases(canary_url: str, side_url: str) -> list[Case]:
     """Every hostile behaviour; `side_url` is an image on a second loopback address (127.0.0.2)
     that the policy must refuse, `canary_url` a file:// URL outside the output folder."""
@@ -132,6 +153,8 @@ def cases(canary_url: str, side_url: str) -> list[Case]:
         Case("endless_chunked.jpg", "failed_download", "response too large", handler=_endless(True)),
         Case("huge_length.jpg", "failed_download", "Content-Length", handler=_lying_length(jpg, 10 << 30)),
         Case("short_body.jpg", "failed_download", "incomplete body", handler=_lying_length(jpg, len(jpg) + 5000)),
+        Case("two_lengths.jpg", "failed_download", "conflicting Content-Length",
+             handler=_two_lengths(jpg, len(jpg) // 2, len(jpg))),
         Case("long_body.jpg", "failed_decode", "truncated", handler=_lying_length(jpg, len(jpg) // 2)),
         Case("gzip_bomb.jpg", "failed_download", "compression bomb", handler=lambda h: _send(
             h, bomb, headers={"Content-Encoding": "gzip"})),
@@ -141,6 +164,7 @@ def cases(canary_url: str, side_url: str) -> list[Case]:
             h, jpg, headers={"Content-Encoding": "br"})),
         Case("jpeg_as_html.jpg", "ok", handler=_plain(jpg, "text/html")),
         Case("png_as_octets.png", "ok", handler=_plain(png, "application/octet-stream")),
+        Case("giant_header.jpg", "failed_decode", "data ends early", handler=_plain(giant_header_jpeg())),
         Case("html_as_jpeg.jpg", "failed_decode", "HTML", handler=_plain(b"<html><body>login</body></html>")),
         Case("image.webp", "ok", handler=_plain(f["webp"], "image/webp")),
         Case("image.avif", "ok", handler=_plain(f["avif"], "image/avif")),

@@ -421,3 +421,40 @@ def test_s3_run_through_the_command_line(s3_bucket, run, tmp_path):
     for p in (0, 1):
         for k, data in iter_download_images(out, p):
             assert imgs.original(k) == data
+
+
+def test_whatif_filter_sliders_follow_select(tmp_path):
+    """The nsfw / watermark / clip_similarity sliders count what curation.select.reject_reasons
+    (select's own rule) rejects on the same manifest; "null" turns a filter off."""
+    import numpy as np
+    import pyarrow as pa
+
+    from _sigma import manifest
+    from curation.browse import whatif
+    from curation.config import SelectConfig
+    from curation.select import reject_reasons
+
+    out = sample.make_run(str(tmp_path / "run"), report=False)["out"]
+    rng = np.random.default_rng(24)
+    for p in manifest.list_parts(out):
+        t = manifest.read_part(out, p)
+        n = t.num_rows
+        for col, lo, hi in (("nsfw", 0, 1), ("watermark", 0, 1), ("clip_similarity", -0.2, 0.5)):
+            v = rng.uniform(lo, hi, n)
+            t = t.append_column(col, pa.array([None if i % 9 == 4 else float(x) for i, x in enumerate(v)], pa.float64()))
+        manifest.write_part(out, p, t, "score", "synthetic")
+    rules = {"nsfw_max": 0.5, "watermark_max": 0.7, "clip_similarity_min": 0.1}
+    run = Run(out)
+    w = whatif.whatif(run, {k: str(v) for k, v in rules.items()})
+    t = manifest.read_manifest(out)
+    ref = reject_reasons(t, SelectConfig(**{k: v for k, v in sample.SELECT.items()}, **rules))
+    assert w["passes"] == sum(r is None for r in ref) < sum(r is None for r in reject_reasons(t, SelectConfig(
+        **sample.SELECT)))
+    got = {r["reason"]: r["n"] for r in w["reasons"]}
+    for reason in ("nsfw", "watermark", "low_clip_similarity"):
+        assert got[reason] == sum(reason in (r or "").split(";") for r in ref) > 0
+    assert "--set select.nsfw_max=0.5" in w["set_line"] and "--set select.clip_similarity_min=0.1" in w["set_line"]
+    assert any(m["margin"] == "nsfw_max" and m["rows"] for m in w["margins"])
+    off = whatif.whatif(run, {k: "null" for k in rules})
+    assert off["passes"] == sum(r is None for r in reject_reasons(t, SelectConfig(**sample.SELECT)))
+    assert run.info()["ranges"]["filters"] == {"nsfw": True, "watermark": True, "clip_similarity": True}

@@ -11,7 +11,7 @@ from curation.dedup import kmeans, read_done, run_dedup, search
 from curation.dedup.pairs import ROW_BASE, key_ids, pair_file, pair_files
 
 PART = 500
-CLUSTERED = dict(exact_search_rows=0, cluster_rows=50, group_rows=1500, map_rows=1000)
+CLUSTERED = dict(exact_search_rows=0, cluster_rows=50, task_memory_mb=1)  # tiny budget: several groups and batches
 
 
 def _cfg(out, **dedup):
@@ -75,6 +75,7 @@ def test_small_input_is_exact_all_pairs_search(tmp_path, data):
                                                           if all(data["status"][list(p)] == "ok"))
     done = read_done(str(out))
     assert done["pairs"] == len(got) + len(exact) and done["candidate_threshold"] == 0.9
+    assert done["recall"]["recall"] == 1.0 and done["recall"]["pairs"] > 0  # exact search: measured 1.0
 
 
 def test_clustered_search_finds_pairs_across_clusters(tmp_path, data, ray_local):
@@ -88,8 +89,9 @@ def test_clustered_search_finds_pairs_across_clusters(tmp_path, data, ray_local)
     assert recall >= 0.99, recall
     # planted near duplicates whose rows have different nearest clusters: found all the same
     d = cfg.dedup
-    cl = kmeans.Assigner(search.load_plan(str(out)), d.assignments,
-                         d.assign_radius * math.sqrt(2 - 2 * d.candidate_threshold), d.probe)(data["emb"])
+    plan = fs.read_json(search.plan_json(str(out)))
+    cl = kmeans.Assigner(search.load_plan(str(out)), plan["assignments"],
+                         math.sqrt(2 - 2 * d.candidate_threshold), d.probe)(data["emb"])
     ok = data["status"] == "ok"
     straddle = [(min(s, t), max(s, t)) for s, t in data["near"] if ok[s] and ok[t] and cl[s, 0] != cl[t, 0]]
     assert len(straddle) >= 5 and all(p in got for p in straddle)
@@ -117,39 +119,88 @@ def test_indexed_assignment_agrees_with_flat_nearest_centroid():
     centers = rng.standard_normal((40, 32)) * 3
     x = centers[rng.integers(40, size=4000)] + rng.standard_normal((4000, 32))
     x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
-    cent = kmeans.fit_centroids(x, 100, seed=0, drop=0)  # in the embedding space itself
+    cent = kmeans.fit_centroids(x, 100, seed=0)
     assert len(cent["coarse"]) == 10 and len(cent["fine"]) == 100 and cent["cell_start"][-1] == 100
     f = cent["fine"]
-    d2 = ((x[:, None, :] - f[None]) ** 2).sum(-1)
-    flat = np.argsort(d2, axis=1)[:, :2]  # exact two nearest centroids
-    got = kmeans.Assigner(cent, 2, 1.0, 8, flat=False)(x.astype(np.float16))  # the index: 8 of 10 cells scored per row
+    assert np.allclose(np.linalg.norm(f, axis=1), 1, atol=1e-5)  # spherical: unit centroids
+    cos = x @ f.T
+    flat = np.argsort(-cos, axis=1)[:, :2]  # exact two best centroids by cosine
+    got = kmeans.Assigner(cent, 2, 2.0, 8, flat=False)(x.astype(np.float16))  # the index: 8 of 10 cells scored per row
     assert (got[:, 0] == flat[:, 0]).mean() > 0.97 and (got == flat).all(1).mean() > 0.9
-    assert (kmeans.Assigner(cent, 2, 1.0, 10, flat=False)(x)[:, 0] == flat[:, 0]).mean() > 0.97  # every cell
-    exact = kmeans.Assigner(cent, 2, 1.0, 8)(x)  # 100 centroids: flat scoring of all, fp32 re-ranked
+    assert (kmeans.Assigner(cent, 2, 2.0, 10, flat=False)(x)[:, 0] == flat[:, 0]).mean() > 0.97  # every cell
+    exact = kmeans.Assigner(cent, 2, 2.0, 8)(x)  # 100 centroids: flat scoring of all, fp32 re-ranked
     assert exact.shape == (len(x), 2) and (exact == flat).all(1).mean() > 0.999
-    # the boundary rule: a second cluster only within the radius of the c1 / c2 boundary
+    # the boundary rule: a second cluster only within the radius of the c1 / c2 bisector
     one = kmeans.Assigner(cent, 4, 0.0, 10)(x)
     assert (one[:, 1:] == -1).all()
-    bd = (np.take_along_axis(d2, flat[:, 1:2], 1) - np.take_along_axis(d2, flat[:, :1], 1))[:, 0] / 2 \
+    bd = (np.take_along_axis(cos, flat[:, :1], 1) - np.take_along_axis(cos, flat[:, 1:2], 1))[:, 0] \
         / np.linalg.norm(f[flat[:, 0]] - f[flat[:, 1]], axis=1)  # distance of x to the c1/c2 bisector
     some = kmeans.Assigner(cent, 2, 0.05, 10)(x)
     agree = (some[:, 1] >= 0) == (bd <= 0.05)
     assert agree.mean() > 0.97
 
 
+def test_boundary_rule_is_lossless():
+    """Pairs at cosine >= t share a cluster with the boundary rule at r(t) exactly when they share
+    one among the plain top-A lists (the rule drops only clusters a partner cannot need)."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((3000, 24))
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    cent = kmeans.fit_centroids(x, 60, seed=0)
+    u = rng.standard_normal(x.shape).astype(np.float32)
+    u -= (u * x).sum(1, keepdims=True) * x
+    u /= np.linalg.norm(u, axis=1, keepdims=True)
+    c = rng.uniform(0.9, 0.99, (len(x), 1)).astype(np.float32)
+    y = c * x + np.sqrt(1 - c ** 2) * u
+    shared = lambda a, b: ((a[:, :, None] == b[:, None, :]) & (a[:, :, None] >= 0)).any((1, 2))  # noqa: E731
+    for a in (2, 3):
+        plain = kmeans.Assigner(cent, a, 2.0, 8)  # radius 2: every top-A cluster kept
+        rule = kmeans.Assigner(cent, a, kmeans.boundary_radius(0.9), 8)
+        assert (rule(x) == -1).any()  # the rule does drop clusters
+        assert np.array_equal(shared(plain(x), plain(y)), shared(rule(x), rule(y)))
+
+
+def test_calibration_chooses_more_clusters_where_the_data_needs_them():
+    """Isotropic rows need more clusters per row than a well-separated mixture for the same target,
+    and the chosen count reaches the target on partners planted independently of the calibration."""
+    rng = np.random.default_rng(2)
+    d = 64
+    iso = rng.standard_normal((6000, d))
+    centers = rng.standard_normal((30, d)) * 3
+    topic = centers[rng.integers(30, size=6000)] + rng.standard_normal((6000, d))
+    chosen = {}
+    for name, x in (("iso", iso), ("topic", topic)):
+        x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+        cent = kmeans.fit_centroids(x, 60, seed=0)
+        cal = kmeans.calibrate(x, cent, 12, kmeans.boundary_radius(0.9), 8, 0.95, 0.99)
+        chosen[name] = a = cal["assignments"]
+        asg = kmeans.Assigner(cent, a, kmeans.boundary_radius(0.9), 8)
+        src = x[rng.integers(len(x), size=3000)]
+        u = rng.standard_normal(src.shape).astype(np.float32)
+        u -= (u * src).sum(1, keepdims=True) * src
+        u /= np.linalg.norm(u, axis=1, keepdims=True)
+        part = 0.95 * src + np.sqrt(1 - 0.95 ** 2) * u
+        hx, hy = asg(src), asg(part)
+        found = ((hx[:, :, None] == hy[:, None, :]) & (hx[:, :, None] >= 0)).any((1, 2)).mean()
+        assert found >= 0.98, (name, a, found)
+    assert chosen["iso"] > chosen["topic"], chosen
+
+
 def test_fit_refits_a_giant_cluster_on_its_own_rows():
-    """One centroid owning most rows (a diffuse region k-means left whole) is replaced by centroids
+    """One centroid owning most rows (a dense region k-means left whole) is replaced by centroids
     fitted on its rows; the others stay as they were."""
     rng = np.random.default_rng(3)
     small = rng.standard_normal((19, 32)) * 4
-    x = np.concatenate([small.repeat(5, 0) + 0.01 * rng.standard_normal((95, 32)), rng.standard_normal((905, 32))])
+    big = rng.standard_normal(32) * 4
+    x = np.concatenate([small.repeat(5, 0) + 0.01 * rng.standard_normal((95, 32)),
+                        big + 1.5 * rng.standard_normal((905, 32))])
     x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
-    fine = np.concatenate([x[:95:5], x[95:].mean(0, keepdims=True)]).astype(np.float32)  # 20: 19 small + 1 giant
+    fine = np.concatenate([x[:95:5], kmeans._unit(x[95:].mean(0, keepdims=True))]).astype(np.float32)  # 19 small + 1 giant
     out = kmeans._split_large(x, fine, seed=0)
     mean = len(x) / len(fine)
-    giant = int((np.argmax(x @ fine.T - (fine ** 2).sum(1) / 2, axis=1) == 19).sum())  # ~905 rows
-    assert giant > kmeans.SPLIT_LARGE * mean and len(out) == 19 + math.ceil(giant / mean)
+    giant = int((np.argmax(x @ fine.T, axis=1) == 19).sum())  # ~905 rows
+    assert giant > kmeans.SPLIT_LARGE * mean and len(out) == 19 + int(np.ceil(giant / mean))
     assert np.array_equal(out[:19], fine[:19])  # untouched
-    near = np.argmax(x @ out.T - (out ** 2).sum(1) / 2, axis=1)
+    near = np.argmax(x @ out.T, axis=1)
     assert np.bincount(near, minlength=len(out))[19:].max() < 905 / 4
     assert np.array_equal(kmeans._split_large(x[:95], fine[:19], seed=0), fine[:19])  # nothing to split

@@ -22,7 +22,8 @@ def _args(tiny, urls, out, stages=STAGES):
             "--stages", stages, "--no-progress",
             "--set", f"score.clip_model={tiny}/clip/model_config.json",
             "--set", f"score.clip_pretrained={tiny}/clip/open_clip_model.safetensors",
-            "--set", f"score.aesthetic_weights={tiny}/aesthetic.pth"]
+            "--set", f"score.aesthetic_weights={tiny}/aesthetic.pth",
+            "--set", f"score.nsfw_weights={tiny}/nsfw.zip", "--set", f"score.watermark_weights={tiny}/watermark.pt"]
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +87,56 @@ def test_outputs_config_summary_and_duckdb(finished_run):
     assert dict(duckdb.sql(q).fetchall()) == summary["status"]
     keys, emb = manifest.read_embeddings(out)
     assert len(keys) == expect.count("ok") and emb.shape[1] == 64
+
+
+def test_whatif_at_the_run_settings_is_the_demo_selection(finished_run):
+    """Issue 22 item 11: the browser's what-if, opened untouched on the demo, is select's result row
+    for row (it used to follow direct pairs only and say 38 where select kept 36)."""
+    from curation.browse import whatif
+    from curation.browse.store import Run
+
+    out, _, _ = finished_run
+    w = whatif.whatif(Run(str(out)), {})
+    selected = sum(manifest.read_manifest(out, ["selected"]).column("selected").to_pylist())
+    assert (w["would"], w["gained"], w["lost"]) == (selected, 0, 0) and w["dedup"]["source"] == "pairs"
+
+
+def test_filter_columns_and_their_reject_reasons(finished_run):
+    """The demo config turns the three filters on: every scored row has them, and select's filter
+    reasons are exactly the rows past the demo thresholds (a plain recount)."""
+    from curation.config import load_pipeline
+
+    out, _, _ = finished_run
+    sel = load_pipeline(str(REPO / "pipelines.yaml"), "demo", check=False).select
+    rows = [r for r in manifest.read_manifest(out).to_pylist() if r["status"] == "ok"]
+    assert rows and all(r[c] is not None for r in rows for c in ("nsfw", "watermark"))
+    assert all(r["clip_similarity"] is not None for r in rows if r["caption"] is not None)
+    assert all(r["text_truncated"] is False for r in rows if r["caption"] is not None)  # short demo alt texts
+    for r in rows:
+        why = (r["reject_reason"] or "").split(";")
+        assert ("nsfw" in why) == (r["nsfw"] > sel.nsfw_max), r["key"]
+        assert ("watermark" in why) == (r["watermark"] > sel.watermark_max), r["key"]
+        low = r["clip_similarity"] is None or r["clip_similarity"] < sel.clip_similarity_min
+        assert ("low_clip_similarity" in why) == low, r["key"]
+    assert any("nsfw" in (r["reject_reason"] or "") for r in rows)  # the demo thresholds bite
+    assert any("watermark" in (r["reject_reason"] or "") for r in rows)
+
+
+def test_the_report_keeps_every_stage_latest_timing(finished_run, tiny_models):
+    """A second command (--stages select) replaces select's row of the report's stage table and keeps
+    the rows of the stages it did not run (today summary.json holds only the last command's stages:
+    after `make demo` only `features`)."""
+    out, _, _ = finished_run
+    before = {s["stage"]: s for s in json.loads((out / "report" / "summary.json").read_text())["stages"]}
+    assert list(before) == STAGES.split(",")
+    assert run_mod.main(_args(tiny_models, out / ".." / "urls.parquet", out, stages="select")) == 0
+    summary = json.loads((out / "report" / "summary.json").read_text())
+    after = {s["stage"]: s for s in summary["stages"]}
+    assert list(after) == STAGES.split(",")  # pipeline order, each stage once
+    for st in ("download", "score", "dedup"):
+        assert after[st] == before[st]  # the earlier command's timing, untouched
+    assert after["select"]["finished_at"] > before["select"]["finished_at"]
+    assert summary["stages_run"] == ["select"]
 
 
 def test_changing_a_threshold_reruns_select_only(finished_run, tiny_models):

@@ -37,6 +37,7 @@ def _kill(p: subprocess.Popen) -> None:
 def test_local_lock_refuses_a_second_run_and_dies_with_its_holder(tmp_path, capsys):
     out = str(tmp_path / "out")
     holder = _holder(out)
+    (tmp_path / "urls.csv").write_text("url,caption\n")  # a missing --input is refused before the lock
     try:
         (tmp_path / "out" / "config.resolved.yaml").write_text("the holder's\n")
         rc = run_mod.main(["--config", str(REPO / "pipelines.yaml"), "--pipeline", "demo", "--output", out,
@@ -55,6 +56,7 @@ def test_local_lock_refuses_a_second_run_and_dies_with_its_holder(tmp_path, caps
 
 def test_unwritable_output_is_a_clear_error(tmp_path, capsys):
     (tmp_path / "file").write_text("x")
+    (tmp_path / "u.csv").write_text("url,caption\n")  # a missing --input is refused first
     rc = run_mod.main(["--config", str(REPO / "pipelines.yaml"), "--pipeline", "demo", "--output",
                        str(tmp_path / "file" / "out"), "--input", str(tmp_path / "u.csv"), "--stages", "download"])
     err = capsys.readouterr().err

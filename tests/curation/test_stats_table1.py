@@ -202,3 +202,40 @@ def test_same_numbers_from_an_object_store_output(tmp_path, s3_bucket):
     both = run_table1([local, remote], ["a", "b"])
     assert both[("a+b", "all", "raw")]["total_noun"] == 2 * want[("demo", "all", "raw")]["total_noun"]
     assert table1.setup_sql([remote]).startswith(f"SET VARIABLE outs = ['{remote}'];")
+
+
+def test_filter_histograms_and_slices_on_the_filter_columns(tmp_path):
+    """filter_hist.sql against a plain recount; a Table 1 slice per filter column; an output scored
+    without the filters (no such columns) gives no bins and empty slices, not an error."""
+    import math
+
+    import numpy as np
+
+    from curation.stats import report
+
+    rng = np.random.default_rng(24)
+    rows = _manifest_rows()
+    vals = {c: rng.uniform(lo, hi, len(rows)) for c, lo, hi in (("nsfw", 0, 1), ("watermark", 0, 1),
+                                                                  ("clip_similarity", -1, 1))}
+    for i, r in enumerate(rows):
+        r.update({c: (None if i == 12 else float(v[i])) for c, v in vals.items()})
+    out = write_output(tmp_path / "run", rows)
+    con = table1.connect([out], ["demo"])
+    bins = table1.query(con, "filter_hist").to_pylist()
+    for col, (lo, width) in {"nsfw": (0, 0.02), "watermark": (0, 0.02), "clip_similarity": (-1, 0.04)}.items():
+        want = {}
+        for i, r in enumerate(rows[:12]):
+            b = min(math.floor((r[col] - lo) / width + 1e-9), 49)
+            n, s = want.get(b, (0, 0))
+            want[b] = (n + 1, s + (i <= 5))
+        got = {round((x["bin"] - lo) / width): (x["rows"], x["selected"]) for x in bins if x["filter"] == col}
+        assert got == want, col
+    assert report.filter_hist(table1.query(con, "filter_hist"), str(tmp_path / "f.png"), {"nsfw_max": 0.5})
+    assert (tmp_path / "f.png").read_bytes()[:4] == b"\x89PNG"
+    got = run_table1([out], ["demo"], {"safe": "nsfw <= 0.5", "aligned": "clip_similarity >= 0.28"})
+    assert got[("demo", "safe", "raw")]["volume"] == sum(r["nsfw"] <= 0.5 for r in rows[:12])
+    assert got[("demo", "aligned", "raw")]["volume"] == sum(r["clip_similarity"] >= 0.28 for r in rows[:12])
+    plain = write_output(tmp_path / "plain")  # no filter columns at all
+    assert table1.query(table1.connect([plain], ["demo"]), "filter_hist").num_rows == 0
+    got = run_table1([plain], ["demo"], {"safe": "nsfw <= 0.5"})
+    assert all(v["volume"] == 0 for k, v in got.items() if k[1] == "safe")

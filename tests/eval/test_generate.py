@@ -175,3 +175,55 @@ def test_sigkilled_generate_resumes_without_duplicates(tmp_path, tiny_models):
     g.generate(cfg, str(tiny_models / "dit"), name="clean", use_ray=False, progress=False)
     a, b = _pixels(d), _pixels(g.run_dir(str(out), "clean"))
     assert set(a) == set(b) and all(np.abs(a[k].astype(int) - b[k].astype(int)).max() <= 1 for k in a)
+
+
+def test_official_weights_keep_the_pe_of_their_training_size(bench, tmp_path):
+    """Issue 22 item 13: an official .pth (no recorded PE) evaluated at eval.resolution 256 gets the
+    PE of its training size (eval.weights_resolution + weights_pe), recorded in generation.json.
+    PixArt-α 256 weights (alpha table: interpolation 1.0) give the same images as the same model
+    saved with its PE recorded (convert.save_pth), and other images than the PE of the generation
+    size (0.5). The
+    Sigma table (interpolation = size / 512) is scale-free: base_size / interpolation is 32 at every
+    size, so Σ-128 weights record another PE and give the same pixels."""
+    import json
+
+    import torch
+
+    from _sigma.config import ConfigError
+    from training.checkpoint import load_model
+    from training.convert import load_official, save_pth
+
+    out, cfg, dit = bench
+    model = load_model(dit)  # the tiny DiT records base_size 16, interpolation 0.5 (trained at 256, sigma)
+    g0 = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # its zero-initialised output layers would hide the PE: every weight random
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g0) * 0.2)
+    pth = tmp_path / "official.pth"
+    torch.save({"state_dict": model.state_dict()}, pth)  # the official layout: the PE is not recorded
+    alpha = tmp_path / "alpha256.pth"  # the model an α-256 file is, with its PE written into the file
+    save_pth(load_official(pth, image_size=256, version="alpha"), alpha)
+
+    def gen(ckpt, name, **ev):
+        c = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, **ev))
+        s = g.generate(c, str(ckpt), name=name, use_ray=False, limit=3, progress=False)
+        assert s["ok"] == 3, s
+        return json.loads(open(os.path.join(s["dir"], g.META)).read())["protocol"]["pe"], _pixels(s["dir"])
+
+    def same(a, b):
+        return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+    assert cfg.eval.resolution == 256
+    pe, official = gen(pth, "official", weights_resolution=256, weights_pe="alpha")
+    assert pe == {"base_size": 16, "pe_interpolation": 1.0, "source": "trained at 256 px (alpha PE table)"}
+    pe2, recorded = gen(alpha, "alpha256")
+    assert (pe2["base_size"], pe2["pe_interpolation"]) == (16, 1.0) and pe2["source"].endswith("(model_config)")
+    assert same(official, recorded)
+    _, sigma256 = gen(pth, "sigma256", weights_resolution=256)  # what eval.resolution alone used to give
+    assert not same(official, sigma256)  # the PE changes the pixels
+    pe3, sigma128 = gen(pth, "sigma128", weights_resolution=128)
+    assert (pe3["base_size"], pe3["pe_interpolation"]) == (8, 0.25) and same(sigma128, sigma256)
+    with pytest.raises(ConfigError, match=r"eval.weights_resolution: .*official.pth: the file does not record"):
+        g.generate(cfg, str(pth), name="none", use_ray=False, limit=1, progress=False)
+    with pytest.raises(ConfigError, match=r"eval.weights_resolution: .*records PE base_size 16"):
+        gen(dit, "contradicts", weights_resolution=256, weights_pe="alpha")

@@ -159,3 +159,91 @@ def test_sha256_of_the_fixture_is_the_image_bytes(built):
     r = rows[0]
     data = dict(iter_download_images(str(out), int(r["key"][:5]), {r["key"]}))[r["key"]]
     assert hashlib.sha256(data).hexdigest() == r["sha256"]
+
+
+def test_the_list_records_what_it_covers_and_a_grown_manifest_is_stale(built):
+    """The footer maps each searched part to its sha256 (the manifest's integrity record); a part
+    added, or rewritten (rows appended), after the search makes the list stale."""
+    out, cfg, info, rows = built
+    v = info["version"]
+    states = holdout.recorded_states(str(out), v)
+    for p in (0, 1):
+        rec = manifest.fs.read_json(manifest.sums_uri(str(out), p))
+        data = (out / "manifest" / f"part-{p:05d}.parquet").read_bytes()
+        assert states[p]["sha256"] == rec["sha256"] == hashlib.sha256(data).hexdigest()
+    assert holdout.check_current(str(out)) == {v: 2}
+    _inject(out, rows)  # part 2 appears
+    t = manifest.read_part(str(out), 0)
+    bkey = next(r["key"] for r in rows if r["key"].startswith("00000_"))
+    i = t.column("key").to_pylist().index(bkey)
+    twin = t.slice(i, 1).set_column(0, "key", pa.array(["00000_000999"]))  # a byte copy of a benchmark row
+    manifest.write_part(str(out), 0, pa.concat_tables([t, twin]), "test", "fp")  # part 0 grows by one row
+    assert holdout.stale_parts(str(out), v) == [0, 2]
+    with pytest.raises(holdout.StaleHoldoutError, match=r"parts \[0, 2\]"):
+        holdout.check_current(str(out))
+    bb.build(cfg)  # eval_split again: searches exactly those two parts
+    assert holdout.check_current(str(out)) == {v: 3}
+    table = {r["key"]: r for r in manifest.fs.read_parquet(holdout.exclude_uri(str(out), v)).to_pylist()}
+    assert "same_sha256" in table["00000_000999"]["reason"] and table["00000_000999"]["benchmark_key"] == bkey
+
+
+def test_score_extends_a_stale_list_before_checking_the_shards(built):
+    out, cfg, info, rows = built
+    v = info["version"]
+    got = _inject(out, rows)  # after the benchmark: copies in a new part
+    write_shard(out, ["00002_000004", "00002_000001"])  # features ran on the grown manifest WITHOUT a search
+    assert not {"00002_000001"} & holdout.version_keys(str(out), v)
+    with pytest.raises(holdout.StaleHoldoutError, match="does not cover manifest parts"):
+        score.verify_hold_out(str(out), v)  # no config: cannot extend, refuses
+    with pytest.raises(score.LeakError, match="1 held-out keys are in the training shards"):
+        score.verify_hold_out(str(out), v, cfg)  # extends (searches part 2), then finds the near copy
+    assert holdout.stale_parts(str(out), v) == [] and set(got["plan"]) - {"00002_000004"} <= \
+        holdout.version_keys(str(out), v)
+    write_shard(out, ["00002_000004"])  # only the unrelated row
+    ok = score.verify_hold_out(str(out), v, cfg)
+    assert ok["leaked"] == 0 and ok["extended_over"] is None
+
+
+def test_demo_leak_threshold_sits_below_the_tiny_clip_copy_floor(tiny_models):
+    """The demo's eval.leak_threshold against the score stage's own embeddings (curation.score.Scorer,
+    tiny CLIP) of edited copies of the demo images: every copy is at or above it (so it would be held
+    out), every pair of unrelated demo images below it (the old 0.995 missed most copies)."""
+    import io
+    from pathlib import Path
+
+    from PIL import Image, ImageEnhance
+
+    from curation import demo_data as dd
+    from curation.config import load_pipeline
+    from curation.score import Scorer
+
+    cfg = load_pipeline(str(Path(__file__).resolve().parents[2] / "pipelines.yaml"), "demo", check=False)
+    t = cfg.eval.leak_threshold
+    scorer = Scorer(str(tiny_models / "clip/model_config.json"), str(tiny_models / "clip/open_clip_model.safetensors"),
+                    str(tiny_models / "aesthetic.pth"), max_pixels=10 ** 8, precision="fp32")
+
+    def jpeg(im, q=85):
+        b = io.BytesIO()
+        im.convert("RGB").save(b, "JPEG", quality=q)
+        return b.getvalue()
+
+    items = [it for it in dd.demo_items() if it.expect == "ok" and not it.near_dup_of][:12]
+    blobs = {}
+    for it in items:
+        im = Image.open(io.BytesIO(it.body)).convert("RGB")
+        w, h = im.size
+        blobs[(it.name, "orig")] = it.body
+        blobs[(it.name, "jpeg40")] = jpeg(im, 40)
+        blobs[(it.name, "half")] = jpeg(im.resize((w // 2, h // 2), Image.BILINEAR))
+        blobs[(it.name, "crop10")] = jpeg(im.crop((int(0.1 * w), 0, w, h)))
+        blobs[(it.name, "bright8")] = jpeg(ImageEnhance.Brightness(im).enhance(1.08))
+    names = list(blobs)
+    r = scorer(pa.table({"_part": [0] * len(names), "key": [f"{a}|{b}" for a, b in names],
+                         "image": [blobs[n] for n in names]}))
+    emb = {n: np.asarray(e, np.float64) for n, e in zip(names, r.column("embedding").to_pylist()) if e is not None}
+    copies = [float(emb[n] @ emb[(n[0], "orig")]) for n in names if n[1] != "orig" and n in emb]
+    origs = np.stack([emb[(it.name, "orig")] for it in items])
+    unrelated = (origs @ origs.T)[np.triu_indices(len(items), 1)]
+    assert len(copies) == 4 * len(items) >= 40
+    assert min(copies) >= t > unrelated.max(), (min(copies), t, unrelated.max())
+    assert min(copies) < 0.995  # the demo's old threshold let such copies into training

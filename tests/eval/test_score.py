@@ -48,6 +48,22 @@ def test_score_runs_and_report(tmp_path, tiny_models):
     assert blurred["fid_ci"][0] < blurred["fid"] < blurred["fid_ci"][1]
     assert blurred["kid"]["kid"] > same["kid"]["kid"] and blurred["kid"]["kid_std"] > 0
     assert same["clip_score_ci"][0] <= same["clip_score"] <= same["clip_score_ci"][1]
+    # CMMD beside FID: ~0 for the reference images, the clip-mmd package's value on the same embeddings
+    from clip_mmd import calculation
+    from eval import reference
+
+    assert abs(same["cmmd"]) < 1e-6 and blurred["cmmd"] > 1e-4
+    assert blurred["cmmd_ci"][0] <= blurred["cmmd"] <= blurred["cmmd_ci"][1]
+    pc = blurred["protocol"]["cmmd"]
+    assert pc["sigma"] == 10 and pc["scale"] == 1000 and pc["cmmd_model"] == cfg.score.clip_model and pc["from_cache"]
+    _, ref_emb, _ = reference.load(reference.cache_uri(str(out), pc["cache"]))
+    with np.load(fs.join(score.scores_dir(str(out)), "blurred.features.npz")) as z:
+        gen_emb = z["clip_embeddings"]
+    assert gen_emb.shape == (20, ref_emb.shape[1])
+    import torch
+
+    theirs = calculation.mmd_efficient(ref_emb.astype(np.float64), gen_emb.astype(np.float64), precision=torch.float64)
+    assert blurred["cmmd"] == np.float64(theirs) or abs(blurred["cmmd"] - theirs) < 1e-9 * max(1.0, abs(theirs))
     assert set(same["rewards"]) == {"PickScore", "HPSv2"} and same["rewards"]["HPSv2"]["ci"] is not None
     # per-prompt rows: the CLIP-Score mean and the strata are consistent with them
     per = fs.read_parquet(fs.join(score.scores_dir(str(out)), "same.rows.parquet")).to_pylist()
@@ -70,7 +86,7 @@ def test_score_runs_and_report(tmp_path, tiny_models):
     frac = np.mean([r["clip_tokens"] > 77 for r in rows])
     assert same["prompts_truncated_frac"] == frac and 0 < frac < 1
     md = fs.read_text(report.write_report(str(out)))
-    for word in ("FID", "KID", "CLIP-Score", "PickScore", "HPSv2", "pytorch-fid", "DPM-Solver++", "20 steps", "cfg 4.5",
+    for word in ("FID", "CMMD", "half-sampling", "KID", "CLIP-Score", "PickScore", "HPSv2", "pytorch-fid", "DPM-Solver++", "20 steps", "cfg 4.5",
                  "N = 20", "tiny random-weight extractor", "Per stratum", "bootstrap", "prompts have no usable image"):
         assert word in md, word
     line = next(ln for ln in md.splitlines() if ln.startswith("| same "))

@@ -84,24 +84,60 @@ def test_coco_layout_one_seeded_caption_per_image(tmp_path):
         load_coco(str(tmp_path), 5, 0)
 
 
+def _clip_embeddings_with_a_near_copy(out, root, cfg, facts) -> dict:
+    """Give part 0 the embeddings the score stage would compute with the pipeline's (tiny) CLIP, one
+    row's image being a half-size JPEG copy of an MJHQ reference image; the keys an independent
+    numpy search of those embeddings against the reference images finds at the threshold."""
+    import io
+
+    from PIL import Image
+
+    from eval.clipscore import ClipScorer
+
+    clip = ClipScorer(cfg.score.clip_model, cfg.score.clip_pretrained)
+    keys, _ = manifest.read_part_embeddings(str(out), 0)
+    keys = [str(k) for k in keys]
+    ref_paths = sorted(root.glob("mjhq30k_imgs/*/*.jpg"))
+    of = ref_paths[5]
+    orig = Image.open(of).convert("RGB")
+    b = io.BytesIO()
+    orig.resize((32, 32), Image.BILINEAR).save(b, "JPEG", quality=80)
+    imgs = {k: facts["images"][k] for k in keys}
+    imgs[keys[4]] = Image.open(io.BytesIO(b.getvalue())).convert("RGB")
+    emb = clip.embed_images([imgs[k] for k in keys]).numpy()
+    manifest.write_embeddings(str(out), 0, keys, emb)
+    ref = clip.embed_images([Image.open(p).convert("RGB") for p in ref_paths]).numpy().astype(np.float64)
+    e16 = emb.astype(np.float16).astype(np.float64)  # as stored
+    e16 /= np.linalg.norm(e16, axis=1, keepdims=True)
+    sims = e16 @ ref.T
+    return {"expected": {k for k, s in zip(keys, sims.max(1)) if s >= cfg.eval.leak_threshold - 1e-4},
+            "copy_key": keys[4], "of": f"mjhq-{of.stem}"}
+
+
 def test_mjhq_benchmark_end_to_end_with_per_category_fid(tmp_path, tiny_models):
     """build (+ hold-out of a training row with the same prompt), reference from the folder,
     score a run made of the reference images: FID 0 overall and per category."""
     from PIL import Image
 
     out = tmp_path / "run"
-    make_output(out, n_rows=24, parts=1)
+    facts = make_output(out, n_rows=24, parts=1)
     meta = mjhq(tmp_path / "mjhq")
     t = manifest.read_part(str(out), 0)  # a training row whose caption is an MJHQ prompt
     caps = t.column("caption_short").to_pylist()
     caps[3] = next(iter(meta.values()))["prompt"].upper()
     manifest.write_part(str(out), 0, t.set_column(t.schema.get_field_index("caption_short"), "caption_short",
                                                    pa.array(caps)), "test", "fp")
-    cfg = gen_cfg(out, tiny_models, benchmark="mjhq-30k", benchmark_path=str(tmp_path / "mjhq"), n=12)
+    cfg = gen_cfg(out, tiny_models, benchmark="mjhq-30k", benchmark_path=str(tmp_path / "mjhq"), n=12,
+                  leak_threshold=0.93)
+    near = _clip_embeddings_with_a_near_copy(out, tmp_path / "mjhq", cfg, facts)
     info = bb.build(cfg)
     assert info["source"] == "mjhq-30k" and info["n"] == 12 and info["selection"]["categories"] == {c: 4 for c in CATS}
     held = holdout.version_keys(str(out), info["version"])
-    assert held == {f"mjhq-{i}" for i in meta} | {"00000_000003"}
+    assert held == {f"mjhq-{i}" for i in meta} | {"00000_000003"} | near["expected"]
+    assert near["copy_key"] in near["expected"]  # the resized JPEG copy of an MJHQ image
+    table = {r["key"]: r for r in holdout.fs.read_parquet(holdout.exclude_uri(str(out), info["version"])).to_pylist()}
+    assert "near_duplicate" in table[near["copy_key"]]["reason"] and table[near["copy_key"]]["benchmark_key"] == near["of"]
+    assert info["hold_out"]["benchmark_embeddings"] == 12
     _, rows, info = bb.current(cfg)
     ref, rmeta, _ = reference.reference_features(cfg, rows, info, progress=False)
     assert len(ref) == 12 and rmeta["failed"] == []

@@ -211,7 +211,11 @@ def test_exclusions_replan_only_their_part(run1, tmp_path, feature_models):
     (tmp_path / "exclude.txt").write_text(f"# held out\n{part0[0]}\n")
     hold = out / "eval" / "benchmarks" / "v1-test" / "exclude.parquet"  # written by eval_split
     hold.parent.mkdir(parents=True)
-    pq.write_table(pa.table({"key": [part0[1]], "reason": ["benchmark"]}), hold)
+    from _sigma import holdout  # the list records the parts it covers (features refuses a stale one)
+
+    searched = json.dumps({p: holdout.part_state(str(out), p) for p in (0, 1)}).encode()
+    pq.write_table(pa.table({"key": [part0[1]], "reason": ["benchmark"]}).replace_schema_metadata(
+        {holdout.STATE_KEY: searched}), hold)
     before = _tars(out0, 256)
     s = run_features(features_cfg(out, feature_models, exclude_keys=str(tmp_path / "exclude.txt"),
                                   resolutions=[256]), out, progress=False)
@@ -224,6 +228,45 @@ def test_exclusions_replan_only_their_part(run1, tmp_path, feature_models):
     after = _tars(out, 256)
     assert [s["name"] for s in index["shards"]] == [NAMES[0]] + NAMES[2:]  # part 0: 3 rows, one shard
     assert {n: after[n] for n in NAMES[2:]} == {n: before[n] for n in NAMES[2:]}  # part 1 reused
+
+
+def test_features_alone_on_a_grown_manifest_leaks_nothing(run1, tmp_path, feature_models):
+    """Rows added after the benchmark was built (a new part with a prompt twin of a benchmark row):
+    features run alone refuses the stale hold-out and writes nothing; once eval_split's search has
+    covered the new part, the twin stays out of every shard."""
+    import pyarrow as pa
+
+    from _sigma import holdout, manifest
+    from _sigma.holdout import StaleHoldoutError
+    from eval.leaks import update_exclusions
+
+    out0, facts, _ = run1
+    out = Path(shutil.copytree(out0, tmp_path / "run"))
+    bench = facts["rows"]["00000_000000"]
+    brow = {"key": bench["key"], "prompt": bench["caption_long"], "prompt_long": bench["caption_long"],
+            "prompt_short": bench["caption"], "sha256": None}
+    update_exclusions(str(out), "v1-test", [brow], lambda: None, 0.9)  # eval_split over parts 0 and 1
+    grown = tmp_path / "grown"
+    make_pipeline_output(grown, n_parts=3)  # its part 2 arrives after the benchmark
+    shutil.copy(grown / "download" / "00002.tar", out / "download" / "00002.tar")
+    t = manifest.read_part(str(grown), 2)
+    caps = t.column("caption_long").to_pylist()
+    caps[0] = "  " + bench["caption_long"].upper()  # the prompt twin
+    manifest.write_part(str(out), 2, t.set_column(t.column_names.index("caption_long"), "caption_long",
+                                                  pa.array(caps)), "select", "test")
+    before = _tars(out, 256)
+    cfg = features_cfg(out, feature_models, resolutions=[256])
+    with pytest.raises(StaleHoldoutError, match=r"v1-test: parts \[2\]"):
+        run_features(cfg, out, progress=False)
+    assert _tars(out, 256) == before  # nothing written
+    s = update_exclusions(str(out), "v1-test", [brow], lambda: None, 0.9)  # eval_split again
+    assert s["parts_searched"] == 1 and s["by_reason"]["same_prompt"] == 1
+    res = run_features(cfg, out, progress=False)
+    keys = {x["key"] for x in shards.iter_samples(shards.shards_dir(out, 256))}
+    assert res["holdout_parts_covered"] == {"v1-test": 3}
+    assert "00002_000000" not in keys and bench["key"] not in keys
+    assert holdout.excluded_keys(str(out)) == {"00002_000000", bench["key"]}
+    assert {"00002_000001", "00002_000003"} <= keys  # the other new rows are trained on
 
 
 def test_key_lists_text_and_parquet(tmp_path):

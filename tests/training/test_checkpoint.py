@@ -147,3 +147,42 @@ def test_tiny_dit_builds_and_loads(tmp_path):
     assert out.shape == (2, 8, 8, 8)
     with pytest.raises(FileNotFoundError):
         ckpt.load_model(tmp_path / "nothing")
+
+
+def _old_format(c) -> None:
+    """Rewrite a checkpoint's meta.json as format /1 wrote it: no `files` (nothing to verify against)."""
+    meta = ckpt.read_meta(c)
+    meta.pop("files")
+    meta["format"] = "sigma-ckpt/1"
+    with open(os.path.join(c, ckpt.META), "w") as f:
+        json.dump(meta, f)
+
+
+@pytest.mark.parametrize("damage", ["bad_header", "truncated", "bad_header_checked"])
+def test_load_newest_falls_back_past_an_unreadable_newest(tmp_path, damage):
+    """Issue 22 item 4: the newest checkpoint's model.safetensors has a bad header or is cut short,
+    with an old-format meta.json (no checksums) or a current one: resume takes the older one."""
+    m = _Lin()
+    for step in (1, 2):
+        with torch.no_grad():
+            m.l.weight.fill_(float(step))
+        ckpt.save(tmp_path, step, rank=0, world_size=1, model=m, optimizer=None, rank_state={"step": step},
+                  meta={}, keep_last=2)
+    newest = ckpt.latest(tmp_path)
+    f = os.path.join(newest, "model.safetensors")
+    data = open(f, "rb").read()
+    if damage == "truncated":
+        data = data[: len(data) // 2]
+    else:  # the 8-byte header length now points past the end of the file
+        data = (len(data) * 4).to_bytes(8, "little") + data[8:]
+    open(f, "wb").write(data)
+    if damage != "bad_header_checked":
+        _old_format(newest)
+    with pytest.warns(UserWarning, match="step-00000002 is unusable, falling back"):
+        c, state = ckpt.load_newest(tmp_path, lambda c: ckpt.load_state(c, 0, ema=False))
+    assert os.path.basename(c) == "step-00000001" and state["rank"] == {"step": 1}
+    assert torch.equal(state["weights"]["l.weight"], torch.ones(2, 3))
+    ckpt.save(tmp_path, 3, rank=0, world_size=1, model=m, optimizer=None, rank_state={}, meta={}, keep_last=2)
+    _old_format(ckpt.latest(tmp_path))  # an intact old-format checkpoint still loads
+    c, state = ckpt.load_newest(tmp_path, lambda c: ckpt.load_state(c, 0, ema=False))
+    assert os.path.basename(c) == "step-00000003"

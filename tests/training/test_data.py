@@ -2,6 +2,7 @@
 resumable position. Also holds the synthetic-shard writer the other training tests import."""
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -52,7 +53,9 @@ def write_synthetic_shards(root: Path, n: int = 24, n_shards: int = 3, resolutio
                           "json": meta})
                 counts[bucket] = counts.get(bucket, 0) + 1
         size = (root / name).stat().st_size
-        shards.append({"name": name, "samples": sum(counts.values()), "bytes": size, "buckets": counts})
+        sha = hashlib.sha256((root / name).read_bytes()).hexdigest()  # no member sums: checked whole
+        shards.append({"name": name, "samples": sum(counts.values()), "bytes": size, "sha256": sha,
+                       "buckets": counts})
         for k, v in counts.items():
             all_buckets[k] = all_buckets.get(k, 0) + v
     index = {"format": "sigma-shards/1", "resolution": resolution,

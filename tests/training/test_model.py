@@ -271,3 +271,18 @@ def test_pe_cache_built_under_inference_mode_is_trainable():
     out.square().mean().backward()
     torch.testing.assert_close(out.detach(), ref)
     assert m.x_embedder.proj.weight.grad is not None
+
+
+def test_unknown_kv_mode_is_refused_at_build():
+    """Issue 22 item 14: a mode that is not one of KV_MODES raises when the layer is built (it used
+    to build the conv path silently and crash at the first forward)."""
+    from training.blocks import SelfAttention
+    from training.model import KV_MODES
+
+    with pytest.raises(ValueError, match=r"kv_mode 'discard'.*conv.*uniform.*ave.*avgpool"):
+        SelfAttention(64, 4, kv_ratio=2, kv_mode="discard")
+    with pytest.raises(ValueError, match="kv_mode 'discard'"):
+        SelfAttention(64, 4, kv_ratio=1, kv_mode="discard")  # not silently ignored without compression either
+    for mode in KV_MODES:  # every documented mode builds and runs
+        att = SelfAttention(64, 4, kv_ratio=2, kv_mode=mode)
+        assert att(torch.randn(1, 20, 64), 4, 5).shape == (1, 20, 64)

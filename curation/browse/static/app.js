@@ -165,7 +165,12 @@ async function renderDups(key) {
 const SLIDERS = [
   ["aesthetic_min", "aesthetic_min", 0.05], ["min_side", "min_side (px)", 16],
   ["max_aspect_ratio", "max_aspect_ratio (h/w)", 0.05], ["min_aspect_ratio", "min_aspect_ratio (h/w)", 0.01],
+  ["nsfw_max", "nsfw_max (P NSFW)", 0.01], ["watermark_max", "watermark_max (P watermark)", 0.01],
+  ["clip_similarity_min", "clip_similarity_min (cosine)", 0.005],
   ["dedup_threshold", "dedup_threshold", 0.001]];
+// Sliders that can be off (select's null): an "on" checkbox beside them. The filter sliders are
+// disabled when the run has no scores for their column.
+const OPTIONAL = { aesthetic_min: "aesthetic", nsfw_max: "nsfw", watermark_max: "watermark", clip_similarity_min: "clip_similarity" };
 let wiTimer = null, wiSeq = 0;
 
 function buildWhatIf() {
@@ -175,15 +180,19 @@ function buildWhatIf() {
     min_side: [0, Math.max(2048, r.side_max || 0), s.min_side ?? 1024],
     max_aspect_ratio: [1, 10, s.max_aspect_ratio ?? 4.5],
     min_aspect_ratio: [0.1, 1, s.min_aspect_ratio ?? 1 / 4.5],
+    nsfw_max: [0, 1, s.nsfw_max ?? null], watermark_max: [0, 1, s.watermark_max ?? null],
+    clip_similarity_min: [-1, 1, s.clip_similarity_min ?? null],
     dedup_threshold: [INFO.candidate_threshold ?? 0.9, 1, s.dedup_threshold ?? INFO.candidate_threshold ?? null]};
   const rows = SLIDERS.map(([name, label, step]) => {
     const [lo, hi, val] = lim[name];
-    const disabled = name === "dedup_threshold" && !INFO.has_pairs;
+    const hasCol = (c) => (INFO.columns || []).some((x) => x.name === c) && (r.filters || {})[c] !== false;
+    const disabled = (name === "dedup_threshold" && !INFO.has_pairs) || (name in OPTIONAL && name !== "aesthetic_min" && !hasCol(OPTIONAL[name]));
     const range = el("input", { type: "range", id: `wi-${name}`, min: lo, max: hi, step, value: val ?? lo, disabled });
     const num = el("input", { type: "number", id: `wi-${name}-val`, step: "any", value: val ?? "", disabled });
-    range.addEventListener("input", () => { num.value = range.value; if (name === "aesthetic_min") $("wi-aes-on").checked = true; scheduleWhatIf(); });
+    range.addEventListener("input", () => { num.value = range.value; if (name in OPTIONAL) $(`wi-${name}-on`).checked = true; scheduleWhatIf(); });
     num.addEventListener("change", () => { range.value = num.value; scheduleWhatIf(); });
-    const extra = name === "aesthetic_min" ? el("label", {}, el("input", { type: "checkbox", id: "wi-aes-on", checked: val !== null, onchange: scheduleWhatIf }), " on")
+    const extra = name in OPTIONAL ? el("label", {}, el("input", { type: "checkbox", id: `wi-${name}-on`, checked: val !== null, disabled, onchange: scheduleWhatIf }),
+        disabled ? ` off (no ${OPTIONAL[name]} scores in this run)` : " on")
       : disabled ? el("span", { class: "muted", text: "no stored candidate pairs" }) : null;
     return el("div", { class: "slider" }, el("label", { for: `wi-${name}`, text: label }), range, num, extra);
   });
@@ -198,7 +207,7 @@ async function runWhatIf() {
   const p = new URLSearchParams({ resolution: $("wi-resolution").value });
   for (const [name] of SLIDERS) {
     const v = $(`wi-${name}-val`).value;
-    if (name === "aesthetic_min") p.set(name, $("wi-aes-on").checked && v !== "" ? v : "null");
+    if (name in OPTIONAL) p.set(name, $(`wi-${name}-on`).checked && v !== "" ? v : "null");
     else if (!(name === "dedup_threshold" && (!INFO.has_pairs || v === ""))) p.set(name, v);
   }
   $("wi-would").classList.add("stale");
@@ -228,6 +237,7 @@ async function runWhatIf() {
       el("a", { href: `#/row/${r.key}` }, thumb(r.key)),
       el("div", { class: "meta" }, el("code", { text: r.key }), " ",
         r.similarity !== undefined ? el("span", { text: `sim ${Number(r.similarity).toFixed(4)}${r.kept ? " → " + r.kept : r.other ? " ~ " + r.other : ""}` })
+          : m.margin in OPTIONAL && m.margin !== "aesthetic_min" ? el("span", { text: `${OPTIONAL[m.margin]} ${fmt(r[OPTIONAL[m.margin]])} · ★ ${fmt(r.aesthetic)}` })
           : el("span", { text: `★ ${fmt(r.aesthetic)} · ${r.width}×${r.height} · h/w ${fmt(r.ratio)}` }))))))));
   bump("whatifs");
 }
@@ -256,9 +266,17 @@ async function renderReport() {
   parts.push(el("h2", { text: "Stages" }));
   if (r.summary) {
     parts.push(el("p", { text: `pipeline ${r.summary.pipeline}: ${r.summary.rows} rows, selected ${r.summary.selected}` }),
-      table("summary", (r.summary.stages || []).map((s) => ({ stage: s.stage, seconds: s.seconds, "rows/s": s.rows_per_s, result: JSON.stringify(s.result) })),
+      table("summary", (r.summary.stages || []).map((s) => ({ stage: s.stage, seconds: s.seconds, "rows/s": s.rows_per_s, finished: s.finished_at || "", result: JSON.stringify(s.result) })),
         ["stage", "seconds", "rows/s", "result"]));
   } else parts.push(el("p", { class: "muted", text: "report/summary.json not written yet (curation.run writes it at the end)." }));
+  if (r.dedup) {  // dedup's measured recall: a sample of rows searched exactly (dedup/_done.json)
+    const d = r.dedup, ci = (x) => (x && x.interval ? `${fmt(x.interval[0], 4)}-${fmt(x.interval[1], 4)}` : "");
+    parts.push(el("h3", { text: "Dedup recall" }), el("p", { id: "dedup-recall", text: `near pairs at cosine >= ${d.cosine}: ` +
+      `recall ${d.recall === null ? "n/a (no pair in the sample)" : fmt(d.recall, 4)} (95 % interval ${ci(d)}, ${d.pairs} pairs of ` +
+      `${d.sample_rows} rows searched exactly; ${d.assignments} clusters per row)` }),
+    table("dedup-bands", d.bands.map((b) => ({ cosine: b.band, pairs: b.pairs, found: b.found, recall: b.recall, "95 % interval": ci(b) })),
+      ["cosine", "pairs", "found", "recall", "95 % interval"]));
+  }
   parts.push(el("p", { id: "footers", text: `manifest footers: ${r.footers.rows} rows; ` + Object.entries(r.footers.status).map(([k, n]) => `${k} ${n}`).join(", ") +
     (r.footers.selected !== null ? `; selected ${r.footers.selected}` : "") }));
   parts.push(el("h2", { text: "Eval" }));
