@@ -26,7 +26,8 @@ PART_STAGES = ("download", "score", "caption", "features", "stats")  # stages on
 def _args(tiny: Path, urls: str, out: str) -> list[str]:
     sets = {"input.part_size": 4, "score.clip_model": f"{tiny}/clip/model_config.json",
             "score.clip_pretrained": f"{tiny}/clip/open_clip_model.safetensors",
-            "score.aesthetic_weights": f"{tiny}/aesthetic.pth", "caption.model": f"{tiny}/captioner",
+            "score.aesthetic_weights": f"{tiny}/aesthetic.pth", "score.nsfw_weights": f"{tiny}/nsfw.zip",
+            "score.watermark_weights": f"{tiny}/watermark.pt", "caption.model": f"{tiny}/captioner",
             "caption.t5_tokenizer": f"{tiny}/t5", "caption.generation.max_new_tokens": 8,
             "features.vae": f"{tiny}/vae", "features.t5": f"{tiny}/t5", "stats.workers": 1,
             "eval.n": 2}  # eval_split holds 2 rows out (and their copies): the rest go to the shards

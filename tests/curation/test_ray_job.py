@@ -52,7 +52,10 @@ def test_job_submit_to_a_real_head(tmp_path, tiny_models):
                    "--no-progress",
                    "--set", f"score.clip_model={tiny_models}/clip/model_config.json",
                    "--set", f"score.clip_pretrained={tiny_models}/clip/open_clip_model.safetensors",
-                   "--set", f"score.aesthetic_weights={tiny_models}/aesthetic.pth"]
+                   "--set", f"score.aesthetic_weights={tiny_models}/aesthetic.pth",
+                   # --working-dir uploads no models/ (gitignored): every model path must be absolute
+                   "--set", f"score.nsfw_weights={tiny_models}/nsfw.zip",
+                   "--set", f"score.watermark_weights={tiny_models}/watermark.pt"]
             for _ in range(20):  # the head's job agent comes up a few seconds after `ray start` returns
                 r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
                 if "No available agent" not in r.stderr:
