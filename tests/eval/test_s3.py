@@ -47,5 +47,7 @@ def test_benchmark_generate_score_on_s3(tmp_path, s3_bucket, ray_local, tiny_mod
               "generations/s3run/generation.json", "scores/s3run.json", "report.md"):
         assert p in names, (p, sorted(names))
     assert len([p for p in names if p.startswith("generations/s3run/") and p.endswith(".png")]) == 4
-    assert len([p for p in names if p.startswith("reference/")]) == 1
+    refs = sorted(p for p in names if p.startswith("reference/"))
+    # one cached reference of each kind: Inception features (FID/KID) and CLIP embeddings (CMMD)
+    assert len(refs) == 2 and sum(p.startswith("reference/cmmd-") for p in refs) == 1, refs
     assert not (tmp_path / "s3:").exists() and not os.path.exists("s3:")  # nothing landed on local disk
