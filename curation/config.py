@@ -140,6 +140,14 @@ class DedupConfig:
     recall_target: float = 0.995
     max_assignments: int = 12
     probe: int = 8  # cells of the centroid index scored per row (above 16384 clusters)
+    # routing and the within-cluster search run on random-projection codes of this many dims (fp16: 256 bytes a
+    # row at 128 instead of 1,536); their candidate pairs are verified on the embeddings
+    # (curation/dedup/codes.py); >= the embedding size: the embeddings themselves
+    code_dims: int = 128
+    # a row's embedding goes with it to a cluster where it would meet at least this many candidate
+    # pairs on the codes (estimated at plan time): dense regions are searched exactly, sparse ones
+    # on the codes (0: embeddings everywhere, the former design; a huge value: codes only)
+    dense_candidates: float = 0.5
     sample_rows: int = 100_000  # most embeddings the centroids are fitted on (16 per cluster below that)
     block_size: int = 4096  # rows per similarity matmul block
     # measured recall: this many rows searched exactly against all rows; the stage fails when the
@@ -149,7 +157,7 @@ class DedupConfig:
     # memory a dedup task may hold beyond its interpreter (~1 GB RSS: Python, torch, scikit-learn,
     # pyarrow, the Ray worker): rows per routing / search task and the fit sample follow from it, and
     # each task asks Ray for both, which bounds how many run at once (Ray's `memory` resource)
-    task_memory_mb: int = 1024
+    task_memory_mb: int = 512
     seed: int = 0
 
     def __post_init__(self):
@@ -159,8 +167,10 @@ class DedupConfig:
         for k in ("recall_target", "min_recall"):
             if not 0.0 <= getattr(self, k) <= 1.0:
                 raise ConfigError(f"{k}: got {getattr(self, k)}, allowed: 0..1")
-        small = {k: getattr(self, k) for k in ("cluster_rows", "max_assignments", "probe", "sample_rows",
+        small = {k: getattr(self, k) for k in ("cluster_rows", "max_assignments", "probe", "code_dims", "sample_rows",
                                                 "block_size", "task_memory_mb") if getattr(self, k) < 1}
+        if not self.dense_candidates >= 0:
+            raise ConfigError(f"dense_candidates: got {self.dense_candidates}, allowed: >= 0")
         if small or self.exact_search_rows < 0 or self.recall_sample < 0:
             raise ConfigError(f"{', '.join(small) or 'exact_search_rows / recall_sample'}: must be >= 1 "
                               "(exact_search_rows, recall_sample >= 0)")

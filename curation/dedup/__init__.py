@@ -7,20 +7,24 @@ read parts and embeddings, compute and write:
 
 1. fingerprint: the dedup config + every part's score fingerprint; a `_done.json` holding it -> skip.
 2. plan (`plan.json`, `plan.npz`): up to `exact_search_rows` rows, one search group with exact
-   all-pairs search. Else tasks sample embeddings per batch of parts, one task fits spherical
-   k-means centroids with scikit-learn, chooses the clusters per row A from the recall target
-   (kmeans.py) and packs the clusters into G search groups by estimated cost.
+   all-pairs search. Else tasks sample embeddings per batch of parts, one task draws a random code
+   basis (dedup.code_dims, codes.py) and fits spherical k-means centroids on the codes with scikit-learn,
+   chooses the code threshold and the clusters per row A from the recall target (kmeans.py), and
+   packs the clusters into G search groups by estimated cost.
 3. route, in waves of groups that fit half the object store: one task per batch of parts reads
-   key/status/sha256 + embeddings of the status-ok rows, assigns clusters (once per plan, kept in
-   `assign/`) and returns G payloads as object refs (num_returns=G+1), empty outside the wave.
-   Exact rows go to group hash(sha256) % G (the distributed group-by), near rows to the groups
-   owning their clusters.
-4. search: one task per group finds the star edges of its sha groups and all near pairs within
-   its clusters (exact-copy representatives only), writes `pairs/part-GGGGG.parquet`. A killed
-   run keeps the groups it finished (their files name the plan they belong to).
-5. recall: a seeded sample of rows searched exactly against all rows (recall.py); the summary
+   key/status/sha256 + embeddings of the status-ok rows, encodes and assigns them (once per plan,
+   kept in `assign/`) and returns G payloads as object refs (num_returns=G+1), empty outside the
+   wave. Exact rows go to group hash(sha256) % G (the distributed group-by), near rows (their
+   codes) to the groups owning their clusters.
+4. search: one task per group finds the star edges of its sha groups and the candidate pairs within
+   its clusters (code cosine >= the code threshold, exact-copy representatives only), writes them
+   to `cand/` and then `pairs/part-GGGGG.parquet` (exact pairs). A killed run keeps the groups it
+   finished (their files name the plan they belong to).
+5. verify (verify.py): the candidates against the full embeddings (a join over the parts); the fp32
+   pairs at >= candidate_threshold go to `pairs/part-<G + v>.parquet`.
+6. recall: a seeded sample of rows searched exactly against all rows (recall.py); the summary
    carries the recall per cosine band; below dedup.min_recall the stage fails (ConfigError).
-6. `_done.json`, written last.
+7. `_done.json`, written last.
 
 Memory: each task holds at most dedup.task_memory_mb beyond its interpreter (route_rows,
 group_rows below) and asks Ray for that much `memory`, so concurrency follows from the node's memory.
@@ -34,7 +38,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from _sigma import faults, fs, manifest
 from _sigma.config import ConfigError, fingerprint
-from curation.dedup import kmeans, recall, search
+from curation.dedup import kmeans, recall, search, verify
 from curation.dedup.pairs import (dedup_dir, done_uri, pair_file, pair_file_meta, pairs_dir, read_done)
 
 __all__ = ["run_dedup", "dedup_fingerprint", "read_done"]
@@ -69,6 +73,23 @@ def _batches(parts: list[int], rows: list[int], target: int) -> list[list[int]]:
     return out + ([cur] if cur else [])
 
 
+def _trimmed(fn, *args, **kwargs):
+    """fn(*args, **kwargs), then the freed heap goes back to the OS: Ray reuses a worker for many
+    tasks, and glibc keeps what a task freed (measured: an idle dedup worker held 3 GB after its
+    search tasks). The result is returned (serialised) first by Ray, so it is not freed here."""
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        import ctypes
+        import gc
+
+        gc.collect()
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except OSError:  # not glibc
+            pass
+
+
 class _Exec:
     """Ray tasks (SPREAD over the nodes) when Ray is up, else plain calls in this process."""
 
@@ -85,9 +106,10 @@ class _Exec:
             return fn(*args, **kwargs)
         if memory:  # never more than a node has: such a task would wait forever
             memory = min(memory, int(self.ray.cluster_resources().get("memory", memory)))
-        remote = self.ray.remote(num_cpus=num_cpus, max_retries=2)(fn).options(
-            num_returns=num_returns, scheduling_strategy="SPREAD", **({"memory": memory} if memory else {}))
-        return remote.remote(*args, **kwargs)
+        remote = self.ray.remote(num_cpus=num_cpus, max_retries=2)(_trimmed).options(
+            num_returns=num_returns, scheduling_strategy="SPREAD", name=getattr(fn, "__name__", "dedup"),
+            **({"memory": memory} if memory else {}))
+        return remote.remote(fn, *args, **kwargs)
 
     def get(self, x):
         return self.ray.get(x) if self.ray else x
@@ -128,10 +150,13 @@ def task_request(d) -> int:
     return int((BASE_MB + d.task_memory_mb) * 2 ** 20)
 
 
-def route_rows(d, dim: int, assignments: int) -> int:
-    """Rows per routing task: it holds its rows' embeddings (fp16), their A routed copies and the
-    serialised payloads (another A copies): (1 + 2A) x D x 2 bytes per row."""
-    return max(1000, int(d.task_memory_mb * 2 ** 20 / ((1 + 2 * assignments) * dim * 2)))
+def route_rows(d, dim: int, assignments: int, code_dims: int | None = None) -> int:
+    """Rows per routing task: it holds its rows' embeddings (fp16) and, per routed copy (A), the
+    code (d' dims) and, for dense clusters, the embedding too, each twice (the payload and its
+    serialised copy): (D + 2A x (d' + D)) x 2 bytes per row at most."""
+    code_dims = dim if code_dims is None else code_dims
+    full = dim if code_dims < dim else 0  # exact mode: the embeddings are the codes
+    return max(1000, int(d.task_memory_mb * 2 ** 20 / ((dim + 2 * assignments * (code_dims + full)) * 2)))
 
 
 def group_rows(d, dim: int) -> int:
@@ -140,12 +165,12 @@ def group_rows(d, dim: int) -> int:
     return max(1000, int(0.6 * d.task_memory_mb * 2 ** 20 / (dim * 2)))
 
 
-def waves(group_est: list[int], dim: int, store_bytes: float) -> list[tuple]:
-    """Search groups in consecutive waves whose routed embeddings fill at most half the object store
-    (routing runs once per wave; the assignments are computed in the first)."""
+def waves(group_bytes: list[float], store_bytes: float) -> list[tuple]:
+    """Search groups in consecutive waves whose routed payloads (codes + home embeddings, or the
+    embeddings in exact mode) fill at most half the object store (routing runs once per wave; the
+    codes and clusters are computed in the first)."""
     out, cur, size = [], [], 0.0
-    for g, rows in enumerate(group_est):
-        b = rows * dim * 2
+    for g, b in enumerate(group_bytes):
         if cur and size + b > 0.5 * store_bytes:
             out.append(tuple(cur))
             cur, size = [], 0.0
@@ -165,10 +190,10 @@ def _make_plan(cfg, out: str, fp: str, batches: list[list[int]], n_rows: int, ex
                 "groups": groups, "assignments": 1}
         fs.write_json(search.plan_json(out), info)
         return info
-    # the fit holds its sample in fp32 and scikit-learn's copies: ~4 x D x 4 bytes per sample row;
-    # centroids need SAMPLE_PER_CLUSTER sample rows each, so the sample caps the clusters (10M rows
-    # at the default budget: ~6,000 clusters of ~1,600 rows instead of 40,000 of 250)
-    cap = min(d.sample_rows, max(1000, int(d.task_memory_mb * 2 ** 20 / (16 * 768))))
+    # the fit holds its sample in fp32 (D x 4 bytes a row, for the calibration) and its codes with
+    # scikit-learn's copies (~4 x d' x 4); centroids need SAMPLE_PER_CLUSTER sample rows each, so the
+    # sample caps the clusters (10M rows: ~6,000 clusters of ~1,600 rows instead of 40,000 of 250)
+    cap = min(d.sample_rows, max(1000, int(d.task_memory_mb * 2 ** 20 / (768 * 4 + 16 * min(d.code_dims, 768)))))
     n_clusters = max(1, min(round(n_rows / d.cluster_rows), cap // kmeans.SAMPLE_PER_CLUSTER))
     frac = min(1.0, cap / n_rows, kmeans.SAMPLE_PER_CLUSTER * n_clusters / n_rows)
     samples = [ex.submit(search.sample_embeddings, b, out, frac, d.seed, memory=task_request(d)) for b in batches]
@@ -176,9 +201,9 @@ def _make_plan(cfg, out: str, fp: str, batches: list[list[int]], n_rows: int, ex
     threads = min(4, ex.cpus())
     return ex.get(ex.submit(search.fit_plan, *samples, num_cpus=threads, memory=task_request(d), threads=threads,
                             out=out, fp=fp, n_clusters=n_clusters, min_groups=min_groups, total_rows=n_rows,
-                            max_assignments=d.max_assignments, radius=_radius(d), probe=d.probe,
-                            recall_cosine=d.recall_cosine, recall_target=d.recall_target,
-                            group_rows=group_rows(d, 768), seed=d.seed))
+                            max_assignments=d.max_assignments, probe=d.probe, recall_cosine=d.recall_cosine,
+                            recall_target=d.recall_target, threshold=d.candidate_threshold,
+                            code_dims=d.code_dims, dense_candidates=d.dense_candidates, group_bytes=0.6 * d.task_memory_mb * 2 ** 20, seed=d.seed))
 
 
 def _radius(d) -> float:
@@ -227,6 +252,37 @@ def _check_recall(d, res: dict, plan: dict) -> None:
             f"dedup/recall.json")
 
 
+def _verify(cfg, out: str, plan: dict, meta: dict, parts: list[int], ok_rows: list[int], n_cand: int, ex: _Exec,
+            progress: bool) -> dict:
+    """The candidate pairs of every search group against the full embeddings (verify.py): fetch
+    tasks per batch of parts, then V bucket tasks that write pair files G .. G + V - 1. A bucket
+    file of this plan is kept by a resumed run (V follows from the candidate count, fixed per plan)."""
+    from tqdm import tqdm
+
+    d, n_groups = cfg.dedup, int(plan["groups"])
+    dim = int(plan.get("dim", 768))
+    v = verify.n_buckets(n_cand, dim, d.task_memory_mb, ex.cpus())
+    metas = _footers(out, [n_groups + k for k in range(v)], lambda o, g: pair_file_meta(pair_file(o, g)))
+    done = {k: m for k, m in enumerate(metas) if m.get("plan_id") == plan["plan_id"] and m.get("fingerprint") ==
+            meta["fingerprint"]}
+    todo = [k for k in range(v) if k not in done]
+    res = {"buckets": v, "near": sum(m.get("near", 0) for m in done.values()), "missing": 0}
+    if not todo:
+        return res
+    mem = task_request(d)
+    fetched = [ex.submit(verify.fetch, b, num_returns=v + 1, memory=mem, out=out, plan_id=plan["plan_id"],
+                         n_groups=n_groups, buckets=v) for b in _batches(parts, ok_rows, route_rows(d, dim, 1))]
+    handles = [ex.submit(verify.verify_bucket, k, *[f[k] for f in fetched], out=out, index=n_groups + k,
+                         threshold=d.candidate_threshold, meta=meta, memory=mem) for k in todo]
+    del fetched
+    for r in tqdm(ex.as_completed(handles), total=len(handles), desc="dedup verify", unit="bucket",
+                  disable=not progress, mininterval=1.0):
+        res["near"] += r["near"]
+        res["missing"] += r["missing"]
+        faults.after_commit("dedup")
+    return res
+
+
 def run_dedup(cfg, out: str, progress: bool = True) -> dict:
     from tqdm import tqdm
 
@@ -245,29 +301,38 @@ def run_dedup(cfg, out: str, progress: bool = True) -> dict:
     plan = _current_plan(out, fp)
     if plan is None:
         fs.delete_dir(pairs_dir(out))  # pairs of another plan must not mix with this one's
-        fs.delete_dir(fs.join(dedup_dir(out), "assign"))
+        for tmp in ("assign", "cand"):
+            fs.delete_dir(fs.join(dedup_dir(out), tmp))
         plan = _make_plan(cfg, out, fp, _batches(parts, ok_rows, route_rows(d, 768, 1)), n_rows, ex)
     n_groups, meta = int(plan["groups"]), {"fingerprint": fp, "plan_id": plan["plan_id"]}
     dim, a = int(plan.get("dim", 768)), int(plan.get("assignments", 1))
-    batches = _batches(parts, ok_rows, route_rows(d, dim, a))
+    coded = plan["mode"] == "clusters" and d.near  # codes + candidates, verified on the embeddings
+    code_dims = int(plan.get("code_dims", dim)) if coded else dim
+    radius = float(plan.get("radius", _radius(d)))
+    batches = _batches(parts, ok_rows, route_rows(d, dim, a, code_dims))
     metas = _footers(out, list(range(n_groups)), lambda o, g: pair_file_meta(pair_file(o, g)))
     finished = {g: m for g, m in enumerate(metas) if m.get("plan_id") == plan["plan_id"] and m.get("fingerprint") == fp}
+    if coded:  # a group is finished with its candidates on disk
+        have = _footers(out, sorted(finished), lambda o, g: fs.exists(verify.cand_uri(o, plan["plan_id"], g)))
+        finished = {g: finished[g] for g, h in zip(sorted(finished), have) if h}
     todo = [g for g in range(n_groups) if g not in finished]
     store = ex.ray.cluster_resources().get("object_store_memory", math.inf) if ex.ray else math.inf
-    est = plan.get("group_rows_est") or [math.ceil(n_rows / n_groups)] * n_groups
-    plan_waves = waves([est[g] for g in todo], dim, store)
+    est = plan.get("group_bytes_est") or [math.ceil(n_rows / n_groups) * dim * 2] * n_groups
+    plan_waves = waves([est[g] for g in todo], store)
     plan_waves = [tuple(todo[i] for i in w) for w in plan_waves]
     t_search = time.time()
     results, stats = dict(finished), []
     mem = task_request(d)
+    code_threshold = float(plan["code_threshold"]) if coded else None
     bar = tqdm(total=len(todo), desc="dedup search", unit="group", disable=not progress, mininterval=1.0)
     for wave in plan_waves if (d.exact or d.near) else []:
         kw = dict(out=out, plan={"groups": n_groups, "mode": plan["mode"], "plan_id": plan["plan_id"],
-                                 "assignments": a}, wave=wave, exact=d.exact, near=d.near, radius=_radius(d),
+                                 "assignments": a}, wave=wave, exact=d.exact, near=d.near, radius=radius,
                   probe=d.probe)
         routed = [ex.submit(search.route, b, num_returns=n_groups + 1, memory=mem, **kw) for b in batches]
         handles = [ex.submit(_search, g, *[r[g] for r in routed], out=out, threshold=d.candidate_threshold,
-                             block=d.block_size, meta=meta, memory_mb=d.task_memory_mb, memory=mem) for g in wave]
+                             block=d.block_size, meta=meta, memory_mb=d.task_memory_mb,
+                             code_threshold=code_threshold, memory=mem) for g in wave]
         stats += [ex.get(r[-1]) for r in routed]
         del routed  # the search tasks hold what they still need
         for res in ex.as_completed(handles):
@@ -275,22 +340,28 @@ def run_dedup(cfg, out: str, progress: bool = True) -> dict:
             bar.update(1)
             faults.after_commit("dedup")
     bar.close()
+    t_verify = time.time()
+    verified = _verify(cfg, out, plan, meta, parts, ok_rows, sum(r.get("candidates", 0) for r in results.values()),
+                       ex, progress) if coded else {}
     t_recall = time.time()
     rec = _measure_recall(cfg, out, parts, ok_rows, _batches(parts, ok_rows, route_rows(d, dim, 1)), ex) \
         if d.near and d.recall_sample and n_rows else None
     summary = {"fingerprint": fp, "plan_id": plan["plan_id"], "mode": plan["mode"], "rows": n_rows,
                "near_rows": sum(s["near_rows"] for s in stats[:len(batches)]) if stats else None,
                "routed_rows": sum(s["routed"] for s in stats) if stats else None,
-               "pairs": sum(r.get("exact", 0) + r.get("near", 0) for r in results.values()),
+               "pairs": sum(r.get("exact", 0) + r.get("near", 0) for r in results.values()) + verified.get("near", 0),
                "exact": sum(r.get("exact", 0) for r in results.values()),
-               "near": sum(r.get("near", 0) for r in results.values()),
+               "near": sum(r.get("near", 0) for r in results.values()) + verified.get("near", 0),
                "candidate_threshold": d.candidate_threshold, "clusters": plan.get("clusters"), "groups": n_groups,
                "assignments": a, "waves": len(plan_waves), "groups_reused": len(finished),
                "recall": rec, "seconds": round(time.time() - t0, 2),
-               "plan_seconds": round(t_search - t_plan, 2), "search_seconds": round(t_recall - t_search, 2),
+               "candidates": sum(r.get("candidates", 0) for r in results.values()) if coded else None,
+               "code_dims": code_dims if coded else None, "code_threshold": code_threshold,
+               "plan_seconds": round(t_search - t_plan, 2), "search_seconds": round(t_verify - t_search, 2),
+               "verify_seconds": round(t_recall - t_verify, 2), "verify_tasks": verified.get("buckets"),
                "recall_seconds": round(time.time() - t_recall, 2),
                "memory": {"task_memory_mb": d.task_memory_mb, "task_request_mb": mem // 2 ** 20,
-                          "route_rows": route_rows(d, dim, a), "group_rows": group_rows(d, dim)},
+                          "route_rows": route_rows(d, dim, a, code_dims), "group_rows": group_rows(d, code_dims)},
                "fit": {k: plan.get(k) for k in ("sample_rows", "mean_assignments", "largest_cluster_est", "fit_seconds",
                                                  "calibration", "routed_rows_est")},
                "group_seconds_max": max((r.get("seconds", 0) for r in results.values()), default=0),
@@ -303,11 +374,14 @@ def run_dedup(cfg, out: str, progress: bool = True) -> dict:
             raise
     fs.write_json(done_uri(out), summary)
     faults.after_commit("dedup")
-    fs.delete_dir(fs.join(dedup_dir(out), "assign"))  # only a resumed search reads them (n x A int32)
+    # codes and clusters (~300 bytes a row) only serve a resumed search; the candidate files (16 bytes
+    # a candidate) stay: a later rerun that redoes one search group verifies the buckets it lacks
+    fs.delete_dir(fs.join(dedup_dir(out), "assign"))
     nodes: dict = {}
     for r in results.values():
         if r.get("node"):
             nodes[r["node"]] = nodes.get(r["node"], 0) + 1
     keep = ("rows", "exact", "near", "clusters", "groups", "groups_reused", "routed_rows", "assignments", "waves",
-            "plan_seconds", "search_seconds", "recall_seconds", "group_seconds_max", "recall", "memory", "fit")
+            "candidates", "code_dims", "code_threshold", "plan_seconds", "search_seconds", "verify_seconds",
+            "recall_seconds", "group_seconds_max", "recall", "memory", "fit")
     return {k: summary[k] for k in keep} | {"nodes": nodes}

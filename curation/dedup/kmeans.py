@@ -30,6 +30,11 @@ candidate threshold t. Such a partner y lies on c1's side too, so it ranks c1 ab
 both lists: the pair is still found. On a topic mixture at the high end this drops most extra
 clusters; on isotropic data none (every boundary is about equally close).
 
+Space: the centroids are fitted on, and rows assigned by, their codes (codes.py: random 128-d by
+default, what the search ships and compares); partners are planted in the full space and encoded,
+and the boundary radius follows from the calibrated code threshold. The measurements above were
+taken in the full 768-d space.
+
 Index: above FLAT_MAX centroids they are grouped into ~sqrt(K) cells and a row is scored against
 the cell centres and the centroids of its `probe` best cells only (bf16 candidates, fp32 re-ranked).
 """
@@ -242,28 +247,42 @@ def _real_pairs(x: np.ndarray, pool: np.ndarray, lo: float, hi: float, limit: in
     return np.concatenate(out_i)[:limit], np.concatenate(out_j)[:limit]
 
 
-def calibrate(sample: np.ndarray, cent: dict, max_assignments: int, radius: float, probe: int, cosine: float,
-              target: float, seed: int = 0, n: int = 4000, min_real: int = 100) -> dict:
-    """The smallest number of clusters per row whose estimated recall of pairs at `cosine` reaches
-    `target` (capped at max_assignments), and the estimate per count and band.
+def calibrate(sample: np.ndarray, cent: dict, max_assignments: int, probe: int, cosine: float, target: float,
+              threshold: float, basis: np.ndarray | None = None, seed: int = 0, n: int = 4000,
+              min_real: int = 100) -> dict:
+    """The code threshold t' (codes.py) and the smallest number of clusters per row whose estimated
+    recall of pairs at `cosine` reaches `target` (capped at max_assignments), with the estimate per
+    count and band. `sample` (S, D) are full embeddings, `cent` was fitted on their codes (`basis`).
 
+    Partners are planted in the full space and then encoded, as a near copy's embedding would be.
     Three estimates, the worst decides: partners planted at each BANDS cosine (and `cosine`) around
     up to n sample rows along isotropic directions, and along differences of two sample rows; and
     the sample's own pairs (up to n rows against the whole sample) in the band [cosine, cosine +
     0.04) when there are at least `min_real` of them (dense data: real neighbours are not random
-    perturbations). A pair counts as found when the two rows' assignments share a cluster.
-    Returns {"assignments", "reached" (False: even max_assignments falls short), "estimate": {"A":
-    {"0.9": recall, ...}}, "mean_clusters": {A: mean clusters per row after the boundary rule},
-    "real_pairs": {cosine: pairs used}}."""
+    perturbations). A pair counts as found when the two rows' assignments share a cluster. The
+    boundary radius follows from t' (pairs at >= threshold are within it in code space).
+    Returns {"assignments", "reached" (False: even max_assignments falls short), "radius", "code":
+    {"code_threshold", ...}, "estimate": {"A": {"0.9": recall, ...}}, "mean_clusters": {A: mean
+    clusters per row after the boundary rule}, "real_pairs": {cosine: pairs used}}."""
+    from curation.dedup import codes
+
     rng = np.random.default_rng([seed, 19])
-    pool = _unit(sample)
-    x = pool[rng.permutation(len(pool))[:n]]
+    full = _unit(sample)
+    pool = codes.encode(full, basis, np.float32)
+    pick = rng.permutation(len(pool))[:n]
+    xf, x = full[pick], pool[pick]
+    one = Assigner(cent, 1, 0.0, probe)
+    hp = one(pool)[:, 0]
+    order = np.argsort(hp, kind="stable")
+    start = np.searchsorted(hp[order], np.arange(len(cent["fine"]) + 1))
+    home = (one(x)[:, 0], order, start)  # local covariance: sample rows of each row's own cluster
+    # t' first: the code cosines of pairs at the candidate threshold (both partner models, real pairs)
+    at_t = [codes.code_cosines(xf, _partners(xf, full, threshold, shaped, rng, home), basis) for shaped in (False, True)]
+    i, j = _real_pairs(xf, full, threshold, threshold + 0.02)
+    code = codes.code_threshold(at_t + [codes.code_cosines(xf[i], full[j], basis)], threshold)
+    radius = boundary_radius(code["code_threshold"])
     big = Assigner(cent, max_assignments, radius, probe)
-    ax = big(x)
-    ap = big(pool)
-    order = np.argsort(ap[:, 0], kind="stable")
-    start = np.searchsorted(ap[order, 0], np.arange(len(cent["fine"]) + 1))
-    home = (ax[:, 0], order, start)  # local covariance: sample rows of each row's own cluster
+    ax, ap = big(x), big(pool)
     cosines = sorted(set(BANDS) | {round(float(cosine), 4)})
 
     def recall_by_count(hx: np.ndarray, hy: np.ndarray) -> np.ndarray:
@@ -274,29 +293,41 @@ def calibrate(sample: np.ndarray, cent: dict, max_assignments: int, radius: floa
     for c in cosines:
         worst = np.ones(big.assignments)
         for shaped in (False, True):
-            worst = np.minimum(worst, recall_by_count(ax, big(_partners(x, pool, c, shaped, rng, home))))
-        i, j = _real_pairs(x, pool, c, c + 0.04)
+            y = codes.encode(_partners(xf, full, c, shaped, rng, home), basis, np.float32)
+            worst = np.minimum(worst, recall_by_count(ax, big(y)))
+        i, j = _real_pairs(xf, full, c, c + 0.04)
         real[str(c)] = int(len(i))
         if len(i) >= min_real:
             worst = np.minimum(worst, recall_by_count(ax[i], ap[j]))
         found[c] = worst
     ok = np.flatnonzero(found[round(float(cosine), 4)] >= target)
     a = int(ok[0]) + 1 if len(ok) else big.assignments
-    return {"assignments": a, "reached": bool(len(ok)), "real_pairs": real,
+    return {"assignments": a, "reached": bool(len(ok)), "real_pairs": real, "radius": radius, "code": code,
             "estimate": {str(k): {str(c): round(float(found[c][k - 1]), 4) for c in cosines}
                          for k in range(1, big.assignments + 1)},
             "mean_clusters": {str(k): round(float((ax[:, :k] >= 0).sum(1).mean()), 3)
                               for k in range(1, big.assignments + 1)}}
 
 
-def pack_groups(cost: np.ndarray, n_groups: int) -> np.ndarray:
-    """Cluster -> search group (int32), longest-processing-time first: each cluster, most costly
-    first, goes to the group with the least cost so far (cost ~ rows^2, the search work)."""
+def pack_groups(cost: np.ndarray, n_groups: int, contiguous: bool = False) -> np.ndarray:
+    """Cluster -> search group (int32). Default: longest-processing-time first (each cluster, most
+    costly first, goes to the group with the least cost so far; cost ~ rows^2, the search work).
+    contiguous: consecutive cluster ids (fit_centroids orders them by cell of the centroid index,
+    so neighbouring clusters are neighbours in id) in runs of about equal cost: a row's clusters,
+    and a dense region's, then mostly share one group, where its embedding is (search.route)."""
+    cost = np.asarray(cost, np.float64)
+    if contiguous:
+        cum = np.cumsum(cost)
+        total = cum[-1] if len(cum) else 0.0
+        if total <= 0:
+            return (np.arange(len(cost)) * n_groups // max(1, len(cost))).astype(np.int32)
+        group = np.minimum((cum - cost / 2) * n_groups // total, n_groups - 1).astype(np.int32)
+        return np.unique(group, return_inverse=True)[1].astype(np.int32)  # no empty group ids
     import heapq
 
     heap = [(0.0, g) for g in range(n_groups)]
     group = np.zeros(len(cost), np.int32)
-    for c in np.argsort(-np.asarray(cost, np.float64), kind="stable"):
+    for c in np.argsort(-cost, kind="stable"):
         load, g = heapq.heappop(heap)
         group[c] = g
         heapq.heappush(heap, (load + float(cost[c]), g))

@@ -1,15 +1,16 @@
 """Dedup's worker functions (Ray tasks; plain functions, callable in-process too).
 
-sample_embeddings  parts -> a random sample of their embeddings (for the centroid fit)
-fit_plan           samples -> centroids + cluster -> group map, written to <out>/dedup/plan.*
+sample_embeddings  parts -> a random sample of their embeddings (for the basis and centroid fit)
+fit_plan           samples -> code basis + centroids (fitted on the codes) + cluster -> group map, written to <out>/dedup/plan.*
 route              parts -> one payload per search group: exact (id, sha) by sha hash, near
-                   (id, sha, clusters, embedding fp16) to the groups owning the row's clusters
-search_group       payloads of one group -> its exact pairs + near pairs within its clusters,
-                   written to <out>/dedup/pairs/part-GGGGG.parquet
+                   (id, sha, clusters, code fp16) to the groups owning the row's clusters
+search_group       payloads of one group -> its exact pairs + near candidates within its clusters,
+                   written to <out>/dedup/cand/ and <out>/dedup/pairs/part-GGGGG.parquet
 
 Similarities: candidates come from bf16 matmuls (inputs rounded to 8 significant bits: a dot
 product of unit vectors is off by at most ~2^-8 + 2^-9 < 0.006), so every pair within MARGIN below the
-threshold is recomputed in fp32 from the stored fp16 embeddings; the fp32 value decides and is stored.
+threshold is recomputed in fp32; in exact mode (small inputs, full embeddings) that value decides
+and is stored, in clusters mode (codes) the pairs are candidates that verify.py decides on.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import uuid
 import numpy as np
 
 from _sigma import fs, manifest
-from curation.dedup import kmeans
+from curation.dedup import codes, kmeans, verify
 from curation.dedup.pairs import dedup_dir, key_ids, sha_words, write_pairs
 
 MARGIN = 0.01  # > the bf16 error bound above
@@ -67,42 +68,54 @@ def sample_embeddings(parts: list[int], out: str, fraction: float, seed: int) ->
 
 
 def fit_plan(*samples: np.ndarray, out: str, fp: str, n_clusters: int, min_groups: int, total_rows: int,
-             max_assignments: int, radius: float, probe: int, recall_cosine: float, recall_target: float,
-             group_rows: int, seed: int, threads: int = 1) -> dict:
-    """Fit the centroids on the samples, choose the clusters per row from the recall target
-    (kmeans.calibrate), estimate cluster sizes from the sample's own assignment, pack clusters into
-    search groups of at most ~group_rows routed rows; write plan.npz then plan.json (the latter
-    marks it usable)."""
+             max_assignments: int, probe: int, recall_cosine: float, recall_target: float, threshold: float,
+             code_dims: int, group_bytes: float, seed: int, threads: int = 1,
+             dense_candidates: float = 0.5) -> dict:
+    """Draw the code basis and fit the centroids (on the codes) on the samples, choose the code threshold
+    and the clusters per row (kmeans.calibrate), estimate cluster sizes from the sample's own
+    assignment, pack clusters into search groups of at most ~group_bytes of routed codes;
+    write plan.npz then plan.json (the latter marks it usable)."""
     t0 = time.time()
     import sklearn.cluster  # noqa: F401 - loads its OpenMP runtime first, so that the limit below reaches it
     from threadpoolctl import threadpool_limits
 
     x = np.concatenate([s for s in samples if len(s)]).astype(np.float32)
     with threadpool_limits(threads):  # workers run with OMP_NUM_THREADS=1; this task holds `threads` CPUs
-        cent = kmeans.fit_centroids(x, n_clusters, seed)
+        basis = codes.projection(x.shape[1], code_dims, seed)
+        z = codes.encode(x, basis, np.float32)
+        cent = kmeans.fit_centroids(z, n_clusters, seed)
     t_fit = time.time() - t0
-    cal = kmeans.calibrate(x, cent, max_assignments, radius, probe, recall_cosine, recall_target, seed)
-    a = cal["assignments"]
-    cl = kmeans.Assigner(cent, a, radius, probe)(x)
+    cal = kmeans.calibrate(x, cent, max_assignments, probe, recall_cosine, recall_target, threshold, basis, seed)
+    a, radius = cal["assignments"], cal["radius"]
+    cl = kmeans.Assigner(cent, a, radius, probe)(z)
     k = len(cent["fine"])
-    rows = np.bincount(cl[cl >= 0], minlength=k) * (total_rows / len(x))  # estimated rows per cluster
+    scale = total_rows / len(x)
+    rows = np.bincount(cl[cl >= 0], minlength=k) * scale  # estimated routed rows (codes) per cluster
+    dense, per_visitor = codes.dense_clusters(z, cl, rows, cal["code"]["code_threshold"], dense_candidates)
+    full = np.where(dense, rows, np.bincount(cl[:, 0], minlength=k) * scale)  # rows that bring their embedding
+    nbytes = rows * z.shape[1] * 2 + full * x.shape[1] * 2
     routed = rows.sum()
-    # 1.25: the estimate is a sample's, and packing by cost leaves groups uneven in rows
-    n_groups = int(max(1, min(k, max(min_groups, np.ceil(1.25 * routed / group_rows)))))
-    group = kmeans.pack_groups(rows ** 2, n_groups)
+    # 1.25: the estimate is a sample's, and packing by cost leaves groups uneven in size
+    n_groups = int(max(1, min(k, max(min_groups, np.ceil(1.25 * nbytes.sum() / group_bytes)))))
+    group = kmeans.pack_groups(rows ** 2, n_groups, contiguous=True)
+    n_groups = int(group.max()) + 1
     group_rows_est = np.bincount(group, weights=rows, minlength=n_groups)
+    group_bytes_est = np.bincount(group, weights=nbytes, minlength=n_groups)
     plan_id = uuid.uuid4().hex[:12]
     import io
 
     buf = io.BytesIO()
-    np.savez(buf, cluster_group=group, **cent)
+    np.savez(buf, cluster_group=group, dense=dense, **cent, **({"basis": basis} if basis is not None else {}))
     fs.write_bytes(plan_npz(out), buf.getvalue())
     info = {"fingerprint": fp, "plan_id": plan_id, "mode": "clusters", "clusters": k, "coarse": len(cent["coarse"]),
-            "groups": n_groups, "assignments": a, "calibration": cal, "sample_rows": len(x), "dim": int(x.shape[1]),
-            "mean_assignments": round(float((cl >= 0).sum(1).mean()), 3), "routed_rows_est": int(routed),
-            "group_rows_est": [int(r) for r in group_rows_est], "largest_cluster_est": int(rows.max()),
-            "search_work_est": float((rows ** 2).sum()), "fit_seconds": round(t_fit, 2),
-            "plan_seconds": round(time.time() - t0, 2)}
+            "groups": n_groups, "assignments": a, "radius": radius, "code_dims": int(z.shape[1]),
+            "code_threshold": cal["code"]["code_threshold"], "calibration": cal, "sample_rows": len(x),
+            "dim": int(x.shape[1]), "mean_assignments": round(float((cl >= 0).sum(1).mean()), 3),
+            "routed_rows_est": int(routed), "group_rows_est": [int(r) for r in group_rows_est],
+            "group_bytes_est": [int(b) for b in group_bytes_est], "dense_clusters": int(dense.sum()),
+            "dense_rows_est": int(rows[dense].sum()), "candidates_per_visitor_est": float(per_visitor),
+            "largest_cluster_est": int(rows.max()), "search_work_est": float((rows ** 2).sum()),
+            "fit_seconds": round(t_fit, 2), "plan_seconds": round(time.time() - t0, 2)}
     fs.write_json(plan_json(out), info)
     return info
 
@@ -112,28 +125,41 @@ def load_plan(out: str) -> dict:
         return {k: z[k] for k in z.files}
 
 
-def assign_uri(out: str, plan_id: str, first_part: int) -> str:
-    return fs.join(dedup_dir(out), "assign", plan_id, f"batch-{first_part:05d}.npy")
+def batch_uri(out: str, plan_id: str, first_part: int) -> str:
+    return fs.join(dedup_dir(out), "assign", plan_id, f"batch-{first_part:05d}.npz")
 
 
-def _assignments(parts: list[int], emb: np.ndarray, out: str, plan: dict, cent: dict, radius: float,
-                 probe: int) -> np.ndarray:
-    """(n, A) int32 clusters of the batch's rows: computed once per plan and kept in
-    dedup/assign/<plan>/ (later waves and a resumed run read them instead of scoring again)."""
+def _batch_rows(parts: list[int], out: str, plan: dict, near: bool, radius: float, probe: int) -> dict:
+    """The batch's status-ok rows: ids, sha words, and (near) their embeddings `emb` (n, D) fp16 and
+    clusters `cl` (n, A) int32, with (clusters mode) their codes `code` (n, d') fp16. Codes and
+    clusters are computed once per plan and kept in dedup/assign/<plan>/ (256 + 4A bytes a row):
+    later waves and a resumed run read those instead of encoding and assigning again."""
     import io
 
-    uri = assign_uri(out, plan["plan_id"], parts[0])
+    rows = [_part_rows(out, p, near) for p in parts]
+    got = {k: np.concatenate([r[i] for r in rows]) for i, k in enumerate(("ids", "hi", "lo", "valid"))}
+    embs = [r[4] for r in rows if r[4] is not None and len(r[4])]
+    del rows
+    if not near or not embs:
+        return got
+    got["emb"] = np.concatenate(embs)
+    del embs
+    if plan["mode"] != "clusters":  # one cluster (exact all-pairs search)
+        return dict(got, cl=np.zeros((len(got["emb"]), 1), np.int32))
+    uri = batch_uri(out, plan["plan_id"], parts[0])
     try:
-        cl = np.load(io.BytesIO(fs.read_bytes(uri)), allow_pickle=False)
-        if cl.shape[0] == len(emb):
-            return cl
-    except (FileNotFoundError, OSError, ValueError):
+        with np.load(io.BytesIO(fs.read_bytes(uri)), allow_pickle=False) as z:
+            if np.array_equal(z["ids"], got["ids"]):
+                return dict(got, code=z["code"], cl=z["cl"])
+    except (FileNotFoundError, OSError, ValueError, KeyError):
         pass
-    cl = kmeans.Assigner(cent, int(plan["assignments"]), radius, probe)(emb)  # (n, A)
+    cent = load_plan(out)
+    code = codes.encode(got["emb"], cent.get("basis"))  # (n, d') fp16
+    cl = kmeans.Assigner(cent, int(plan["assignments"]), radius, probe)(code)
     buf = io.BytesIO()
-    np.save(buf, cl)
+    np.savez(buf, ids=got["ids"], code=code, cl=cl)
     fs.write_bytes(uri, buf.getvalue())
-    return cl
+    return dict(got, code=code, cl=cl)
 
 
 def route(parts: list[int], *, out: str, plan: dict, wave: tuple, exact: bool = True, near: bool = True,
@@ -143,17 +169,16 @@ def route(parts: list[int], *, out: str, plan: dict, wave: tuple, exact: bool = 
 
     Returns G payloads + a small stats dict (num_returns = G + 1). Exact payload: rows with a
     sha256, in group hash(sha) % G. Near payload: each row once per group that owns one of its
-    clusters, with all its clusters (for the "lowest shared cluster reports the pair" rule) and
-    `mine` (A,) marking the clusters of that group."""
+    clusters, with all its clusters (for the "lowest shared cluster reports the pair" rule), `mine`
+    (A,) marking the clusters of that group, `home` (the group of its best cluster: there it also
+    brings its embedding, `full`, in the order of the home rows) and its code (clusters mode: every
+    routed row) as `emb`. Exact mode: the embeddings themselves, all home."""
     n_groups = int(plan["groups"])
     wanted = np.zeros(n_groups, bool)
     wanted[list(wave)] = True
-    rows = [_part_rows(out, p, near) for p in parts]
-    ids = np.concatenate([r[0] for r in rows])
-    hi, lo, valid = (np.concatenate([r[i] for r in rows]) for i in (1, 2, 3))
-    embs = [r[4] for r in rows if r[4] is not None and len(r[4])]
-    emb = np.concatenate(embs) if embs else None
-    del rows, embs
+    got = _batch_rows(parts, out, plan, near, radius, probe)
+    ids, hi, lo, valid = got["ids"], got["hi"], got["lo"], got["valid"]
+    emb = got.get("emb")
     payload = [{} for _ in range(n_groups)]
     if exact:
         g_of = (hi[valid] % np.uint64(n_groups)).astype(np.int64)
@@ -166,22 +191,26 @@ def route(parts: list[int], *, out: str, plan: dict, wave: tuple, exact: bool = 
     n_near = 0 if emb is None else len(emb)
     routed = 0
     if near and n_near:
+        cl = got["cl"]
+        code = got.get("code")
         if plan["mode"] == "clusters":
-            cent = load_plan(out)
-            cl = _assignments(parts, emb, out, plan, cent, radius, probe)
-            grp = np.where(cl >= 0, cent["cluster_group"][np.maximum(cl, 0)], -1)
-            del cent
-        else:  # one cluster (exact all-pairs search) in group 0
-            cl = np.zeros((n_near, 1), np.int32)
+            pl = load_plan(out)
+            group_of = pl["cluster_group"]
+            grp = np.where(cl >= 0, group_of[np.maximum(cl, 0)], -1)
+        else:
             grp = np.zeros((n_near, 1), np.int64)
         r, s = np.nonzero((grp >= 0) & wanted[np.maximum(grp, 0)])
         key = np.unique(grp[r, s].astype(np.int64) * n_near + r)  # each (group, row) once, by group
         gs, rs = key // n_near, key % n_near
         bounds = np.searchsorted(gs, np.arange(n_groups + 1))
+        dense = pl["dense"][np.maximum(cl, 0)] & (cl >= 0) if plan["mode"] == "clusters" else np.ones_like(grp, bool)
         for g in np.flatnonzero(wanted).tolist():
             idx = rs[bounds[g]:bounds[g + 1]]
+            # its embedding comes along to its best cluster's group and to the groups of its dense clusters
+            home = (grp[idx, 0] == g) | ((grp[idx] == g) & dense[idx]).any(1)
             payload[g].update(ids=ids[idx], hi=hi[idx], lo=lo[idx], valid=valid[idx], cl=cl[idx],
-                              mine=grp[idx] == g, emb=emb[idx])
+                              mine=grp[idx] == g, home=home, full=emb[idx[home]],
+                              emb=code[idx] if plan["mode"] == "clusters" else np.zeros((len(idx), 0), np.float16))
         routed = int(len(rs))
     stats = {"rows": int(len(ids)), "near_rows": int(n_near), "routed": routed}
     return [*payload, stats]
@@ -245,9 +274,9 @@ class _Rows:
     """The near rows of a search group's payloads without concatenating their embeddings: those stay
     in the payloads (zero-copy from the object store) and one cluster's rows are gathered at a time."""
 
-    def __init__(self, payloads: list[dict]):
-        parts = [p for p in payloads if len(p.get("ids", ()))]
-        self.embs = [p["emb"] for p in parts]
+    def __init__(self, payloads: list[dict], field: str = "emb"):
+        parts = [p for p in payloads if len(p.get(field, ()))]
+        self.embs = [p[field] for p in parts]
         self.offsets = np.cumsum([0] + [len(e) for e in self.embs])
 
     def gather(self, idx: np.ndarray) -> np.ndarray:
@@ -258,13 +287,47 @@ class _Rows:
                                for c, p in zip(np.split(idx, cuts), np.split(piece, cuts)) if len(c)])
 
 
+def cross_pairs(q16: np.ndarray, d16: np.ndarray, threshold: float, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """All (i, j) with fp32 cosine(q16[i], d16[j]) >= threshold: bf16 blocks of q rows x all of d,
+    candidates within MARGIN verified in fp32 (as block_pairs, for two sets of rows)."""
+    import torch
+
+    q32, d32 = torch.from_numpy(np.ascontiguousarray(q16)).float(), torch.from_numpy(np.ascontiguousarray(d16)).float()
+    qb, db = q32.to(torch.bfloat16), d32.to(torch.bfloat16)
+    out_i, out_j = [], []
+    for s in range(0, len(qb), block):
+        ci, cj = torch.nonzero(qb[s:s + block] @ db.T >= threshold - MARGIN, as_tuple=True)
+        for v in range(0, len(ci), VERIFY_CHUNK):
+            gi, gj = ci[v:v + VERIFY_CHUNK] + s, cj[v:v + VERIFY_CHUNK]
+            ok = (q32[gi] * d32[gj]).sum(1) >= threshold
+            out_i.append(gi[ok].numpy()), out_j.append(gj[ok].numpy())
+    if not out_i:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    return np.concatenate(out_i), np.concatenate(out_j)
+
+
+def _lowest_shared(cl: np.ndarray, gi: np.ndarray, gj: np.ndarray, cid: int) -> np.ndarray:
+    """(m,) bool: the lowest cluster rows gi and gj both joined is cid (it reports the pair: each
+    pair is found once over all clusters and groups)."""
+    ci, cj = cl[gi], cl[gj]  # (m, A)
+    same = (ci[:, :, None] == cj[:, None, :]) & (ci[:, :, None] >= 0)
+    return np.where(same, ci[:, :, None], np.iinfo(np.int32).max).min(axis=(1, 2)) == cid
+
+
 def search_group(group: int, *payloads: dict, out: str, threshold: float, block: int, meta: dict,
-                 memory_mb: float | None = None) -> dict:
+                 memory_mb: float | None = None, code_threshold: float | None = None) -> dict:
     """Exact pairs of this group's sha partition and near pairs within its clusters; writes the
-    group's pair file (atomic) and returns its counts. Memory: the payloads (fp16 embeddings of the
-    routed rows, in the object store) + one cluster at a time (block_pairs: its fp32 and bf16 copies
-    and a (block, rows) score block, whose rows shrink so that it stays within a quarter of
-    `memory_mb`: 4 bytes of scores and mask per entry, twice)."""
+    group's pair file (atomic) and returns its counts.
+
+    Per cluster: its home rows (best cluster in this group: their embeddings came along) are
+    searched exactly against each other (fp32 cosine >= threshold, stored). Clusters mode
+    (`code_threshold`): the visiting rows (their codes only) are searched against all the cluster's
+    rows on the codes; those candidate pairs are written to dedup/cand/ before the pair file and
+    verified on the embeddings later (verify.py). Dense regions keep their rows home (their
+    clusters are neighbours in id, packed into one group), so their many pairs just below the
+    threshold never become candidates. Memory: the payloads (fp16 codes and home embeddings, in
+    the object store) + one cluster at a time (its fp32 and bf16 copies and a (block, rows) score
+    block, whose rows shrink so that it stays within a quarter of `memory_mb`)."""
     t0 = time.time()
     xa, xb = exact_pairs(_cat(payloads, "x_ids", np.int64), _cat(payloads, "x_hi", np.uint64),
                          _cat(payloads, "x_lo", np.uint64))
@@ -272,8 +335,10 @@ def search_group(group: int, *payloads: dict, out: str, threshold: float, block:
     hi, lo, valid = _cat(payloads, "hi", np.uint64), _cat(payloads, "lo", np.uint64), _cat(payloads, "valid", bool)
     cl = _cat(payloads, "cl", np.int32, (1,))
     mine = _cat(payloads, "mine", bool, (1,))
-    rows = _Rows(list(payloads))
-    na, nb, ns = [], [], []
+    home = _cat(payloads, "home", bool)
+    full_pos = np.cumsum(home) - 1  # group position -> position among the home rows (their embeddings)
+    codes_, full = _Rows(list(payloads), "emb"), _Rows(list(payloads), "full")
+    na, nb, ns, ca, cb = [], [], [], [], []
     n_clusters = largest = 0
     if len(ids):
         r, s = np.nonzero(mine)
@@ -288,22 +353,30 @@ def search_group(group: int, *payloads: dict, out: str, threshold: float, block:
                 continue
             largest = max(largest, len(idx))
             blk = block if memory_mb is None else max(64, min(block, int(memory_mb * 2 ** 18 / (8 * len(idx)))))
-            i, j, sim = block_pairs(rows.gather(idx), threshold, blk)
-            gi, gj = idx[i], idx[j]
-            # the lowest cluster both rows joined reports the pair: found once over all groups
-            ci, cj = cl[gi], cl[gj]  # (m, A)
-            same = (ci[:, :, None] == cj[:, None, :]) & (ci[:, :, None] >= 0)
-            low = np.where(same, ci[:, :, None], np.iinfo(np.int32).max).min(axis=(1, 2))
-            keep = low == cid
-            na.append(ids[gi[keep]]), nb.append(ids[gj[keep]]), ns.append(sim[keep])
+            h = idx[home[idx]]
+            if len(h) >= 2:
+                i, j, sim = block_pairs(full.gather(full_pos[h]), threshold, blk)
+                keep = _lowest_shared(cl, h[i], h[j], cid)
+                na.append(ids[h[i][keep]]), nb.append(ids[h[j][keep]]), ns.append(sim[keep])
+            v = idx[~home[idx]]
+            if code_threshold is not None and len(v):
+                i, j = cross_pairs(codes_.gather(v), codes_.gather(idx), code_threshold, blk)
+                gi, gj = v[i], idx[j]
+                keep = (home[gj] | (gi < gj)) & (gi != gj)  # visitor pairs once
+                keep[keep] = _lowest_shared(cl, gi[keep], gj[keep], cid)
+                ca.append(ids[gi[keep]]), cb.append(ids[gj[keep]])
     a_near = np.concatenate(na) if na else np.zeros(0, np.int64)
     b_near = np.concatenate(nb) if nb else np.zeros(0, np.int64)
     s_near = np.concatenate(ns) if ns else np.zeros(0, np.float32)
+    n_cand = 0
+    if code_threshold is not None:  # visitors' candidates: verified later; the pair file commits the group
+        n_cand = verify.write_candidates(out, meta["plan_id"], group, np.concatenate(ca) if ca else np.zeros(0, np.int64),
+                                         np.concatenate(cb) if cb else np.zeros(0, np.int64))
     a = np.concatenate([xa, a_near])
     b = np.concatenate([xb, b_near])
     sim = np.concatenate([np.ones(len(xa), np.float32), s_near])
     is_exact = np.concatenate([np.ones(len(xa), bool), np.zeros(len(a_near), bool)])
     counts = {"group": group, "exact": int(len(xa)), "near": int(len(a_near)), "rows": int(len(ids)),
-              "clusters": n_clusters, "largest_cluster": largest}
+              "candidates": n_cand, "clusters": n_clusters, "largest_cluster": largest}
     write_pairs(out, group, a, b, sim, is_exact, dict(meta, **counts))
     return dict(counts, seconds=round(time.time() - t0, 2))

@@ -1,5 +1,4 @@
 """Dedup stage against an independent brute-force search (full fp32 similarity matrix)."""
-import math
 
 import numpy as np
 import pytest
@@ -7,7 +6,7 @@ from scored_data import brute_pairs, representative, synthetic, write_scored
 
 from _sigma import fs
 from curation.config import DedupConfig, PipelineConfig
-from curation.dedup import kmeans, read_done, run_dedup, search
+from curation.dedup import codes, kmeans, read_done, run_dedup, search
 from curation.dedup.pairs import ROW_BASE, key_ids, pair_file, pair_files
 
 PART = 500
@@ -90,11 +89,26 @@ def test_clustered_search_finds_pairs_across_clusters(tmp_path, data, ray_local)
     # planted near duplicates whose rows have different nearest clusters: found all the same
     d = cfg.dedup
     plan = fs.read_json(search.plan_json(str(out)))
-    cl = kmeans.Assigner(search.load_plan(str(out)), plan["assignments"],
-                         math.sqrt(2 - 2 * d.candidate_threshold), d.probe)(data["emb"])
+    cent = search.load_plan(str(out))
+    cl = kmeans.Assigner(cent, plan["assignments"], plan["radius"], d.probe)(codes.encode(data["emb"], cent.get("basis")))
     ok = data["status"] == "ok"
     straddle = [(min(s, t), max(s, t)) for s, t in data["near"] if ok[s] and ok[t] and cl[s, 0] != cl[t, 0]]
     assert len(straddle) >= 5 and all(p in got for p in straddle)
+
+
+def test_code_search_verifies_candidates_on_the_embeddings(tmp_path, data, ray_local):
+    """Routing and search on 24-d random codes of the 64-d rows: the candidates include pairs below the
+    threshold, and what is stored is exactly the real pairs with their fp32 cosines (brute force)."""
+    out = tmp_path / "out"
+    write_scored(str(out), data, PART)
+    res = run_dedup(_cfg(out, **CLUSTERED, code_dims=24, dense_candidates=1e9), str(out), progress=False)  # codes only
+    assert res["code_dims"] == 24 and res["code_threshold"] < 0.9
+    near, exact = _expected(data)
+    recall, got, want = _check(_stored(out), near, exact, data)
+    assert recall >= 0.99, recall
+    assert res["candidates"] > res["near"] == len(got)  # verification rejected some candidates
+    assert search.load_plan(str(out))["basis"].shape == (64, 24)
+    assert not fs.exists(fs.join(str(out), "dedup", "assign"))  # the codes are scratch, removed once done
 
 
 def test_rerun_skips_then_redoes_only_missing_groups(tmp_path, data, ray_local):
@@ -172,9 +186,10 @@ def test_calibration_chooses_more_clusters_where_the_data_needs_them():
     for name, x in (("iso", iso), ("topic", topic)):
         x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
         cent = kmeans.fit_centroids(x, 60, seed=0)
-        cal = kmeans.calibrate(x, cent, 12, kmeans.boundary_radius(0.9), 8, 0.95, 0.99)
+        cal = kmeans.calibrate(x, cent, 12, 8, 0.95, 0.99, threshold=0.9)  # no basis: codes = the rows
         chosen[name] = a = cal["assignments"]
-        asg = kmeans.Assigner(cent, a, kmeans.boundary_radius(0.9), 8)
+        assert 0.85 <= cal["code"]["code_threshold"] <= 0.9 - 0.02  # the lowest pair at 0.9 minus the margin
+        asg = kmeans.Assigner(cent, a, cal["radius"], 8)
         src = x[rng.integers(len(x), size=3000)]
         u = rng.standard_normal(src.shape).astype(np.float32)
         u -= (u * src).sum(1, keepdims=True) * src
