@@ -313,7 +313,7 @@ def run_dedup(cfg, out: str, progress: bool = True) -> dict:
     metas = _footers(out, list(range(n_groups)), lambda o, g: pair_file_meta(pair_file(o, g)))
     finished = {g: m for g, m in enumerate(metas) if m.get("plan_id") == plan["plan_id"] and m.get("fingerprint") == fp}
     if coded:  # a group is finished with its candidates on disk
-        have = _footers(out, sorted(finished), lambda o, g: fs.exists(verify.cand_uri(o, plan["plan_id"], g)))
+        have = _footers(out, sorted(finished), lambda o, g: verify.candidates_ok(verify.cand_uri(o, plan["plan_id"], g)))
         finished = {g: finished[g] for g, h in zip(sorted(finished), have) if h}
     todo = [g for g in range(n_groups) if g not in finished]
     store = ex.ray.cluster_resources().get("object_store_memory", math.inf) if ex.ray else math.inf
@@ -359,6 +359,7 @@ def run_dedup(cfg, out: str, progress: bool = True) -> dict:
                "code_dims": code_dims if coded else None, "code_threshold": code_threshold,
                "plan_seconds": round(t_search - t_plan, 2), "search_seconds": round(t_verify - t_search, 2),
                "verify_seconds": round(t_recall - t_verify, 2), "verify_tasks": verified.get("buckets"),
+               "verify_missing": verified.get("missing"),
                "recall_seconds": round(time.time() - t_recall, 2),
                "memory": {"task_memory_mb": d.task_memory_mb, "task_request_mb": mem // 2 ** 20,
                           "route_rows": route_rows(d, dim, a, code_dims), "group_rows": group_rows(d, code_dims)},

@@ -40,6 +40,22 @@ def write_candidates(out: str, plan_id: str, group: int, a: np.ndarray, b: np.nd
     return int(len(pairs))
 
 
+def candidates_ok(uri: str) -> bool:
+    """Whether a candidate file is whole: a (m, 2) int64 .npy whose size matches its header (read
+    from the header only; a truncated or foreign file makes its search group run again)."""
+    try:
+        with fs.open_input(uri) as f:
+            head = f.read(256)
+        buf = io.BytesIO(head)
+        version = np.lib.format.read_magic(buf)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read(buf)
+        return (len(shape) == 2 and shape[1] == 2 and dtype == np.dtype("<i8") and not fortran
+                and fs.info(uri).size == buf.tell() + shape[0] * 16)
+    except (FileNotFoundError, OSError, ValueError):
+        return False
+
+
 def read_candidates(out: str, plan_id: str, n_groups: int) -> np.ndarray:
     got = []
     for g in range(n_groups):

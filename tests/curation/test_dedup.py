@@ -219,3 +219,25 @@ def test_fit_refits_a_giant_cluster_on_its_own_rows():
     near = np.argmax(x @ out.T, axis=1)
     assert np.bincount(near, minlength=len(out))[19:].max() < 905 / 4
     assert np.array_equal(kmeans._split_large(x[:95], fine[:19], seed=0), fine[:19])  # nothing to split
+
+
+def test_a_truncated_candidate_file_makes_its_group_run_again(tmp_path, data, ray_local):
+    """Candidate files are reused by a rerun only when whole (header shape x 16 bytes = their size):
+    a truncated one is not trusted, its group is searched again and the stored pairs are the same."""
+    from curation.dedup import verify
+
+    out = tmp_path / "out"
+    write_scored(str(out), data, PART)
+    cfg = _cfg(out, **CLUSTERED, code_dims=24, dense_candidates=1e9)
+    first = run_dedup(cfg, str(out), progress=False)
+    before = _stored(out)
+    plan_id = fs.read_json(search.plan_json(str(out)))["plan_id"]
+    uri = verify.cand_uri(str(out), plan_id, 0)
+    assert verify.candidates_ok(uri)
+    raw = fs.read_bytes(uri)
+    fs.write_bytes(uri, raw[:-8])  # truncated by half a pair
+    assert not verify.candidates_ok(uri) and not verify.candidates_ok(uri + ".missing")
+    fs.delete(fs.join(str(out), "dedup", "_done.json"))
+    again = run_dedup(cfg, str(out), progress=False)
+    assert again["groups_reused"] == first["groups"] - 1 and _stored(out) == before
+    assert fs.read_bytes(uri) == raw and read_done(str(out))["verify_missing"] == 0
