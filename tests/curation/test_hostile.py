@@ -173,9 +173,9 @@ def test_corrupt_tar_fails_its_rows_with_the_tar_named_and_other_parts_proceed(h
     before = {r["key"]: r for r in manifest.read_manifest(out).to_pylist()}
     tar = out / "download" / "00000.tar"
     data = tar.read_bytes()
-    # Cut inside the image of the second row that scored ok, in TAR order: img2dataset writes
-    # samples as their downloads finish, so the order (and what comes first) depends on the
-    # machine's speed; the first JPEG in the tar may well be a case that never scores ok.
+    # Where to cut goes by TAR order: img2dataset writes samples as their downloads finish, so the
+    # order (and what comes first) depends on the machine's speed; the first JPEG in the tar may
+    # well be a case that never scores ok.
     import json
     import tarfile
 
@@ -185,8 +185,22 @@ def test_corrupt_tar_fails_its_rows_with_the_tar_named_and_other_parts_proceed(h
                   for m in members if m.name.endswith(".json")}
     images = [m for m in members if not m.name.endswith((".json", ".txt"))]
     ok = [m for m in images if before.get(key_of.get(m.name.rsplit(".", 1)[0]), {}).get("status") == "ok"]
-    assert len(ok) >= 2, "the hostile run needs two ok images in part 0"
-    cut = ok[1].offset_data + min(100, ok[1].size // 2)  # inside the second ok image
+    # the score stage scores each sha256 once, from its lowest key (curation/score_once.py): a row
+    # is scored from its sha256's owner, readable if the owner is intact or in part 1 (its tar is whole)
+    owner: dict = {}
+    for k in sorted(before):
+        if before[k].get("sha256"):
+            owner.setdefault(before[k]["sha256"], k)
+    # Cut inside the ok image that follows the first ok row scored from its own image (its own
+    # sha256 owner): that row must survive. Which row that is depends on the tar order (CI once
+    # drew a first ok row whose bytes were scored from a copy after the cut).
+    def key(m):
+        return key_of[m.name.rsplit(".", 1)[0]]
+
+    self_owned = [i for i, m in enumerate(ok[:-1]) if owner[before[key(m)]["sha256"]] == key(m)]
+    assert self_owned, "the hostile run needs an ok image in part 0 scored from itself, then another"
+    anchor = ok[self_owned[0]]
+    cut = ok[self_owned[0] + 1].offset_data + min(100, ok[self_owned[0] + 1].size // 2)
     tar.write_bytes(data[:cut])
     # a row's image survives the cut iff every member of its sample ends before it
     ends: dict = {}
@@ -194,19 +208,13 @@ def test_corrupt_tar_fails_its_rows_with_the_tar_named_and_other_parts_proceed(h
         base = m.name.rsplit(".", 1)[0]
         ends[base] = max(ends.get(base, 0), m.offset_data + m.size)
     intact = {key_of[b] for b, end in ends.items() if end <= cut and b in key_of}
-    # the score stage scores each sha256 once, from its lowest key (curation/score_once.py): a row
-    # is scored from its sha256's owner, readable if the owner is intact or in part 1 (its tar is whole)
-    owner: dict = {}
-    for k in sorted(before):
-        if before[k].get("sha256"):
-            owner.setdefault(before[k]["sha256"], k)
     readable = {k for k, r in before.items() if r.get("sha256")
                 and (owner[r["sha256"]] in intact or owner[r["sha256"]].startswith("00001_"))}
     cfg = _cfg(out, hostile_run["urls"], hostile_run["tiny"], max_pixels=10**8)  # another fingerprint: rescore
     run_score(cfg, str(out), progress=False)
     after = {r["key"]: r for r in manifest.read_manifest(out).to_pylist()}
-    first = key_of[ok[0].name.rsplit(".", 1)[0]]
-    assert first in intact and after[first]["status"] == "ok"  # the image before the cut
+    first = key(anchor)
+    assert first in intact and first in readable and after[first]["status"] == "ok"  # before the cut
     def names_tar(k: str) -> bool:  # the reason names the tar, or the copy scored for it does
         err, o = after[k]["error"] or "", owner[before[k]["sha256"]]
         return "00000.tar" in err or (o != k and o in err and "00000.tar" in (after[o]["error"] or ""))
