@@ -103,17 +103,26 @@ def _mismatch(uri: str, data: bytes, rec: dict) -> str | None:
     return f"{uri}: sha256 differs from the one recorded when it was written (corrupt)"
 
 
-def part_problem(out: str, part: int) -> str | None:
-    """Why part `part` cannot be trusted (missing, no record, size or sha256 mismatch), or None."""
-    uri = part_uri(out, part)
+def recorded_problem(uri: str, record_uri: str) -> str | None:
+    """Why the file at `uri` cannot be trusted against its size/sha256 record at `record_uri`
+    (missing, no usable record, size or sha256 mismatch), or None. Manifest parts and input parts
+    (curation/inputs.py) are both checked here."""
     try:
         data = fs.read_bytes(uri)
     except OSError:
         return f"{uri}: missing"
-    rec = _read_sums(out, part)
-    if rec is None:
-        return f"{uri}: no size/sha256 record ({sums_uri(out, part)}), cannot be verified"
+    try:
+        rec = fs.read_json(record_uri)
+    except (OSError, ValueError):
+        rec = None
+    if not isinstance(rec, dict) or not {"size", "sha256"} <= set(rec):
+        return f"{uri}: no size/sha256 record ({record_uri}), cannot be verified"
     return _mismatch(uri, data, rec)
+
+
+def part_problem(out: str, part: int) -> str | None:
+    """Why part `part` cannot be trusted (missing, no record, size or sha256 mismatch), or None."""
+    return recorded_problem(part_uri(out, part), sums_uri(out, part))
 
 
 def _meta(out: str, part: int) -> dict:
@@ -288,6 +297,16 @@ def read_part_embeddings(out: str, part: int) -> tuple[np.ndarray, np.ndarray]:
         return np.zeros((0,), dtype=str), np.zeros((0, 0), dtype=np.float16)
     with np.load(io.BytesIO(fs.read_bytes(uri)), allow_pickle=False) as z:
         return z["keys"], z["embeddings"]
+
+
+def read_part_embedding_keys(out: str, part: int) -> np.ndarray:
+    """The keys (n,) str of one part's embeddings, without reading the embeddings (the npz member
+    alone, through a random-access reader)."""
+    uri = embeddings_uri(out, part)
+    if not fs.exists(uri):
+        return np.zeros((0,), dtype=str)
+    with fs.open_input(uri) as f, np.load(f, allow_pickle=False) as z:
+        return z["keys"]
 
 
 def embedding_parts(out: str) -> list[int]:

@@ -202,19 +202,9 @@ def _read_record(uri: str) -> dict | None:
 
 def part_problem(out: str, part: int) -> str | None:
     """Why input part `part` cannot be trusted (missing, no record, size or sha256 mismatch), or None."""
-    uri = part_uri(out, part)
-    try:
-        data = fs.read_bytes(uri)
-    except OSError:
-        return f"{uri}: missing"
-    rec = _read_record(sums_uri(out, part))
-    if rec is None:
-        return f"{uri}: no size/sha256 record ({sums_uri(out, part)})"
-    if len(data) != rec["size"]:
-        return f"{uri}: {len(data)} bytes, {rec['size']} recorded when it was written (truncated or overwritten)"
-    if hashlib.sha256(data).hexdigest() != rec["sha256"]:
-        return f"{uri}: sha256 differs from the one recorded when it was written (corrupt)"
-    return None
+    from _sigma import manifest
+
+    return manifest.recorded_problem(part_uri(out, part), sums_uri(out, part))
 
 
 def check_file(item: dict, out: str) -> dict:

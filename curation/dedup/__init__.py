@@ -13,9 +13,10 @@ read parts and embeddings, compute and write:
    packs the clusters into G search groups by estimated cost.
 3. route, in waves of groups that fit half the object store: one task per batch of parts reads
    key/status/sha256 + embeddings of the status-ok rows, encodes and assigns them (once per plan,
-   kept in `assign/`) and returns G payloads as object refs (num_returns=G+1), empty outside the
+   kept in `assign/` with the embeddings of rows in dense clusters, so that later waves read no
+   part's embeddings) and returns G payloads as object refs (num_returns=G+1), empty outside the
    wave. Exact rows go to group hash(sha256) % G (the distributed group-by), near rows (their
-   codes) to the groups owning their clusters.
+   codes; their embeddings too for dense clusters) to the groups owning their clusters.
 4. search: one task per group finds the star edges of its sha groups and the candidate pairs within
    its clusters (code cosine >= the code threshold, exact-copy representatives only), writes them
    to `cand/` and then `pairs/part-GGGGG.parquet` (exact pairs). A killed run keeps the groups it
@@ -28,6 +29,8 @@ read parts and embeddings, compute and write:
 
 Memory: each task holds at most dedup.task_memory_mb beyond its interpreter (route_rows,
 group_rows below) and asks Ray for that much `memory`, so concurrency follows from the node's memory.
+Search tasks run in fresh workers of their own (one task each) and the others in workers recycled
+after 4 tasks (_Exec.submit: what a worker keeps after its tasks, measured).
 """
 from __future__ import annotations
 
@@ -90,6 +93,12 @@ def _trimmed(fn, *args, **kwargs):
             pass
 
 
+# oneDNN (torch's bf16 matmul on CPU) keeps up to 1024 primitives, one per matmul shape, with their
+# buffers: a search task meets hundreds of cluster sizes, and the cache held ~0.8 GB of its 2.3 GB
+# peak (measured on the largest 1M group; 16 entries: 1.6 GB peak, 9 % slower)
+POOL_ENV = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "16"}
+
+
 class _Exec:
     """Ray tasks (SPREAD over the nodes) when Ray is up, else plain calls in this process."""
 
@@ -97,18 +106,31 @@ class _Exec:
         import ray
 
         self.ray = ray if ray.is_initialized() else None
+        self._remotes: dict = {}
 
     def cpus(self) -> int:
         return int(self.ray.cluster_resources().get("CPU", 1)) if self.ray else 1
 
-    def submit(self, fn, *args, num_returns: int = 1, num_cpus: float = 1, memory: int | None = None, **kwargs):
+    def submit(self, fn, *args, num_returns: int = 1, num_cpus: float = 1, memory: int | None = None,
+               max_calls: int = 4, pool: str | None = None, **kwargs):
+        """fn(*args, **kwargs) as a Ray task. Memory (measured, issue 19): a Ray worker keeps much of
+        what its tasks freed (~0.4 GB anonymous after each search task, even after malloc_trim) and
+        every object-store page it touched counts in its RSS, so workers are recycled after
+        max_calls tasks; `pool` gives tasks workers of their own (a runtime_env of their own is a
+        separate worker pool in Ray), so a search task never starts in a worker that routed."""
         if self.ray is None:
             return fn(*args, **kwargs)
         if memory:  # never more than a node has: such a task would wait forever
             memory = min(memory, int(self.ray.cluster_resources().get("memory", memory)))
-        remote = self.ray.remote(num_cpus=num_cpus, max_retries=2)(_trimmed).options(
+        # one RemoteFunction per (cpus, max_calls): Ray counts max_calls per function object, so a
+        # fresh ray.remote() per task would never recycle a worker (measured, Ray 2.60)
+        key = (num_cpus, max_calls)
+        if key not in self._remotes:
+            self._remotes[key] = self.ray.remote(num_cpus=num_cpus, max_retries=2, max_calls=max_calls)(_trimmed)
+        remote = self._remotes[key].options(
             num_returns=num_returns, scheduling_strategy="SPREAD", name=getattr(fn, "__name__", "dedup"),
-            **({"memory": memory} if memory else {}))
+            **({"memory": memory} if memory else {}),
+            **({"runtime_env": {"env_vars": {"SIGMA_DEDUP_POOL": pool, **POOL_ENV}}} if pool else {}))
         return remote.remote(fn, *args, **kwargs)
 
     def get(self, x):
@@ -181,7 +203,7 @@ def waves(group_bytes: list[float], store_bytes: float) -> list[tuple]:
 
 def _make_plan(cfg, out: str, fp: str, batches: list[list[int]], n_rows: int, ex: _Exec) -> dict:
     d = cfg.dedup
-    min_groups = 2 * ex.cpus()
+    min_groups = 4 * ex.cpus()  # a few groups per core: the last ones to finish do not hold up the wave
     if not d.near or n_rows <= d.exact_search_rows:
         groups = 1 if n_rows <= d.exact_search_rows else max(min_groups, math.ceil(n_rows / group_rows(d, 768)))
         import uuid
@@ -203,7 +225,7 @@ def _make_plan(cfg, out: str, fp: str, batches: list[list[int]], n_rows: int, ex
                             out=out, fp=fp, n_clusters=n_clusters, min_groups=min_groups, total_rows=n_rows,
                             max_assignments=d.max_assignments, probe=d.probe, recall_cosine=d.recall_cosine,
                             recall_target=d.recall_target, threshold=d.candidate_threshold,
-                            code_dims=d.code_dims, dense_candidates=d.dense_candidates, group_bytes=0.6 * d.task_memory_mb * 2 ** 20, seed=d.seed))
+                            code_cosine=d.code_cosine, code_dims=d.code_dims, dense_candidates=d.dense_candidates, group_bytes=0.6 * d.task_memory_mb * 2 ** 20, seed=d.seed))
 
 
 def _radius(d) -> float:
@@ -327,12 +349,13 @@ def run_dedup(cfg, out: str, progress: bool = True) -> dict:
     bar = tqdm(total=len(todo), desc="dedup search", unit="group", disable=not progress, mininterval=1.0)
     for wave in plan_waves if (d.exact or d.near) else []:
         kw = dict(out=out, plan={"groups": n_groups, "mode": plan["mode"], "plan_id": plan["plan_id"],
-                                 "assignments": a}, wave=wave, exact=d.exact, near=d.near, radius=radius,
+                                 "assignments": a, "clusters": plan.get("clusters"), "dim": dim,
+                                 "code_dims": code_dims}, wave=wave, exact=d.exact, near=d.near, radius=radius,
                   probe=d.probe)
         routed = [ex.submit(search.route, b, num_returns=n_groups + 1, memory=mem, **kw) for b in batches]
         handles = [ex.submit(_search, g, *[r[g] for r in routed], out=out, threshold=d.candidate_threshold,
                              block=d.block_size, meta=meta, memory_mb=d.task_memory_mb,
-                             code_threshold=code_threshold, memory=mem) for g in wave]
+                             code_threshold=code_threshold, memory=mem, max_calls=1, pool="search") for g in wave]
         stats += [ex.get(r[-1]) for r in routed]
         del routed  # the search tasks hold what they still need
         for res in ex.as_completed(handles):

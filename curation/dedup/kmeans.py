@@ -249,7 +249,7 @@ def _real_pairs(x: np.ndarray, pool: np.ndarray, lo: float, hi: float, limit: in
 
 def calibrate(sample: np.ndarray, cent: dict, max_assignments: int, probe: int, cosine: float, target: float,
               threshold: float, basis: np.ndarray | None = None, seed: int = 0, n: int = 4000,
-              min_real: int = 100) -> dict:
+              min_real: int = 100, code_cosine: float | None = None) -> dict:
     """The code threshold t' (codes.py) and the smallest number of clusters per row whose estimated
     recall of pairs at `cosine` reaches `target` (capped at max_assignments), with the estimate per
     count and band. `sample` (S, D) are full embeddings, `cent` was fitted on their codes (`basis`).
@@ -276,10 +276,12 @@ def calibrate(sample: np.ndarray, cent: dict, max_assignments: int, probe: int, 
     order = np.argsort(hp, kind="stable")
     start = np.searchsorted(hp[order], np.arange(len(cent["fine"]) + 1))
     home = (one(x)[:, 0], order, start)  # local covariance: sample rows of each row's own cluster
-    # t' first: the code cosines of pairs at the candidate threshold (both partner models, real pairs)
-    at_t = [codes.code_cosines(xf, _partners(xf, full, threshold, shaped, rng, home), basis) for shaped in (False, True)]
-    i, j = _real_pairs(xf, full, threshold, threshold + 0.02)
-    code = codes.code_threshold(at_t + [codes.code_cosines(xf[i], full[j], basis)], threshold)
+    # t' first: the code cosines of pairs at the candidate threshold, or at code_cosine above it
+    # (both partner models, real pairs): pairs below code_cosine are then found where their codes clear t'
+    ct = threshold if code_cosine is None else max(threshold, code_cosine)
+    at_t = [codes.code_cosines(xf, _partners(xf, full, ct, shaped, rng, home), basis) for shaped in (False, True)]
+    i, j = _real_pairs(xf, full, ct, ct + 0.02)
+    code = codes.code_threshold(at_t + [codes.code_cosines(xf[i], full[j], basis)], ct)
     radius = boundary_radius(code["code_threshold"])
     big = Assigner(cent, max_assignments, radius, probe)
     ax, ap = big(x), big(pool)

@@ -2,7 +2,7 @@
 
 A seeded random sample of the status-ok rows (dedup.recall_sample, default 1,000) is searched
 EXACTLY against every row: one Ray task per batch of parts streams its embeddings past the sample
-(bf16 matmul candidates within search.MARGIN of the threshold, verified in fp32 as the search does),
+(bf16 matmul candidates within kernels.MARGIN of the threshold, verified in fp32 as the search does),
 so the truth costs one more read of the embeddings and sample x rows dot products (1M rows x 1,000:
 ~10 CPU-s). A last task reads the stored pairs and counts which true pairs the approximate search
 stored, per cosine band, with Wilson intervals. The driver sees those counts only.
@@ -20,7 +20,7 @@ import math
 import numpy as np
 
 from _sigma import fs
-from curation.dedup import search
+from curation.dedup import kernels, search
 from curation.dedup.pairs import key_ids, pair_files
 
 BANDS = ((0.90, 0.95), (0.95, 0.99), (0.99, 1.01))  # reported cosine bands (the last includes 1.0)
@@ -92,7 +92,7 @@ def exact_neighbours(parts: list[int], sample: dict, *, out: str, threshold: flo
         eb = e32.to(torch.bfloat16)
         for s in range(0, len(eb), chunk):
             sims = sb @ eb[s:s + chunk].T  # (S, chunk) bf16 candidates
-            qi, rj = torch.nonzero(sims >= threshold - search.MARGIN, as_tuple=True)
+            qi, rj = kernels.hits(sims, threshold - kernels.MARGIN)
             rj = rj + s
             sim = (s32[qi] * e32[rj]).sum(1).numpy()  # fp32, as the search stores it
             qi, rj = qi.numpy(), rj.numpy()

@@ -7,10 +7,9 @@ route              parts -> one payload per search group: exact (id, sha) by sha
 search_group       payloads of one group -> its exact pairs + near candidates within its clusters,
                    written to <out>/dedup/cand/ and <out>/dedup/pairs/part-GGGGG.parquet
 
-Similarities: candidates come from bf16 matmuls (inputs rounded to 8 significant bits: a dot
-product of unit vectors is off by at most ~2^-8 + 2^-9 < 0.006), so every pair within MARGIN below the
-threshold is recomputed in fp32; in exact mode (small inputs, full embeddings) that value decides
-and is stored, in clusters mode (codes) the pairs are candidates that verify.py decides on.
+Similarities (kernels.py): bf16 score blocks, hits within MARGIN recomputed in fp32; in exact mode
+(small inputs, full embeddings) that value decides and is stored, in clusters mode (codes) the
+pairs are candidates that verify.py decides on.
 """
 from __future__ import annotations
 
@@ -21,10 +20,10 @@ import numpy as np
 
 from _sigma import fs, manifest
 from curation.dedup import codes, kmeans, verify
+from curation.dedup.kernels import block_pairs, cross_pairs
 from curation.dedup.pairs import dedup_dir, key_ids, sha_words, write_pairs
 
-MARGIN = 0.01  # > the bf16 error bound above
-VERIFY_CHUNK = 1 << 16  # candidate pairs verified per fp32 gather (bounds memory on dense clusters)
+SEARCH_ROW_BYTES = 64  # per routed row in a search task besides its code: id, sha words, flags, sort indices
 
 
 def plan_npz(out: str) -> str:
@@ -35,9 +34,9 @@ def plan_json(out: str) -> str:
     return fs.join(dedup_dir(out), "plan.json")
 
 
-def _part_rows(out: str, part: int, near: bool):
+def _part_rows(out: str, part: int, near: bool, keys_only: bool = False):
     """(ids, sha hi, sha lo, sha valid, emb fp16 (n, D) or None) of a part's status-ok rows (with
-    an embedding when `near`)."""
+    an embedding when `near`; `keys_only`: which rows have one, without reading the embeddings)."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -45,11 +44,14 @@ def _part_rows(out: str, part: int, near: bool):
     t = t.filter(pc.fill_null(pc.equal(t.column("status"), "ok"), False))
     emb = None
     if near:
-        ekeys, e = manifest.read_part_embeddings(out, part)
+        if keys_only:
+            ekeys, e = manifest.read_part_embedding_keys(out, part), None
+        else:
+            ekeys, e = manifest.read_part_embeddings(out, part)
         if len(ekeys):
             pos = pc.index_in(t.column("key"), value_set=pa.array(ekeys.tolist(), pa.string()))
             t = t.filter(pc.is_valid(pos))
-            emb = e[pc.drop_null(pos).to_numpy()]
+            emb = None if e is None else e[pc.drop_null(pos).to_numpy()]
         else:
             t = t.slice(0, 0)
     sha = t.column("sha256") if "sha256" in t.column_names else pa.nulls(t.num_rows, pa.string())
@@ -70,7 +72,7 @@ def sample_embeddings(parts: list[int], out: str, fraction: float, seed: int) ->
 def fit_plan(*samples: np.ndarray, out: str, fp: str, n_clusters: int, min_groups: int, total_rows: int,
              max_assignments: int, probe: int, recall_cosine: float, recall_target: float, threshold: float,
              code_dims: int, group_bytes: float, seed: int, threads: int = 1,
-             dense_candidates: float = 0.5) -> dict:
+             dense_candidates: float = 0.5, code_cosine: float | None = None) -> dict:
     """Draw the code basis and fit the centroids (on the codes) on the samples, choose the code threshold
     and the clusters per row (kmeans.calibrate), estimate cluster sizes from the sample's own
     assignment, pack clusters into search groups of at most ~group_bytes of routed codes;
@@ -85,19 +87,25 @@ def fit_plan(*samples: np.ndarray, out: str, fp: str, n_clusters: int, min_group
         z = codes.encode(x, basis, np.float32)
         cent = kmeans.fit_centroids(z, n_clusters, seed)
     t_fit = time.time() - t0
-    cal = kmeans.calibrate(x, cent, max_assignments, probe, recall_cosine, recall_target, threshold, basis, seed)
+    cal = kmeans.calibrate(x, cent, max_assignments, probe, recall_cosine, recall_target, threshold, basis, seed,
+                           code_cosine=code_cosine)
     a, radius = cal["assignments"], cal["radius"]
     cl = kmeans.Assigner(cent, a, radius, probe)(z)
     k = len(cent["fine"])
     scale = total_rows / len(x)
     rows = np.bincount(cl[cl >= 0], minlength=k) * scale  # estimated routed rows (codes) per cluster
     dense, per_visitor = codes.dense_clusters(z, cl, rows, cal["code"]["code_threshold"], dense_candidates)
-    full = np.where(dense, rows, np.bincount(cl[:, 0], minlength=k) * scale)  # rows that bring their embedding
-    nbytes = rows * z.shape[1] * 2 + full * x.shape[1] * 2
+    full = np.where(dense, rows, 0)  # rows that bring their embedding: those routed to a dense cluster
+    a_cols = cl.shape[1]
+    # a routed row: its code, and ids, sha words, clusters, flags and sort indices in the search
+    nbytes = rows * (z.shape[1] * 2 + SEARCH_ROW_BYTES + 5 * a_cols) + full * x.shape[1] * 2
     routed = rows.sum()
-    # 1.25: the estimate is a sample's, and packing by cost leaves groups uneven in size
+    # 1.25: the estimate is a sample's, and packing leaves groups uneven in size
     n_groups = int(max(1, min(k, max(min_groups, np.ceil(1.25 * nbytes.sum() / group_bytes)))))
-    group = kmeans.pack_groups(rows ** 2, n_groups, contiguous=True)
+    # runs of equal search work (rows^2) and bytes, each as a share of the total: groups stay
+    # within the memory budget and about even in time
+    weight = rows ** 2 / max(float((rows ** 2).sum()), 1.0) + nbytes / max(float(nbytes.sum()), 1.0)
+    group = kmeans.pack_groups(weight, n_groups, contiguous=True)
     n_groups = int(group.max()) + 1
     group_rows_est = np.bincount(group, weights=rows, minlength=n_groups)
     group_bytes_est = np.bincount(group, weights=nbytes, minlength=n_groups)
@@ -130,36 +138,67 @@ def batch_uri(out: str, plan_id: str, first_part: int) -> str:
 
 
 def _batch_rows(parts: list[int], out: str, plan: dict, near: bool, radius: float, probe: int) -> dict:
-    """The batch's status-ok rows: ids, sha words, and (near) their embeddings `emb` (n, D) fp16 and
-    clusters `cl` (n, A) int32, with (clusters mode) their codes `code` (n, d') fp16. Codes and
-    clusters are computed once per plan and kept in dedup/assign/<plan>/ (256 + 4A bytes a row):
-    later waves and a resumed run read those instead of encoding and assigning again."""
+    """The batch's status-ok rows: ids, sha words, and (near) their clusters `cl` (n, A) int32 and
+    embeddings. Exact mode: all embeddings `emb` (n, D) fp16. Clusters mode: codes `code` (n, d')
+    fp16, and the embeddings `dense_emb` of the rows `dense_idx` (sorted positions) that joined a
+    dense cluster: the only ones a search group needs (route). Codes, clusters and those
+    embeddings are computed once per plan and kept in dedup/assign/<plan>/ (256 + 4A bytes a row,
+    + D x 2 for dense rows): later waves and a resumed run read them (and the parts' keys, to
+    check them) instead of the parts' embeddings."""
     import io
+    import zipfile
 
-    rows = [_part_rows(out, p, near) for p in parts]
+    clusters = near and plan["mode"] == "clusters"
+    uri = batch_uri(out, plan["plan_id"], parts[0]) if clusters else None
+    cached = None
+    if clusters:
+        try:
+            with np.load(io.BytesIO(fs.read_bytes(uri)), allow_pickle=False) as z:
+                cached = {k: z[k] for k in ("ids", "code", "cl", "dense_idx", "dense_emb")}
+        except FileNotFoundError:
+            cached = None
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):  # cut or not ours: recompute
+            fs.delete(uri)
+            cached = None
+    rows = [_part_rows(out, p, near, keys_only=cached is not None) for p in parts]
     got = {k: np.concatenate([r[i] for r in rows]) for i, k in enumerate(("ids", "hi", "lo", "valid"))}
     embs = [r[4] for r in rows if r[4] is not None and len(r[4])]
     del rows
-    if not near or not embs:
+    if not near or not len(got["ids"]):
         return got
-    got["emb"] = np.concatenate(embs)
+    if cached is not None and _cache_ok(cached, got["ids"], plan):
+        return dict(got, code=cached["code"], cl=cached["cl"], dense_idx=cached["dense_idx"],
+                    dense_emb=cached["dense_emb"])
+    if cached is not None:  # stale or broken: read the embeddings and compute again
+        fs.delete(uri)
+        return _batch_rows(parts, out, plan, near, radius, probe)
+    emb = np.concatenate(embs)
     del embs
-    if plan["mode"] != "clusters":  # one cluster (exact all-pairs search)
-        return dict(got, cl=np.zeros((len(got["emb"]), 1), np.int32))
-    uri = batch_uri(out, plan["plan_id"], parts[0])
-    try:
-        with np.load(io.BytesIO(fs.read_bytes(uri)), allow_pickle=False) as z:
-            if np.array_equal(z["ids"], got["ids"]):
-                return dict(got, code=z["code"], cl=z["cl"])
-    except (FileNotFoundError, OSError, ValueError, KeyError):
-        pass
+    if not clusters:  # one cluster (exact all-pairs search)
+        return dict(got, emb=emb, cl=np.zeros((len(emb), 1), np.int32))
     cent = load_plan(out)
-    code = codes.encode(got["emb"], cent.get("basis"))  # (n, d') fp16
+    code = codes.encode(emb, cent.get("basis"))  # (n, d') fp16
     cl = kmeans.Assigner(cent, int(plan["assignments"]), radius, probe)(code)
+    dense_idx = np.flatnonzero((cent["dense"][np.maximum(cl, 0)] & (cl >= 0)).any(1))
+    dense_emb = emb[dense_idx]
+    del emb
     buf = io.BytesIO()
-    np.savez(buf, ids=got["ids"], code=code, cl=cl)
+    np.savez(buf, ids=got["ids"], code=code, cl=cl, dense_idx=dense_idx, dense_emb=dense_emb)
     fs.write_bytes(uri, buf.getvalue())
-    return dict(got, code=code, cl=cl)
+    return dict(got, code=code, cl=cl, dense_idx=dense_idx, dense_emb=dense_emb)
+
+
+def _cache_ok(c: dict, ids: np.ndarray, plan: dict) -> bool:
+    """A cached batch is reused only when it is this batch's rows, in order, with shapes and cluster
+    ids the plan allows (a file under dedup/assign/ may be stale, cut or tampered with)."""
+    n, a = len(ids), int(plan["assignments"])
+    di = c["dense_idx"]
+    return (np.array_equal(c["ids"], ids) and c["code"].shape == (n, int(plan["code_dims"]))
+            and c["cl"].shape == (n, a) and c["cl"].dtype == np.int32
+            and bool(((c["cl"] >= -1) & (c["cl"] < int(plan["clusters"]))).all())
+            and di.ndim == 1 and (not len(di) or (di.min() >= 0 and di.max() < n and (np.diff(di) > 0).all()))
+            and c["dense_emb"].shape == (len(di), int(plan.get("dim", 768))) and c["dense_emb"].dtype == np.float16
+            and c["code"].dtype == np.float16)
 
 
 def route(parts: list[int], *, out: str, plan: dict, wave: tuple, exact: bool = True, near: bool = True,
@@ -170,9 +209,9 @@ def route(parts: list[int], *, out: str, plan: dict, wave: tuple, exact: bool = 
     Returns G payloads + a small stats dict (num_returns = G + 1). Exact payload: rows with a
     sha256, in group hash(sha) % G. Near payload: each row once per group that owns one of its
     clusters, with all its clusters (for the "lowest shared cluster reports the pair" rule), `mine`
-    (A,) marking the clusters of that group, `home` (the group of its best cluster: there it also
-    brings its embedding, `full`, in the order of the home rows) and its code (clusters mode: every
-    routed row) as `emb`. Exact mode: the embeddings themselves, all home."""
+    (A,) marking the clusters of that group, `home` (one of its clusters in that group is dense:
+    there it also brings its embedding, `full`, in the order of the home rows) and its code
+    (clusters mode: every routed row) as `emb`. Exact mode: the embeddings themselves, all home."""
     n_groups = int(plan["groups"])
     wanted = np.zeros(n_groups, bool)
     wanted[list(wave)] = True
@@ -188,7 +227,7 @@ def route(parts: list[int], *, out: str, plan: dict, wave: tuple, exact: bool = 
         for g in np.flatnonzero(wanted).tolist():
             sl = slice(bounds[g], bounds[g + 1])
             payload[g].update(x_ids=x_ids[sl], x_hi=x_hi[sl], x_lo=x_lo[sl])
-    n_near = 0 if emb is None else len(emb)
+    n_near = len(got["cl"]) if "cl" in got else 0
     routed = 0
     if near and n_near:
         cl = got["cl"]
@@ -206,10 +245,14 @@ def route(parts: list[int], *, out: str, plan: dict, wave: tuple, exact: bool = 
         dense = pl["dense"][np.maximum(cl, 0)] & (cl >= 0) if plan["mode"] == "clusters" else np.ones_like(grp, bool)
         for g in np.flatnonzero(wanted).tolist():
             idx = rs[bounds[g]:bounds[g + 1]]
-            # its embedding comes along to its best cluster's group and to the groups of its dense clusters
-            home = (grp[idx, 0] == g) | ((grp[idx] == g) & dense[idx]).any(1)
+            # its embedding comes along to the groups of its dense clusters only (exact mode: everywhere)
+            home = ((grp[idx] == g) & dense[idx]).any(1)
+            if plan["mode"] == "clusters":
+                full = got["dense_emb"][np.searchsorted(got["dense_idx"], idx[home])]
+            else:
+                full = emb[idx[home]]
             payload[g].update(ids=ids[idx], hi=hi[idx], lo=lo[idx], valid=valid[idx], cl=cl[idx],
-                              mine=grp[idx] == g, home=home, full=emb[idx[home]],
+                              mine=grp[idx] == g, home=home, full=full,
                               emb=code[idx] if plan["mode"] == "clusters" else np.zeros((len(idx), 0), np.float16))
         routed = int(len(rs))
     stats = {"rows": int(len(ids)), "near_rows": int(n_near), "routed": routed}
@@ -229,32 +272,6 @@ def exact_pairs(ids: np.ndarray, hi: np.ndarray, lo: np.ndarray) -> tuple[np.nda
     start[1:] = (hi[1:] != hi[:-1]) | (lo[1:] != lo[:-1])
     head = ids[np.maximum.accumulate(np.where(start, np.arange(len(ids)), 0))]
     return head[~start], ids[~start]
-
-
-def block_pairs(e16: np.ndarray, threshold: float, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """All pairs i < j of rows of e16 (n, D) with fp32 cosine >= threshold: (i, j, sim float32).
-
-    Blockwise upper triangle: block rows x the rows from the block on, (block, n - start) scores
-    at a time."""
-    import torch
-
-    e32 = torch.from_numpy(np.ascontiguousarray(e16)).float()
-    eb = e32.to(torch.bfloat16)
-    out_i, out_j, out_s = [], [], []
-    n = len(eb)
-    for s in range(0, n, block):
-        sims = eb[s:s + block] @ eb[s:].T  # (b, n - s)
-        b = len(sims)
-        sims[:, :b].masked_fill_(torch.ones(b, b, dtype=torch.bool).tril(), float("-inf"))  # j <= i
-        ci, cj = torch.nonzero(sims >= threshold - MARGIN, as_tuple=True)
-        for v in range(0, len(ci), VERIFY_CHUNK):
-            gi, gj = ci[v:v + VERIFY_CHUNK] + s, cj[v:v + VERIFY_CHUNK] + s
-            sim = (e32[gi] * e32[gj]).sum(1)
-            ok = sim >= threshold  # in float32, as select compares the stored values
-            out_i.append(gi[ok].numpy()), out_j.append(gj[ok].numpy()), out_s.append(sim[ok].numpy())
-    if not out_i:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
-    return np.concatenate(out_i), np.concatenate(out_j), np.concatenate(out_s).astype(np.float32)
 
 
 def _representatives(idx: np.ndarray, ids, hi, lo, valid) -> np.ndarray:
@@ -287,25 +304,6 @@ class _Rows:
                                for c, p in zip(np.split(idx, cuts), np.split(piece, cuts)) if len(c)])
 
 
-def cross_pairs(q16: np.ndarray, d16: np.ndarray, threshold: float, block: int) -> tuple[np.ndarray, np.ndarray]:
-    """All (i, j) with fp32 cosine(q16[i], d16[j]) >= threshold: bf16 blocks of q rows x all of d,
-    candidates within MARGIN verified in fp32 (as block_pairs, for two sets of rows)."""
-    import torch
-
-    q32, d32 = torch.from_numpy(np.ascontiguousarray(q16)).float(), torch.from_numpy(np.ascontiguousarray(d16)).float()
-    qb, db = q32.to(torch.bfloat16), d32.to(torch.bfloat16)
-    out_i, out_j = [], []
-    for s in range(0, len(qb), block):
-        ci, cj = torch.nonzero(qb[s:s + block] @ db.T >= threshold - MARGIN, as_tuple=True)
-        for v in range(0, len(ci), VERIFY_CHUNK):
-            gi, gj = ci[v:v + VERIFY_CHUNK] + s, cj[v:v + VERIFY_CHUNK]
-            ok = (q32[gi] * d32[gj]).sum(1) >= threshold
-            out_i.append(gi[ok].numpy()), out_j.append(gj[ok].numpy())
-    if not out_i:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    return np.concatenate(out_i), np.concatenate(out_j)
-
-
 def _lowest_shared(cl: np.ndarray, gi: np.ndarray, gj: np.ndarray, cid: int) -> np.ndarray:
     """(m,) bool: the lowest cluster rows gi and gj both joined is cid (it reports the pair: each
     pair is found once over all clusters and groups)."""
@@ -319,15 +317,15 @@ def search_group(group: int, *payloads: dict, out: str, threshold: float, block:
     """Exact pairs of this group's sha partition and near pairs within its clusters; writes the
     group's pair file (atomic) and returns its counts.
 
-    Per cluster: its home rows (best cluster in this group: their embeddings came along) are
-    searched exactly against each other (fp32 cosine >= threshold, stored). Clusters mode
-    (`code_threshold`): the visiting rows (their codes only) are searched against all the cluster's
-    rows on the codes; those candidate pairs are written to dedup/cand/ before the pair file and
-    verified on the embeddings later (verify.py). Dense regions keep their rows home (their
-    clusters are neighbours in id, packed into one group), so their many pairs just below the
-    threshold never become candidates. Memory: the payloads (fp16 codes and home embeddings, in
-    the object store) + one cluster at a time (its fp32 and bf16 copies and a (block, rows) score
-    block, whose rows shrink so that it stays within a quarter of `memory_mb`)."""
+    Per cluster: its home rows (those whose embeddings came along: every row of a dense cluster;
+    exact mode: all) are searched exactly against each other (fp32 cosine >= threshold, stored).
+    Clusters mode (`code_threshold`): the other rows (their codes only) are searched against all
+    the cluster's rows on the codes; those candidate pairs are written to dedup/cand/ before the
+    pair file and verified on the embeddings later (verify.py). Dense clusters, where many pairs
+    sit just below the threshold, are thus searched exactly and never flood the candidates;
+    sparse ones cost 2d' bytes a routed row instead of 2D. Memory: the payloads (fp16 codes and
+    home embeddings, in the object store) + one cluster at a time (its fp32 and bf16 copies and a
+    (block, rows) score block, whose rows shrink so that it stays within a quarter of `memory_mb`)."""
     t0 = time.time()
     xa, xb = exact_pairs(_cat(payloads, "x_ids", np.int64), _cat(payloads, "x_hi", np.uint64),
                          _cat(payloads, "x_lo", np.uint64))
@@ -360,10 +358,14 @@ def search_group(group: int, *payloads: dict, out: str, threshold: float, block:
                 na.append(ids[h[i][keep]]), nb.append(ids[h[j][keep]]), ns.append(sim[keep])
             v = idx[~home[idx]]
             if code_threshold is not None and len(v):
-                i, j = cross_pairs(codes_.gather(v), codes_.gather(idx), code_threshold, blk)
-                gi, gj = v[i], idx[j]
-                keep = (home[gj] | (gi < gj)) & (gi != gj)  # visitor pairs once
-                keep[keep] = _lowest_shared(cl, gi[keep], gj[keep], cid)
+                cv = codes_.gather(v)
+                i, j, _ = block_pairs(cv, code_threshold, blk)  # visitor pairs, each once (i < j)
+                gi, gj = [v[i]], [v[j]]
+                if len(h):  # visitors x home rows
+                    i, j = cross_pairs(cv, codes_.gather(h), code_threshold, blk)
+                    gi.append(v[i]), gj.append(h[j])
+                gi, gj = np.concatenate(gi), np.concatenate(gj)
+                keep = _lowest_shared(cl, gi, gj, cid)
                 ca.append(ids[gi[keep]]), cb.append(ids[gj[keep]])
     a_near = np.concatenate(na) if na else np.zeros(0, np.int64)
     b_near = np.concatenate(nb) if nb else np.zeros(0, np.int64)
