@@ -43,7 +43,7 @@ demo: install models
 	$(PY) -m curation.demo
 
 test: install models vllm-venv browser
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=30 tests
 
 test-fast: install models
 	$(PY) -m pytest -q -m "not slow" tests

@@ -29,8 +29,8 @@ read parts and embeddings, compute and write:
 
 Memory: each task holds at most dedup.task_memory_mb beyond its interpreter (route_rows,
 group_rows below) and asks Ray for that much `memory`, so concurrency follows from the node's memory.
-Search tasks run in fresh workers of their own (one task each) and the others in workers recycled
-after 4 tasks (_Exec.submit: what a worker keeps after its tasks, measured).
+Search tasks of large groups run in fresh workers of their own (one task each) and the others in
+workers recycled after 4 tasks (_Exec.submit: what a worker keeps after its tasks, measured).
 """
 from __future__ import annotations
 
@@ -97,15 +97,25 @@ def _trimmed(fn, *args, **kwargs):
 # buffers: a search task meets hundreds of cluster sizes, and the cache held ~0.8 GB of its 2.3 GB
 # peak (measured on the largest 1M group; 16 entries: 1.6 GB peak, 9 % slower)
 POOL_ENV = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "16"}
+# a search group whose routed payload is at least this gets a fresh worker of its own: what a
+# worker keeps grows with the group (~0.4 GB after a 1M-row group), while a fresh worker costs ~4 s
+# to start on 2 cores (torch import), which a small group does not repay
+FRESH_WORKER_BYTES = 64 * 2 ** 20
+
+
+def search_placement(group_bytes: float) -> dict:
+    """_Exec.submit options for one search task, from its estimated payload bytes."""
+    return dict(max_calls=1, pool="search") if group_bytes >= FRESH_WORKER_BYTES else {}
 
 
 class _Exec:
     """Ray tasks (SPREAD over the nodes) when Ray is up, else plain calls in this process."""
 
-    def __init__(self):
+    def __init__(self, recycle: bool = True):
         import ray
 
         self.ray = ray if ray.is_initialized() else None
+        self.recycle = recycle  # False: tasks too small for what a worker keeps to matter
         self._remotes: dict = {}
 
     def cpus(self) -> int:
@@ -122,6 +132,8 @@ class _Exec:
             return fn(*args, **kwargs)
         if memory:  # never more than a node has: such a task would wait forever
             memory = min(memory, int(self.ray.cluster_resources().get("memory", memory)))
+        if not self.recycle:  # 0: Ray never recycles; no pool of their own either (a worker start each)
+            max_calls, pool = 0, None
         # one RemoteFunction per (cpus, max_calls): Ray counts max_calls per function object, so a
         # fresh ray.remote() per task would never recycle a worker (measured, Ray 2.60)
         key = (num_cpus, max_calls)
@@ -172,13 +184,23 @@ def task_request(d) -> int:
     return int((BASE_MB + d.task_memory_mb) * 2 ** 20)
 
 
-def route_rows(d, dim: int, assignments: int, code_dims: int | None = None) -> int:
-    """Rows per routing task: it holds its rows' embeddings (fp16) and, per routed copy (A), the
-    code (d' dims) and, for dense clusters, the embedding too, each twice (the payload and its
-    serialised copy): (D + 2A x (d' + D)) x 2 bytes per row at most."""
+def route_rows(d, dim: int, assignments: int, code_dims: int | None = None, routed: float | None = None,
+               dense: float | None = None) -> int:
+    """Rows per routing task. It holds its rows' embeddings (fp16, 2D bytes; encoded in chunks),
+    their codes and clusters (2d' + 4A) and the payloads, each twice (built, then serialised):
+    per routed copy its code and row data (2d' + SEARCH_ROW_BYTES + 5A), per copy routed to a
+    dense cluster its embedding too (2D). `routed` / `dense`: copies per row estimated by the plan
+    (x 1.25: a sample's estimate, and batches differ); without them, every row A times, all dense.
+    Exact mode (code_dims >= dim): the embeddings are the codes, every copy brings one."""
     code_dims = dim if code_dims is None else code_dims
-    full = dim if code_dims < dim else 0  # exact mode: the embeddings are the codes
-    return max(1000, int(d.task_memory_mb * 2 ** 20 / ((dim + 2 * assignments * (code_dims + full)) * 2)))
+    a = assignments
+    if code_dims >= dim:
+        per_row = 2 * dim + 2 * a * (2 * dim + search.SEARCH_ROW_BYTES)
+    else:
+        r = a if routed is None else min(a, 1.25 * routed)
+        f = a if dense is None else min(r, 1.25 * dense)
+        per_row = 2 * dim + 2 * code_dims + 4 * a + 2 * (r * (2 * code_dims + search.SEARCH_ROW_BYTES + 5 * a) + f * 2 * dim)
+    return max(1000, int(d.task_memory_mb * 2 ** 20 / per_row))
 
 
 def group_rows(d, dim: int) -> int:
@@ -214,14 +236,19 @@ def _make_plan(cfg, out: str, fp: str, batches: list[list[int]], n_rows: int, ex
         return info
     # the fit holds its sample in fp32 (D x 4 bytes a row, for the calibration) and its codes with
     # scikit-learn's copies (~4 x d' x 4); centroids need SAMPLE_PER_CLUSTER sample rows each, so the
-    # sample caps the clusters (10M rows: ~6,000 clusters of ~1,600 rows instead of 40,000 of 250)
+    # sample caps the clusters (10M rows: ~6,000 clusters of ~1,600 rows instead of 40,000 of 250;
+    # finer clusters need more per row: 36,700 of ~270 rows, fitted hierarchically, asked for A = 12
+    # instead of 7, 2.2x the routed rows: benchmarks/RESULTS.md)
     cap = min(d.sample_rows, max(1000, int(d.task_memory_mb * 2 ** 20 / (768 * 4 + 16 * min(d.code_dims, 768)))))
     n_clusters = max(1, min(round(n_rows / d.cluster_rows), cap // kmeans.SAMPLE_PER_CLUSTER))
     frac = min(1.0, cap / n_rows, kmeans.SAMPLE_PER_CLUSTER * n_clusters / n_rows)
     samples = [ex.submit(search.sample_embeddings, b, out, frac, d.seed, memory=task_request(d)) for b in batches]
     # the fit runs alone (sampling done, routing waits for it): let its BLAS use a few cores
     threads = min(4, ex.cpus())
+    # a fresh worker of its own (pool): the fit is the largest single task, and a shared worker would
+    # add what its sampling and routing tasks left behind (measured: 2.07 GB at 1M rows)
     return ex.get(ex.submit(search.fit_plan, *samples, num_cpus=threads, memory=task_request(d), threads=threads,
+                            max_calls=1, pool="fit",
                             out=out, fp=fp, n_clusters=n_clusters, min_groups=min_groups, total_rows=n_rows,
                             max_assignments=d.max_assignments, probe=d.probe, recall_cosine=d.recall_cosine,
                             recall_target=d.recall_target, threshold=d.candidate_threshold,
@@ -318,7 +345,7 @@ def run_dedup(cfg, out: str, progress: bool = True) -> dict:
     fs.delete(done_uri(out))  # select refuses from here until this run is finished
     ok_rows = _footers(out, parts, lambda o, p: manifest.part_summary(o, p).get("status", {}).get("ok", 0))
     n_rows = sum(ok_rows)
-    ex = _Exec()
+    ex = _Exec(recycle=d.task_memory_mb * 2 ** 20 >= FRESH_WORKER_BYTES)
     t_plan = time.time()
     plan = _current_plan(out, fp)
     if plan is None:
@@ -331,7 +358,9 @@ def run_dedup(cfg, out: str, progress: bool = True) -> dict:
     coded = plan["mode"] == "clusters" and d.near  # codes + candidates, verified on the embeddings
     code_dims = int(plan.get("code_dims", dim)) if coded else dim
     radius = float(plan.get("radius", _radius(d)))
-    batches = _batches(parts, ok_rows, route_rows(d, dim, a, code_dims))
+    per_row = {"routed": plan["routed_rows_est"] / max(n_rows, 1), "dense": plan["dense_rows_est"] / max(n_rows, 1)} \
+        if "dense_rows_est" in plan else {}
+    batches = _batches(parts, ok_rows, route_rows(d, dim, a, code_dims, **per_row))
     metas = _footers(out, list(range(n_groups)), lambda o, g: pair_file_meta(pair_file(o, g)))
     finished = {g: m for g, m in enumerate(metas) if m.get("plan_id") == plan["plan_id"] and m.get("fingerprint") == fp}
     if coded:  # a group is finished with its candidates on disk
@@ -355,7 +384,7 @@ def run_dedup(cfg, out: str, progress: bool = True) -> dict:
         routed = [ex.submit(search.route, b, num_returns=n_groups + 1, memory=mem, **kw) for b in batches]
         handles = [ex.submit(_search, g, *[r[g] for r in routed], out=out, threshold=d.candidate_threshold,
                              block=d.block_size, meta=meta, memory_mb=d.task_memory_mb,
-                             code_threshold=code_threshold, memory=mem, max_calls=1, pool="search") for g in wave]
+                             code_threshold=code_threshold, memory=mem, **search_placement(est[g])) for g in wave]
         stats += [ex.get(r[-1]) for r in routed]
         del routed  # the search tasks hold what they still need
         for res in ex.as_completed(handles):
@@ -385,7 +414,7 @@ def run_dedup(cfg, out: str, progress: bool = True) -> dict:
                "verify_missing": verified.get("missing"),
                "recall_seconds": round(time.time() - t_recall, 2),
                "memory": {"task_memory_mb": d.task_memory_mb, "task_request_mb": mem // 2 ** 20,
-                          "route_rows": route_rows(d, dim, a, code_dims), "group_rows": group_rows(d, code_dims)},
+                          "route_rows": route_rows(d, dim, a, code_dims, **per_row), "group_rows": group_rows(d, code_dims)},
                "fit": {k: plan.get(k) for k in ("sample_rows", "mean_assignments", "largest_cluster_est", "fit_seconds",
                                                  "calibration", "routed_rows_est")},
                "group_seconds_max": max((r.get("seconds", 0) for r in results.values()), default=0),

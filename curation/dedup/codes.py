@@ -43,15 +43,20 @@ def projection(dim: int, dims: int, seed: int = 0) -> np.ndarray | None:
     return np.ascontiguousarray((q * np.sign(np.diag(r))).astype(np.float32))
 
 
-def encode(emb: np.ndarray, basis: np.ndarray | None, dtype=np.float16) -> np.ndarray:
-    """(n, D) embeddings -> (n, d') unit codes (the embeddings themselves, unit, when basis is None)."""
+def encode(emb: np.ndarray, basis: np.ndarray | None, dtype=np.float16, chunk: int = 16384) -> np.ndarray:
+    """(n, D) embeddings -> (n, d') unit codes (the embeddings themselves, unit, when basis is None),
+    `chunk` rows at a time: the fp32 copy (chunk, D) stays ~50 MB whatever n."""
     import torch
 
-    x = torch.from_numpy(np.ascontiguousarray(emb)).float()
-    if basis is not None:
-        x = x @ torch.from_numpy(basis)
-    x = x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    return x.numpy().astype(dtype)
+    d_out = emb.shape[1] if basis is None else basis.shape[1]
+    out = np.empty((len(emb), d_out), dtype)
+    b = None if basis is None else torch.from_numpy(basis)
+    for s in range(0, len(emb), chunk):
+        x = torch.from_numpy(np.ascontiguousarray(emb[s:s + chunk])).float()
+        if b is not None:
+            x = x @ b
+        out[s:s + chunk] = (x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)).numpy()
+    return out
 
 
 def code_cosines(x: np.ndarray, y: np.ndarray, basis: np.ndarray | None) -> np.ndarray:

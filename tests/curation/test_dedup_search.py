@@ -13,7 +13,7 @@ from scored_data import synthetic, write_scored
 
 from _sigma import fs, manifest
 from curation.config import DedupConfig, PipelineConfig
-from curation.dedup import POOL_ENV, _Exec, kernels, run_dedup, search
+from curation.dedup import FRESH_WORKER_BYTES, POOL_ENV, _Exec, kernels, run_dedup, search, search_placement
 from curation.dedup.pairs import key_ids
 
 
@@ -99,3 +99,13 @@ def test_search_tasks_get_fresh_workers_of_their_own(ray_local):
     assert max(shared.count(p) for p in set(shared)) <= 4
     env = ex.get(ex.submit(os.getenv, "ONEDNN_PRIMITIVE_CACHE_CAPACITY", max_calls=1, pool="search"))
     assert env == POOL_ENV["ONEDNN_PRIMITIVE_CACHE_CAPACITY"]
+
+
+def test_only_large_groups_pay_for_a_fresh_worker(ray_local):
+    """A fresh worker costs seconds (torch import); what a worker keeps grows with the group, so only
+    groups of FRESH_WORKER_BYTES or more get one. Below that budget, workers are not recycled."""
+    assert search_placement(FRESH_WORKER_BYTES) == {"max_calls": 1, "pool": "search"}
+    assert search_placement(FRESH_WORKER_BYTES - 1) == {}
+    ex = _Exec(recycle=False)
+    pids = ex.get([ex.submit(os.getpid) for _ in range(12)])
+    assert len(set(pids)) < 12  # workers reused (recycle=True: at most 4 tasks each, tested above)
