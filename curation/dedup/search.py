@@ -84,6 +84,7 @@ def fit_plan(*samples: np.ndarray, out: str, fp: str, n_clusters: int, min_group
     x = np.concatenate([s for s in samples if len(s)]).astype(np.float32)
     with threadpool_limits(threads):  # workers run with OMP_NUM_THREADS=1; this task holds `threads` CPUs
         basis = codes.projection(x.shape[1], code_dims, seed)
+        x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)  # in place: calibrate's _unit copies nothing
         z = codes.encode(x, basis, np.float32)
         cent = kmeans.fit_centroids(z, n_clusters, seed)
     t_fit = time.time() - t0
